@@ -1,0 +1,335 @@
+"""Camera geometry on plain numpy arrays: no ROS, no torch.
+
+Conventions (the ones ROS and OpenCV use):
+- Pixel coordinates ``(u, v)`` = (column, row) with the centre of the top-left pixel at (0, 0).
+- Intrinsics are in pixels; depth is z-depth along the optical axis in metres.
+- Back-projected points are in the camera's optical frame (REP 103: x right, y down, z forward).
+- Invalid depth is NaN in float images (REP 117) and 0 in 16-bit millimetre images (REP 118).
+
+Resizing an image from ``W`` to ``W'`` pixels scales the continuous coordinate ``u + 0.5`` by
+``s = W'/W``, so ``fx' = s * fx`` and ``cx' = s * (cx + 0.5) - 0.5``. Every resize in the package
+(images, depth maps, K) uses this one convention, so a depth map resized back to the camera grid
+lines up with the camera's K exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from depthvlm_ros.errors import InputError
+
+#: The focal length (pixels) at which DepthVLM sees every image (paper: "canonical focal").
+CANONICAL_FX = 1000.0
+#: Largest image side we accept from the outside, in pixels (bounds memory per frame).
+MAX_IMAGE_SIDE = 8192
+#: Largest depth a 16UC1 millimetre image can hold, in metres.
+MAX_DEPTH_16UC1_M = 65.535
+
+
+@dataclass(frozen=True)
+class Intrinsics:
+    """Pinhole intrinsics of an image of ``width`` x ``height`` pixels (no distortion)."""
+
+    fx: float
+    fy: float
+    cx: float
+    cy: float
+    width: int
+    height: int
+
+    def __post_init__(self) -> None:
+        for name in ("fx", "fy", "cx", "cy"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float, np.floating, np.integer)) or not math.isfinite(value):
+                raise InputError(f"intrinsics: {name} must be a finite number, got {value!r}")
+        if self.fx <= 0 or self.fy <= 0:
+            raise InputError(f"intrinsics: focal lengths must be positive, got fx={self.fx}, fy={self.fy}")
+        if not (1 <= int(self.width) <= MAX_IMAGE_SIDE and 1 <= int(self.height) <= MAX_IMAGE_SIDE):
+            raise InputError(
+                f"intrinsics: image size {self.width}x{self.height} outside 1..{MAX_IMAGE_SIDE} pixels"
+            )
+        object.__setattr__(self, "width", int(self.width))
+        object.__setattr__(self, "height", int(self.height))
+        for name in ("fx", "fy", "cx", "cy"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+
+    @classmethod
+    def from_k(cls, k: Sequence[float] | np.ndarray, width: int, height: int) -> "Intrinsics":
+        """From a row-major 3x3 camera matrix (``CameraInfo.k``: 9 numbers, or a 3x3 array)."""
+        kk = np.asarray(k, dtype=np.float64).reshape(-1)
+        if kk.size != 9:
+            raise InputError(f"intrinsics: K must have 9 elements, got {kk.size}")
+        return cls(fx=kk[0], fy=kk[4], cx=kk[2], cy=kk[5], width=width, height=height)
+
+    @classmethod
+    def from_fx(
+        cls,
+        width: int,
+        height: int,
+        fx: float,
+        fy: float | None = None,
+        cx: float | None = None,
+        cy: float | None = None,
+    ) -> "Intrinsics":
+        """From a focal length; fy defaults to fx and the principal point to the image centre."""
+        return cls(
+            fx=fx,
+            fy=fx if fy is None else fy,
+            cx=(width - 1) / 2.0 if cx is None else cx,
+            cy=(height - 1) / 2.0 if cy is None else cy,
+            width=width,
+            height=height,
+        )
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> "Intrinsics":
+        """From a ROS camera-calibration YAML mapping or a plain ``{fx, fy, cx, cy, width, height}``.
+
+        Accepted forms: ``image_width``/``image_height`` + ``camera_matrix: {data: [9]}`` (the
+        ``camera_calibration_parsers`` format), ``width``/``height`` + ``k`` or ``K`` (CameraInfo
+        fields), or ``width``/``height`` + ``fx``/``fy``/``cx``/``cy``.
+        """
+        try:
+            width = int(data.get("image_width", data.get("width")))
+            height = int(data.get("image_height", data.get("height")))
+        except (TypeError, ValueError):
+            raise InputError("intrinsics: need image_width/image_height (or width/height)") from None
+        matrix = data.get("camera_matrix")
+        if isinstance(matrix, Mapping):
+            return cls.from_k(matrix.get("data", []), width, height)
+        for key in ("k", "K"):
+            if key in data:
+                return cls.from_k(data[key], width, height)
+        if "fx" in data:
+            try:
+                return cls.from_fx(
+                    width, height, float(data["fx"]),
+                    *(None if data.get(n) is None else float(data[n]) for n in ("fy", "cx", "cy")),
+                )
+            except (TypeError, ValueError):
+                raise InputError("intrinsics: fx/fy/cx/cy must be numbers") from None
+        raise InputError("intrinsics: no camera_matrix, k/K or fx found")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "Intrinsics":
+        """Read a camera-info YAML file (see :meth:`from_mapping` for accepted layouts)."""
+        import yaml
+
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except OSError as exc:
+            raise InputError(f"camera info {path}: {exc.strerror or exc}") from None
+        except yaml.YAMLError as exc:
+            raise InputError(f"camera info {path}: not valid YAML ({exc.__class__.__name__})") from None
+        if not isinstance(data, Mapping):
+            raise InputError(f"camera info {path}: expected a mapping at the top level")
+        return cls.from_mapping(data)
+
+    @property
+    def k(self) -> np.ndarray:
+        """The 3x3 camera matrix (float64)."""
+        return np.array(
+            [[self.fx, 0.0, self.cx], [0.0, self.fy, self.cy], [0.0, 0.0, 1.0]], dtype=np.float64
+        )
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) in pixels."""
+        return self.width, self.height
+
+    def resized(self, width: int, height: int) -> "Intrinsics":
+        """K of this camera's image resampled to ``width`` x ``height`` (pixel-centre convention)."""
+        sx, sy = width / self.width, height / self.height
+        return replace(
+            self,
+            fx=self.fx * sx,
+            fy=self.fy * sy,
+            cx=(self.cx + 0.5) * sx - 0.5,
+            cy=(self.cy + 0.5) * sy - 0.5,
+            width=width,
+            height=height,
+        )
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {"fx": self.fx, "fy": self.fy, "cx": self.cx, "cy": self.cy,
+                "width": self.width, "height": self.height}
+
+
+def canonical_size(
+    intrinsics: Intrinsics, canonical_fx: float = CANONICAL_FX, match_fy: bool = False
+) -> tuple[int, int]:
+    """Image size (width, height) at which the camera's focal length becomes ``canonical_fx``.
+
+    As the benchmark computes it: ``round(size * canonical_fx / fx)`` for both sides, so the
+    aspect ratio is kept and fy becomes ``fy * canonical_fx / fx``. With ``match_fy`` the height is
+    scaled by ``canonical_fx / fy`` instead, so that both focal lengths become canonical (for
+    cameras with non-square pixels; not what the paper did).
+    """
+    sx = canonical_fx / intrinsics.fx
+    sy = canonical_fx / intrinsics.fy if match_fy else sx
+    width = max(1, int(round(intrinsics.width * sx)))
+    height = max(1, int(round(intrinsics.height * sy)))
+    if width > MAX_IMAGE_SIDE or height > MAX_IMAGE_SIDE:
+        raise InputError(
+            f"canonical size {width}x{height} (fx={intrinsics.fx:g} -> {canonical_fx:g}) exceeds "
+            f"{MAX_IMAGE_SIDE} pixels: the focal length is implausibly small for this image"
+        )
+    return width, height
+
+
+def check_rgb(rgb: np.ndarray) -> np.ndarray:
+    """Validate an RGB image (H, W, 3) uint8 and return it C-contiguous; raise InputError if bad."""
+    if not isinstance(rgb, np.ndarray):
+        raise InputError(f"image must be a numpy array, got {type(rgb).__name__}")
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise InputError(f"image must be H x W x 3 (RGB), got shape {rgb.shape}")
+    h, w = rgb.shape[:2]
+    if not (1 <= h <= MAX_IMAGE_SIDE and 1 <= w <= MAX_IMAGE_SIDE):
+        raise InputError(f"image size {w}x{h} outside 1..{MAX_IMAGE_SIDE} pixels")
+    if rgb.dtype != np.uint8:
+        raise InputError(f"image must be uint8, got {rgb.dtype}")
+    return np.ascontiguousarray(rgb)
+
+
+def resize_rgb(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Resample an RGB uint8 image with bicubic interpolation (the Qwen image processor's filter)."""
+    if (rgb.shape[1], rgb.shape[0]) == (width, height):
+        return rgb
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(rgb).resize((width, height), Image.Resampling.BICUBIC))
+
+
+def canonical_resize(
+    rgb: np.ndarray,
+    intrinsics: Intrinsics,
+    canonical_fx: float = CANONICAL_FX,
+    match_fy: bool = False,
+) -> tuple[np.ndarray, Intrinsics]:
+    """Resize an image so its focal length becomes ``canonical_fx``; return it with its new K."""
+    rgb = check_rgb(rgb)
+    if (rgb.shape[1], rgb.shape[0]) != intrinsics.size:
+        raise InputError(
+            f"image is {rgb.shape[1]}x{rgb.shape[0]} but intrinsics describe "
+            f"{intrinsics.width}x{intrinsics.height}"
+        )
+    width, height = canonical_size(intrinsics, canonical_fx, match_fy)
+    return resize_rgb(rgb, width, height), intrinsics.resized(width, height)
+
+
+def _bilinear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices (i0, i1) and weight of i1 for each output sample, pixel-centre aligned."""
+    pos = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+    pos = np.clip(pos, 0.0, n_in - 1)
+    i0 = np.floor(pos).astype(np.intp)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    return i0, i1, (pos - i0).astype(np.float32)
+
+
+def resize_depth(depth: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Bilinearly resample a float depth map (metres) to ``width`` x ``height``, keeping invalid.
+
+    Same pixel-centre convention as :meth:`Intrinsics.resized`. A pixel whose interpolation would
+    use an invalid sample (NaN, inf or <= 0) with non-zero weight is NaN; valid pixels are the
+    plain bilinear value. Returns float32.
+    """
+    depth = np.asarray(depth, dtype=np.float32)
+    if depth.ndim != 2:
+        raise InputError(f"depth must be 2-D, got shape {depth.shape}")
+    if depth.shape == (height, width):
+        return np.where(np.isfinite(depth) & (depth > 0), depth, np.float32(np.nan))
+    y0, y1, wy = _bilinear_taps(depth.shape[0], height)
+    x0, x1, wx = _bilinear_taps(depth.shape[1], width)
+    valid = np.isfinite(depth) & (depth > 0)
+    clean = np.where(valid, depth, np.float32(0.0))
+    wy, wx = wy[:, None], wx[None, :]
+    w00, w01, w10, w11 = (1 - wy) * (1 - wx), (1 - wy) * wx, wy * (1 - wx), wy * wx
+    rows0, rows1 = clean[y0], clean[y1]
+    out = (w00 * rows0[:, x0] + w01 * rows0[:, x1] + w10 * rows1[:, x0] + w11 * rows1[:, x1])
+    if not valid.all():
+        vrows0, vrows1 = valid[y0], valid[y1]
+        bad = (
+            ((w00 > 0) & ~vrows0[:, x0]) | ((w01 > 0) & ~vrows0[:, x1])
+            | ((w10 > 0) & ~vrows1[:, x0]) | ((w11 > 0) & ~vrows1[:, x1])
+        )
+        out[bad] = np.nan
+    return out.astype(np.float32, copy=False)
+
+
+def depth_to_points(depth: np.ndarray, intrinsics: Intrinsics) -> np.ndarray:
+    """Back-project a z-depth map (metres) to an organized (H, W, 3) float32 cloud, optical frame.
+
+    ``x = (u - cx) z / fx``, ``y = (v - cy) z / fy``; invalid depth gives NaN points.
+    """
+    depth = np.asarray(depth, dtype=np.float32)
+    if depth.shape != (intrinsics.height, intrinsics.width):
+        raise InputError(
+            f"depth is {depth.shape[1]}x{depth.shape[0]} but intrinsics describe "
+            f"{intrinsics.width}x{intrinsics.height}"
+        )
+    z = np.where(np.isfinite(depth) & (depth > 0), depth, np.float32(np.nan))
+    u = (np.arange(intrinsics.width, dtype=np.float32) - np.float32(intrinsics.cx)) / np.float32(intrinsics.fx)
+    v = (np.arange(intrinsics.height, dtype=np.float32) - np.float32(intrinsics.cy)) / np.float32(intrinsics.fy)
+    points = np.empty((*z.shape, 3), dtype=np.float32)
+    np.multiply(z, u[None, :], out=points[..., 0])
+    np.multiply(z, v[:, None], out=points[..., 1])
+    points[..., 2] = z
+    return points
+
+
+def pixel_to_point(u: float, v: float, depth_m: float, intrinsics: Intrinsics) -> np.ndarray:
+    """Back-project one pixel (column ``u``, row ``v``) at z-depth ``depth_m`` to (x, y, z) metres."""
+    return np.array(
+        [(u - intrinsics.cx) * depth_m / intrinsics.fx, (v - intrinsics.cy) * depth_m / intrinsics.fy, depth_m],
+        dtype=np.float64,
+    )
+
+
+def depth_to_32fc1(depth: np.ndarray) -> np.ndarray:
+    """REP 118 float depth: float32 metres, NaN for invalid (non-finite or <= 0)."""
+    depth = np.asarray(depth, dtype=np.float32)
+    return np.where(np.isfinite(depth) & (depth > 0), depth, np.float32(np.nan))
+
+
+def depth_to_16uc1(depth: np.ndarray) -> np.ndarray:
+    """REP 118 integer depth: uint16 millimetres, 0 for invalid.
+
+    Depth beyond :data:`MAX_DEPTH_16UC1_M` cannot be represented and becomes 0 (invalid) rather
+    than saturating, so no consumer ever reads a false 65.5 m.
+    """
+    depth = np.asarray(depth, dtype=np.float32)
+    mm = np.rint(np.where(np.isfinite(depth), depth, 0.0) * 1000.0)
+    ok = (mm >= 1) & (mm <= 65535)
+    return np.where(ok, mm, 0).astype(np.uint16)
+
+
+def depth_from_16uc1(raw: np.ndarray, scale: float = 1000.0) -> np.ndarray:
+    """Decode integer depth (``scale`` raw units per metre) to float32 metres, NaN for 0."""
+    raw = np.asarray(raw)
+    depth = raw.astype(np.float32) / np.float32(scale)
+    depth[raw == 0] = np.nan
+    return depth
+
+
+def intrinsics_for_image(intrinsics: Intrinsics, width: int, height: int, tolerance: float = 0.01) -> Intrinsics:
+    """Intrinsics describing a ``width`` x ``height`` image of this camera.
+
+    Same size: unchanged. Proportional size (same aspect ratio within ``tolerance``, e.g. a
+    calibration at full resolution and a binned stream): K scaled. Otherwise InputError: a K of
+    another image shape cannot be trusted to describe this one.
+    """
+    if intrinsics.size == (width, height):
+        return intrinsics
+    sx, sy = width / intrinsics.width, height / intrinsics.height
+    if abs(sx / sy - 1.0) > tolerance:
+        raise InputError(
+            f"intrinsics describe {intrinsics.width}x{intrinsics.height} but the image is "
+            f"{width}x{height} (not proportional)"
+        )
+    return intrinsics.resized(width, height)

@@ -1,0 +1,50 @@
+"""The built-in default model: what runs when no ``--model`` is given. No downloads, ever.
+
+Order: a trained ``depthvlm-tiny`` shipped inside the package (``depthvlm_ros/models/``), else
+the tiny *initialised* model (deterministic random weights, seed 0), written once to the user's
+cache folder and then loaded through the same strict loader as any checkpoint. The initialised
+model's depth varies with the image but is not meaningful; tools say so when they use it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+PACKAGED_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "depthvlm-tiny"
+TINY_INIT_NAME = "depthvlm-tiny-init-seed0-v1"
+TINY_INIT_NOTE = (
+    "no --model given: using the tiny initialised model (deterministic random weights; its depth "
+    "varies with the image but is not meaningful until the trained depthvlm-tiny ships)"
+)
+
+
+def cache_dir() -> Path:
+    """Where generated models live: $DEPTHVLM_CACHE, else $XDG_CACHE_HOME/depthvlm_ros."""
+    if os.environ.get("DEPTHVLM_CACHE"):
+        return Path(os.environ["DEPTHVLM_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "depthvlm_ros"
+
+
+def default_model_dir() -> tuple[Path, str | None]:
+    """Folder of the default model, and a note to show the user (None for a trained model)."""
+    if (PACKAGED_MODEL_DIR / "config.json").is_file():
+        return PACKAGED_MODEL_DIR, None
+    folder = cache_dir() / TINY_INIT_NAME
+    if not (folder / "model.safetensors").is_file():
+        from depthvlm_ros.model.factory import make_tiny_checkpoint
+
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder.parent))
+        try:
+            make_tiny_checkpoint(staging, seed=0)
+            try:
+                staging.rename(folder)  # atomic: concurrent first runs never see half a folder
+            except OSError:
+                if not (folder / "model.safetensors").is_file():
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return folder, TINY_INIT_NOTE

@@ -1,0 +1,128 @@
+"""The DPT depth head of DepthVLM, with the released checkpoint's parameter names.
+
+Input: four feature sets of shape (batch, tokens, dim_in) at the image-token positions, in the
+order [DeepStack 1, DeepStack 2, DeepStack 3, LLM last hidden state (post-norm)], tokens row-major
+over the merged patch grid (grid_h x grid_w). Output: (batch, 1, grid_h * P, grid_w * P) metric
+depth in metres (Softplus-positive), where P is the effective patch (vision patch x merge = 32 px).
+
+Pyramid: 1x1 projections to ``out_channels``, transposed convs (kernel = stride = 8, 4, 2) bring the
+first three to 8x, 4x, 2x the token grid, the fourth stays on it; RefineNet-style fusion upsamples
+back to 16x, then ``output_conv1`` -> bilinear to P x -> ``output_conv2`` -> Softplus.
+
+Released quirk kept on purpose: the residual conv unit applies ReLU in place to its input, so the
+skip connection adds relu(x), not x. The released weights were trained with that behaviour.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ResidualConvUnit(nn.Module):
+    """relu -> conv3x3 -> relu -> conv3x3, plus the skip. Skip adds relu(x) (released behaviour)."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(features, features, kernel_size=3, padding=1, bias=True)
+        self.conv2 = nn.Conv2d(features, features, kernel_size=3, padding=1, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(x)  # the release's in-place ReLU rewrote x itself: the skip sees relu(x)
+        return self.conv2(F.relu(self.conv1(x))) + x
+
+
+class FeatureFusionBlock(nn.Module):
+    """Add the (refined) skip, refine, upsample (bilinear, align_corners=True), 1x1 out_conv."""
+
+    def __init__(self, features: int, has_skip: bool) -> None:
+        super().__init__()
+        if has_skip:
+            self.resConfUnit1 = ResidualConvUnit(features)
+        self.resConfUnit2 = ResidualConvUnit(features)
+        self.out_conv = nn.Conv2d(features, features, kernel_size=1, bias=True)
+
+    def forward(
+        self, x: torch.Tensor, skip: torch.Tensor | None = None, size: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        if skip is not None:
+            x = x + self.resConfUnit1(skip)
+        x = self.resConfUnit2(x)
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=True)
+        else:
+            x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
+        return self.out_conv(x)
+
+
+class DPTScratch(nn.Module):
+    """Container whose attribute names match the release's ``depth_head.scratch.*`` keys."""
+
+    def __init__(self, out_channels: Sequence[int], features: int, last_channels: int) -> None:
+        super().__init__()
+        for i, channels in enumerate(out_channels, start=1):
+            setattr(self, f"layer{i}_rn", nn.Conv2d(channels, features, kernel_size=3, padding=1, bias=False))
+        self.refinenet1 = FeatureFusionBlock(features, has_skip=True)
+        self.refinenet2 = FeatureFusionBlock(features, has_skip=True)
+        self.refinenet3 = FeatureFusionBlock(features, has_skip=True)
+        self.refinenet4 = FeatureFusionBlock(features, has_skip=False)
+        self.output_conv1 = nn.Conv2d(features, features // 2, kernel_size=3, padding=1)
+        self.output_conv2 = nn.Sequential(
+            nn.Conv2d(features // 2, last_channels, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(last_channels, 1, kernel_size=1),
+            nn.Softplus(),
+        )
+
+
+class DPTDepthHead(nn.Module):
+    """DepthVLM's dense depth head (released defaults: dim_in 2560, features 256)."""
+
+    #: Upsampling factor of ``resize_layers[i]`` (kernel = stride); the fourth level keeps the grid.
+    RESIZE_FACTORS = (8, 4, 2)
+
+    def __init__(
+        self,
+        dim_in: int,
+        patch_size: int,
+        features: int = 256,
+        out_channels: Sequence[int] = (256, 512, 1024, 1024),
+        last_channels: int = 32,
+        norm_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        if len(out_channels) != 4:
+            raise ValueError(f"DPT head needs 4 out_channels, got {list(out_channels)}")
+        self.patch_size = patch_size
+        self.norm = nn.LayerNorm(dim_in, eps=norm_eps)
+        self.projects = nn.ModuleList(nn.Conv2d(dim_in, c, kernel_size=1) for c in out_channels)
+        self.resize_layers = nn.ModuleList(
+            nn.ConvTranspose2d(c, c, kernel_size=f, stride=f)
+            for c, f in zip(out_channels[:3], self.RESIZE_FACTORS)
+        )
+        self.scratch = DPTScratch(out_channels, features, last_channels)
+
+    def forward(self, features: Sequence[torch.Tensor], grid_h: int, grid_w: int) -> torch.Tensor:
+        """``features``: four (B, grid_h*grid_w, dim_in) tensors. Returns (B, 1, H, W) metres."""
+        levels = []
+        for i, tokens in enumerate(features):
+            x = self.norm(tokens)
+            x = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], grid_h, grid_w)
+            x = self.projects[i](x)
+            if i < len(self.resize_layers):
+                x = self.resize_layers[i](x)
+            levels.append(x)
+        s = self.scratch
+        l1, l2, l3, l4 = (getattr(s, f"layer{i + 1}_rn")(x) for i, x in enumerate(levels))
+        path = s.refinenet4(l4, size=l3.shape[2:])
+        path = s.refinenet3(path, l3, size=l2.shape[2:])
+        path = s.refinenet2(path, l2, size=l1.shape[2:])
+        path = s.refinenet1(path, l1)
+        out = s.output_conv1(path)
+        out = F.interpolate(
+            out, size=(grid_h * self.patch_size, grid_w * self.patch_size), mode="bilinear", align_corners=True
+        )
+        return s.output_conv2(out)

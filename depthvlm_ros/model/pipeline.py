@@ -1,0 +1,296 @@
+"""DepthVLM end to end: camera image + intrinsics -> metric depth (and answers).
+
+Metric scale comes from the camera: the image is resized so that fx becomes the canonical
+1000 px, the Qwen3-VL image processor snaps that to multiples of 32 px, the model predicts depth on
+that grid, and the depth is resampled back to the camera's pixels. Both grids carry their own K.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from depthvlm_ros.errors import CheckpointError, InputError
+from depthvlm_ros.geometry import CANONICAL_FX, Intrinsics, canonical_resize, check_rgb, resize_depth
+from depthvlm_ros.model.checkpoint import (
+    REQUIRED_FILES,
+    checkpoint_shapes,
+    compare_state,
+    expected_state,
+    weight_files,
+)
+from depthvlm_ros.model.modeling import DepthVLMForConditionalGeneration
+from depthvlm_ros.model.processing import DEPTH_PROMPT, ImageTextProcessor, ModelInputs, check_question
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+STAGES = ("preprocess", "vision", "llm", "head", "postprocess")
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise InputError(f"unknown dtype {dtype!r} (use fp32, fp16 or bf16)") from None
+
+
+@dataclass
+class DepthResult:
+    """Depth of one image, on the model's grid and on the camera's grid, each with its K."""
+
+    depth: np.ndarray  # (H, W) float32 metres on the camera grid, NaN invalid
+    intrinsics: Intrinsics  # the camera's K (describes ``depth``)
+    depth_model: np.ndarray  # (h, w) float32 metres on the processed (model) grid
+    intrinsics_model: Intrinsics  # K of the processed grid (fx ~ 1000 px)
+    timings_ms: dict[str, float] = field(default_factory=dict)  # per stage, for the whole batch
+
+
+@dataclass
+class Answer:
+    """A generated answer and the depth map measured from the same prefill."""
+
+    text: str
+    depth: DepthResult
+    num_tokens: int
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+class _StageClock:
+    """Wall-clock per stage; synchronises CUDA so GPU work is charged to its stage."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.ms: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.ms[name] = self.ms.get(name, 0.0) + (time.perf_counter() - start) * 1e3
+
+
+class DepthVLM:
+    """A loaded DepthVLM: processor + model on one device and dtype."""
+
+    def __init__(
+        self,
+        model: DepthVLMForConditionalGeneration,
+        processor: ImageTextProcessor,
+        name: str = "depthvlm",
+    ) -> None:
+        self.model = model.eval()
+        self.processor = processor
+        self.name = name
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @classmethod
+    def from_pretrained(
+        cls, folder: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32"
+    ) -> "DepthVLM":
+        """Load a DepthVLM folder (Hugging Face layout) strictly, by key name, safetensors only.
+
+        Raises :class:`CheckpointError` naming what is wrong: a missing file, pickle-only weights,
+        a missing, unexpected or wrongly shaped key.
+        """
+        from transformers import Qwen3VLConfig
+        from transformers.utils import logging as hf_logging
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise CheckpointError(f"model folder {folder} does not exist")
+        for name in REQUIRED_FILES:
+            if not (folder / name).is_file():
+                raise CheckpointError(f"{folder}: missing {name}")
+        try:
+            raw = json.loads((folder / "config.json").read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{folder}/config.json: not valid JSON ({exc.msg})") from None
+        if raw.get("model_type") != "qwen3_vl":
+            raise CheckpointError(f"{folder}: model_type is {raw.get('model_type')!r}, expected 'qwen3_vl'")
+        if "depth_head_type" not in raw:
+            raise CheckpointError(f"{folder}: config.json has no depth_head_type (not a DepthVLM checkpoint)")
+        torch_dtype = resolve_dtype(dtype)
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise InputError("device cuda requested but this torch has no CUDA device")
+        config = Qwen3VLConfig.from_pretrained(str(folder), local_files_only=True)
+        try:
+            expected, optional = expected_state(DepthVLMForConditionalGeneration, config)
+        except ValueError as exc:
+            raise CheckpointError(f"{folder}: {exc}") from None
+        compare_state(expected, checkpoint_shapes(weight_files(folder)), optional)
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        try:
+            model, info = DepthVLMForConditionalGeneration.from_pretrained(
+                str(folder), config=config, dtype=torch_dtype, use_safetensors=True,
+                local_files_only=True, trust_remote_code=False, output_loading_info=True,
+            )
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            hf_logging.enable_progress_bar()
+        leftovers = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v}
+        if leftovers or info.get("error_msgs"):
+            raise CheckpointError(f"{folder}: loading left {leftovers or info['error_msgs']}")
+        processor = ImageTextProcessor.from_folder(folder)
+        return cls(model.to(device), processor, name=folder.name)
+
+    # -- depth --------------------------------------------------------------------------------
+
+    def prepare(
+        self,
+        images: Sequence[np.ndarray],
+        intrinsics: Sequence[Intrinsics],
+        user_text: str,
+        canonical_fx: float = CANONICAL_FX,
+        match_fy: bool = False,
+    ) -> tuple[ModelInputs, list[Intrinsics]]:
+        """Canonical-focal resize + processor for same-size outputs; returns inputs and model K's."""
+        if len(images) != len(intrinsics) or not images:
+            raise InputError("need one intrinsics per image, and at least one image")
+        canon, canon_k = [], []
+        for rgb, k in zip(images, intrinsics):
+            img, kk = canonical_resize(check_rgb(rgb), k, canonical_fx, match_fy)
+            canon.append(img)
+            canon_k.append(kk)
+        sizes = {k.size for k in canon_k}
+        if len(sizes) != 1:
+            raise InputError(f"a batch must reach the model at one size; canonical sizes {sorted(sizes)}")
+        inputs = self.processor(canon, user_text)
+        _, gh, gw = (int(v) for v in inputs.image_grid_thw[0])
+        width, height = gw * self.processor.patch_size, gh * self.processor.patch_size
+        return inputs, [k.resized(width, height) for k in canon_k]
+
+    @torch.inference_mode()
+    def predict_depth_batch(
+        self,
+        images: Sequence[np.ndarray],
+        intrinsics: Sequence[Intrinsics],
+        canonical_fx: float = CANONICAL_FX,
+        match_fy: bool = False,
+    ) -> list[DepthResult]:
+        """Depth for several images that reach the model at one size (one forward for all)."""
+        clock = _StageClock(self.device)
+        with clock.stage("preprocess"):
+            inputs, model_k = self.prepare(images, intrinsics, DEPTH_PROMPT, canonical_fx, match_fy)
+            inputs = inputs.to(self.device)
+        with clock.stage("vision"):
+            vision = self.model.encode_images(inputs.pixel_values.to(self.dtype), inputs.image_grid_thw)
+            deepstack = list(vision.deepstack_features)
+        with clock.stage("llm"):
+            hidden = self.model.run_language_model(
+                inputs.input_ids, inputs.image_grid_thw, inputs.mm_token_type_ids, vision, inputs.attention_mask
+            )
+        with clock.stage("head"):
+            feats = self.model.gather_depth_features(inputs.input_ids, inputs.image_grid_thw, deepstack, hidden)
+            depth = self.model.predict_depth_map(feats).float().cpu().numpy()
+        with clock.stage("postprocess"):
+            results = self._results(depth, model_k, intrinsics)
+        for r in results:
+            r.timings_ms = dict(clock.ms)
+        return results
+
+    def predict_depth(
+        self, rgb: np.ndarray, intrinsics: Intrinsics, canonical_fx: float = CANONICAL_FX, match_fy: bool = False
+    ) -> DepthResult:
+        """Metric depth of one RGB uint8 image (H, W, 3) taken with ``intrinsics``."""
+        return self.predict_depth_batch([rgb], [intrinsics], canonical_fx, match_fy)[0]
+
+    @staticmethod
+    def _results(
+        depth: np.ndarray, model_k: Sequence[Intrinsics], camera_k: Sequence[Intrinsics]
+    ) -> list[DepthResult]:
+        return [
+            DepthResult(
+                depth=resize_depth(d, ck.width, ck.height),
+                intrinsics=ck,
+                depth_model=np.ascontiguousarray(d, dtype=np.float32),
+                intrinsics_model=mk,
+            )
+            for d, mk, ck in zip(depth, model_k, camera_k)
+        ]
+
+    # -- questions ----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def ask(
+        self,
+        rgb: np.ndarray,
+        intrinsics: Intrinsics,
+        question: str,
+        max_new_tokens: int = 64,
+        canonical_fx: float = CANONICAL_FX,
+    ) -> Answer:
+        """Answer a question about the image (greedy) and return the depth from the same prefill.
+
+        ``generate()`` runs unchanged; two forward hooks keep what its prefill computes anyway (the
+        DeepStack features and the LLM's last hidden state), so the vision tower and the prefill
+        each run once for both the answer and the depth map.
+        """
+        question = check_question(question)
+        if not 1 <= int(max_new_tokens) <= 4096:
+            raise InputError(f"max_new_tokens must be in 1..4096, got {max_new_tokens}")
+        clock = _StageClock(self.device)
+        with clock.stage("preprocess"):
+            inputs, model_k = self.prepare([rgb], [intrinsics], question, canonical_fx)
+            inputs = inputs.to(self.device)
+        captured: dict[str, Any] = {}
+
+        def keep_vision(_module: Any, _args: Any, output: Any) -> None:
+            captured.setdefault("deepstack", list(output.deepstack_features))
+
+        def keep_prefill(_module: Any, _args: Any, output: Any) -> None:
+            captured.setdefault("hidden", output.last_hidden_state)
+
+        hooks = [
+            self.model.model.visual.register_forward_hook(keep_vision),
+            self.model.model.language_model.register_forward_hook(keep_prefill),
+        ]
+        try:
+            with clock.stage("generate"):
+                self.model.model.rope_deltas = None
+                out = self.model.generate(
+                    input_ids=inputs.input_ids,
+                    attention_mask=inputs.attention_mask,
+                    pixel_values=inputs.pixel_values.to(self.dtype),
+                    image_grid_thw=inputs.image_grid_thw,
+                    mm_token_type_ids=inputs.mm_token_type_ids,
+                    max_new_tokens=int(max_new_tokens),
+                    do_sample=False,
+                    pad_token_id=self.processor.tokenizer.pad_token_id,
+                )
+        finally:
+            for hook in hooks:
+                hook.remove()
+        new_tokens = out[0, inputs.input_ids.shape[1]:]
+        text = self.processor.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+        with clock.stage("head"):
+            feats = self.model.gather_depth_features(
+                inputs.input_ids, inputs.image_grid_thw, captured["deepstack"], captured["hidden"]
+            )
+            depth = self.model.predict_depth_map(feats).float().cpu().numpy()
+        with clock.stage("postprocess"):
+            result = self._results(depth, model_k, [intrinsics])[0]
+        result.timings_ms = dict(clock.ms)
+        return Answer(text=text, depth=result, num_tokens=int(new_tokens.numel()), timings_ms=dict(clock.ms))

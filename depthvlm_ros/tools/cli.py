@@ -1,0 +1,60 @@
+"""The ``depthvlm`` command (also ``python -m depthvlm_ros``): one subcommand per job.
+
+Bad input (a missing or corrupt image, non-positive or NaN intrinsics, a broken model folder)
+prints one line, ``depthvlm: error: ...``, and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from depthvlm_ros.errors import InputError
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from depthvlm_ros.tools.common import intrinsics_from_args, load_model, read_rgb
+
+    rgb = read_rgb(args.image)
+    k = intrinsics_from_args(args, rgb.shape[1], rgb.shape[0])
+    model = load_model(args)
+    answer = model.ask(rgb, k, args.question, max_new_tokens=args.max_new_tokens)
+    print(answer.text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from depthvlm_ros.tools import bench, predict
+    from depthvlm_ros.tools.common import add_intrinsics_args, add_model_args
+
+    parser = argparse.ArgumentParser(prog="depthvlm", description="DepthVLM metric depth tools")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    predict.add_parser(sub)
+    ask = sub.add_parser("ask", help="answer a spatial question about an image")
+    ask.add_argument("image", type=Path)
+    ask.add_argument("question")
+    ask.add_argument("--max-new-tokens", type=int, default=64)
+    add_intrinsics_args(ask)
+    add_model_args(ask)
+    ask.set_defaults(func=cmd_ask)
+    bench.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except InputError as exc:
+        print(f"depthvlm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

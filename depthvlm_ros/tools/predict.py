@@ -1,0 +1,94 @@
+"""``depthvlm predict``: depth, 16-bit PNG, coloured view, point cloud and a JSON per image."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from depthvlm_ros.geometry import depth_to_16uc1, depth_to_points
+from depthvlm_ros.model.pipeline import DepthResult
+from depthvlm_ros.tools.common import add_intrinsics_args, add_model_args, intrinsics_from_args, load_model, read_rgb
+from depthvlm_ros.visualize import add_scale_bar, colorize_depth, depth_range
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="metric depth + point cloud for image files")
+    p.add_argument("images", nargs="+", type=Path, help="image files (PNG, JPEG, ...)")
+    p.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: outputs)")
+    add_intrinsics_args(p)
+    add_model_args(p)
+    p.set_defaults(func=run)
+
+
+def depth_stats(depth: np.ndarray) -> dict[str, float | int]:
+    valid = depth[np.isfinite(depth)]
+    if valid.size == 0:
+        return {"valid_pixels": 0}
+    return {
+        "valid_pixels": int(valid.size),
+        "min_m": float(valid.min()),
+        "median_m": float(np.median(valid)),
+        "mean_m": float(valid.mean()),
+        "max_m": float(valid.max()),
+    }
+
+
+def write_point_cloud(path: Path, points: np.ndarray, rgb: np.ndarray) -> int:
+    """Write the valid points of an organized cloud, coloured, as binary PLY (Open3D)."""
+    import open3d as o3d
+
+    valid = np.isfinite(points[..., 2])
+    cloud = o3d.geometry.PointCloud()
+    cloud.points = o3d.utility.Vector3dVector(points[valid].astype(np.float64))
+    cloud.colors = o3d.utility.Vector3dVector(rgb[valid].astype(np.float64) / 255.0)
+    if not o3d.io.write_point_cloud(str(path), cloud, write_ascii=False):
+        raise OSError(f"open3d could not write {path}")
+    return int(valid.sum())
+
+
+def write_outputs(out_dir: Path, name: str, rgb: np.ndarray, result: DepthResult, model_name: str) -> list[Path]:
+    """The five files of one prediction; returns their paths."""
+    from PIL import Image
+
+    depth = result.depth
+    suffixes = ("_depth.npy", "_depth.png", "_depth_color.png", ".ply", ".json")
+    paths = [out_dir / f"{name}{suffix}" for suffix in suffixes]
+    np.save(paths[0], depth.astype(np.float32))
+    Image.fromarray(depth_to_16uc1(depth)).save(paths[1])
+    lo, hi = depth_range(depth)
+    Image.fromarray(add_scale_bar(colorize_depth(depth, lo, hi), lo, hi)).save(paths[2])
+    n_points = write_point_cloud(paths[3], depth_to_points(depth, result.intrinsics), rgb)
+    summary = {
+        "model": model_name,
+        "camera": {"size": list(result.intrinsics.size), "K": result.intrinsics.k.tolist()},
+        "model_grid": {"size": list(result.intrinsics_model.size), "K": result.intrinsics_model.k.tolist()},
+        "depth": depth_stats(depth),
+        "points": n_points,
+        "timings_ms": {k: round(v, 3) for k, v in result.timings_ms.items()},
+        "files": [p.name for p in paths[:4]],
+        "depth_png": "16UC1 millimetres, 0 = invalid",
+    }
+    paths[4].write_text(json.dumps(summary, indent=2) + "\n")
+    return paths
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    images = [(path, read_rgb(path)) for path in args.images]  # all readable before the model loads
+    intrinsics = [intrinsics_from_args(args, rgb.shape[1], rgb.shape[0]) for _, rgb in images]
+    model = load_model(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for (path, rgb), k in tqdm(list(zip(images, intrinsics)), desc="predict", unit="img",
+                                disable=len(images) < 2 or None, file=sys.stderr):
+        result = model.predict_depth(rgb, k)
+        written = write_outputs(args.out, path.stem, rgb, result, model.name)
+        stats = depth_stats(result.depth)
+        print(f"{path}: depth {stats.get('min_m', float('nan')):.2f}-{stats.get('max_m', float('nan')):.2f} m, "
+              f"{sum(result.timings_ms.values()):.0f} ms -> {written[0].parent}/{path.stem}_*")
+    print(f"wrote {len(images) * 5} files to {args.out.resolve()}")
+    return 0

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Creates or updates .venv at the repo root, idempotently; installs the few Debian packages needed.
+#   DEPTHVLM_TORCH   pip requirement for torch (default torch==2.13.0, the CPU wheel here).
+#                    A .venv that already imports torch keeps it (GPU/Jetson users bring their own).
+#   PYTHON           interpreter to build the venv with (default python3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=.venv
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${DEPTHVLM_TORCH:-torch==2.13.0}
+STAMP=$VENV/.setup-stamp
+want=$(cat setup.py scripts/setup.sh | sha256sum | cut -c1-16)
+
+# Debian packages: open3d needs libusb at import time.
+if ! ldconfig -p 2>/dev/null | grep -q 'libusb-1.0.so.0'; then
+  echo "setup: installing Debian package libusb-1.0-0 (needed by open3d)"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libusb-1.0-0 >/dev/null
+fi
+
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VENV/bin/python" -c "import depthvlm_ros, torch" 2>/dev/null; then
+  exit 0  # up to date
+fi
+
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  echo "setup: installing $TORCH_SPEC"
+  $PIP install "$TORCH_SPEC"
+fi
+echo "setup: installing depthvlm_ros and its Python dependencies into $VENV"
+$PIP install -e ".[dev]"
+echo "$want" > "$STAMP"
+echo "setup: ready ($VENV)"
