@@ -13,6 +13,9 @@ from pathlib import Path
 
 from depthvlm_ros.errors import InputError
 
+#: What ``ask`` prints when the model generated only special tokens (an untrained model can).
+NO_TEXT = "(the model generated no text)"
+
 
 def cmd_ask(args: argparse.Namespace) -> int:
     from depthvlm_ros.tools.common import intrinsics_from_args, load_model, read_rgb
@@ -21,7 +24,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
     k = intrinsics_from_args(args, rgb.shape[1], rgb.shape[0])
     model = load_model(args)
     answer = model.ask(rgb, k, args.question, max_new_tokens=args.max_new_tokens)
-    print(answer.text)
+    print(answer.text if answer.text else NO_TEXT)
+    print(f"({answer.num_tokens} tokens, {sum(answer.timings_ms.values()):.0f} ms)", file=sys.stderr)
     return 0
 
 

@@ -1,0 +1,45 @@
+"""Shared fixtures: a tiny DepthVLM checkpoint folder laid out like the published one."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE_IMAGE = REPO / "depthvlm_ros" / "data" / "sample_room.png"
+SAMPLE_CAMERA = REPO / "depthvlm_ros" / "data" / "sample_room.yaml"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from depthvlm_ros.model.factory import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "depthvlm-tiny-test", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_checkpoint: Path):
+    from depthvlm_ros.model.pipeline import DepthVLM
+
+    return DepthVLM.from_pretrained(tiny_checkpoint)
+
+
+def scene_image(width: int, height: int, fx: float, fy: float | None = None) -> np.ndarray:
+    """One fixed view rendered at any resolution: colour is a function of the ray direction.
+
+    Pixel (u, v) sees the ray ((u - cx) / fx, (v - cy) / fy, 1) with cx = (W - 1) / 2; so a
+    W x H image at fx and a 2W x 2H image at 2 fx show the same scene (up to sampling).
+    """
+    fy = fx if fy is None else fy
+    u = (np.arange(width) - (width - 1) / 2) / fx
+    v = (np.arange(height) - (height - 1) / 2) / fy
+    x, y = np.meshgrid(u, v)
+    r = 0.5 + 0.5 * np.sin(6.0 * x + 2.0 * y)
+    g = 0.5 + 0.5 * np.cos(5.0 * y - 1.5 * x)
+    b = np.clip(0.2 + 0.8 * ((x**2 + (y - 0.1) ** 2) < 0.08), 0, 1)
+    return np.rint(np.stack([r, g, b], axis=-1) * 255).astype(np.uint8)
