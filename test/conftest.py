@@ -15,6 +15,14 @@ SAMPLE_IMAGE = REPO / "depthvlm_ros" / "data" / "sample_room.png"
 SAMPLE_CAMERA = REPO / "depthvlm_ros" / "data" / "sample_room.yaml"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Generated models, exports and fingerprints go to a per-run folder, not the user's cache."""
+    path = tmp_path_factory.mktemp("depthvlm-cache")
+    os.environ["DEPTHVLM_CACHE"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from depthvlm_ros.model.factory import make_tiny_checkpoint

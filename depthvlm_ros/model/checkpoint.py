@@ -101,3 +101,41 @@ def expected_state(model_class: type, config: object) -> tuple[dict[str, tuple[i
     if out_emb is not None and out_emb.weight is in_emb.weight:
         optional.add("lm_head.weight")
     return shapes, optional
+
+
+def model_fingerprint(folder: str | Path) -> str:
+    """sha256 (first 16 hex digits) of a model folder's config and weights.
+
+    Compiled artefacts (ONNX exports, TensorRT engines) record it so that a graph built from other
+    weights is refused. Reads every weight byte once (about 1 s per GB); the result is cached per
+    (path, size, mtime) in the user's cache folder.
+    """
+    import hashlib
+
+    from depthvlm_ros.model.default import cache_dir
+
+    folder = Path(folder).resolve()
+    files = [folder / "config.json", *weight_files(folder)]
+    stamp = [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    cache = cache_dir() / "fingerprints.json"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, json.JSONDecodeError):
+        known = {}
+    key = hashlib.sha256(json.dumps(stamp).encode()).hexdigest()
+    if key in known:
+        return known[key]
+    digest = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+    value = digest.hexdigest()[:16]
+    known = dict(list(known.items())[-63:])  # bounded
+    known[key] = value
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(known))
+    except OSError:
+        pass  # a read-only cache only costs a re-hash next time
+    return value

@@ -18,8 +18,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from depthvlm_ros.backends.base import DepthBackend
+from depthvlm_ros.backends.torch_backend import TorchBackend
 from depthvlm_ros.errors import CheckpointError, InputError
-from depthvlm_ros.geometry import CANONICAL_FX, Intrinsics, canonical_resize, check_rgb, resize_depth
+from depthvlm_ros.geometry import (
+    CANONICAL_FX,
+    Intrinsics,
+    canonical_resize,
+    canonical_size,
+    check_rgb,
+    resize_depth,
+    resize_rgb,
+)
 from depthvlm_ros.model.checkpoint import (
     REQUIRED_FILES,
     checkpoint_shapes,
@@ -32,7 +42,7 @@ from depthvlm_ros.model.processing import DEPTH_PROMPT, ImageTextProcessor, Mode
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-STAGES = ("preprocess", "vision", "llm", "head", "postprocess")
+STAGES = ("preprocess", "vision", "llm", "head", "postprocess")  # torch; compiled backends: "model"
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -89,10 +99,18 @@ class DepthVLM:
         model: DepthVLMForConditionalGeneration,
         processor: ImageTextProcessor,
         name: str = "depthvlm",
+        folder: Path | None = None,
     ) -> None:
         self.model = model.eval()
         self.processor = processor
         self.name = name
+        self.folder = folder
+        #: What runs the depth path (``predict_depth``); ``ask`` always uses ``self.model``.
+        self.backend: DepthBackend = TorchBackend(self.model)
+
+    @property
+    def _torch(self) -> DepthBackend:
+        return self.backend if isinstance(self.backend, TorchBackend) else TorchBackend(self.model)
 
     @property
     def device(self) -> torch.device:
@@ -154,7 +172,7 @@ class DepthVLM:
         if leftovers or info.get("error_msgs"):
             raise CheckpointError(f"{folder}: loading left {leftovers or info['error_msgs']}")
         processor = ImageTextProcessor.from_folder(folder)
-        return cls(model.to(device), processor, name=folder.name)
+        return cls(model.to(device), processor, name=folder.name, folder=folder)
 
     # -- depth --------------------------------------------------------------------------------
 
@@ -165,22 +183,37 @@ class DepthVLM:
         user_text: str,
         canonical_fx: float = CANONICAL_FX,
         match_fy: bool = False,
-    ) -> tuple[ModelInputs, list[Intrinsics]]:
-        """Canonical-focal resize + processor for same-size outputs; returns inputs and model K's."""
+        backend: DepthBackend | None = None,
+    ) -> tuple[ModelInputs, list[Intrinsics], float]:
+        """Resize + process a batch; returns inputs, the model grid's K per image, and a depth scale.
+
+        The released protocol: canonical-focal resize, then the processor's snap to 32 px (depth
+        scale 1). A backend compiled for fixed sizes that does not have this size gets the image
+        resized straight to its nearest size instead (K adjusted); the model then sees focal
+        ``fx'`` instead of ``canonical_fx``, and its depth is multiplied by ``fx' / canonical_fx``
+        (the canonical-camera transform) — an approximation the docs name.
+        """
         if len(images) != len(intrinsics) or not images:
             raise InputError("need one intrinsics per image, and at least one image")
-        canon, canon_k = [], []
-        for rgb, k in zip(images, intrinsics):
-            img, kk = canonical_resize(check_rgb(rgb), k, canonical_fx, match_fy)
-            canon.append(img)
-            canon_k.append(kk)
-        sizes = {k.size for k in canon_k}
+        sizes = {canonical_size(k, canonical_fx, match_fy) for k in intrinsics}
         if len(sizes) != 1:
             raise InputError(f"a batch must reach the model at one size; canonical sizes {sorted(sizes)}")
-        inputs = self.processor(canon, user_text)
-        _, gh, gw = (int(v) for v in inputs.image_grid_thw[0])
-        width, height = gw * self.processor.patch_size, gh * self.processor.patch_size
-        return inputs, [k.resized(width, height) for k in canon_k]
+        target = self.processor.processed_size(*sizes.pop())
+        fixed = (backend or self.backend).nearest_size(*target)
+        if fixed == target:
+            canon = [canonical_resize(check_rgb(rgb), k, canonical_fx, match_fy) for rgb, k in zip(images, intrinsics)]
+            inputs = self.processor([img for img, _ in canon], user_text)
+            _, gh, gw = (int(v) for v in inputs.image_grid_thw[0])
+            width, height = gw * self.processor.patch_size, gh * self.processor.patch_size
+            return inputs, [k.resized(width, height) for _, k in canon], 1.0
+        model_k = [k.resized(*fixed) for k in intrinsics]
+        resized = []
+        for rgb, k in zip(images, intrinsics):
+            rgb = check_rgb(rgb)
+            if (rgb.shape[1], rgb.shape[0]) != k.size:
+                raise InputError(f"image is {rgb.shape[1]}x{rgb.shape[0]} but intrinsics describe {k.width}x{k.height}")
+            resized.append(resize_rgb(rgb, *fixed))
+        return self.processor(resized, user_text), model_k, model_k[0].fx / canonical_fx
 
     @torch.inference_mode()
     def predict_depth_batch(
@@ -192,19 +225,12 @@ class DepthVLM:
     ) -> list[DepthResult]:
         """Depth for several images that reach the model at one size (one forward for all)."""
         clock = _StageClock(self.device)
+        backend = self.backend
         with clock.stage("preprocess"):
-            inputs, model_k = self.prepare(images, intrinsics, DEPTH_PROMPT, canonical_fx, match_fy)
-            inputs = inputs.to(self.device)
-        with clock.stage("vision"):
-            vision = self.model.encode_images(inputs.pixel_values.to(self.dtype), inputs.image_grid_thw)
-            deepstack = list(vision.deepstack_features)
-        with clock.stage("llm"):
-            hidden = self.model.run_language_model(
-                inputs.input_ids, inputs.image_grid_thw, inputs.mm_token_type_ids, vision, inputs.attention_mask
-            )
-        with clock.stage("head"):
-            feats = self.model.gather_depth_features(inputs.input_ids, inputs.image_grid_thw, deepstack, hidden)
-            depth = self.model.predict_depth_map(feats).float().cpu().numpy()
+            inputs, model_k, scale = self.prepare(images, intrinsics, DEPTH_PROMPT, canonical_fx, match_fy, backend)
+        depth = backend.depth(inputs, clock.stage)
+        if scale != 1.0:
+            depth = depth * np.float32(scale)
         with clock.stage("postprocess"):
             results = self._results(depth, model_k, intrinsics)
         for r in results:
@@ -253,7 +279,7 @@ class DepthVLM:
             raise InputError(f"max_new_tokens must be in 1..4096, got {max_new_tokens}")
         clock = _StageClock(self.device)
         with clock.stage("preprocess"):
-            inputs, model_k = self.prepare([rgb], [intrinsics], question, canonical_fx)
+            inputs, model_k, _ = self.prepare([rgb], [intrinsics], question, canonical_fx, backend=self._torch)
             inputs = inputs.to(self.device)
         captured: dict[str, Any] = {}
 

@@ -1,4 +1,9 @@
-"""``depthvlm bench``: per-stage latency of the depth path (median, p90), table and JSON."""
+"""``depthvlm bench``: per-stage latency of the depth path (median, p90) per backend, table and JSON.
+
+Several backends (``--backends torch,onnxruntime``) are measured in one run with their timed runs
+interleaved (torch, onnxruntime, torch, ...), so a noisy machine slows them alike and the ratio
+between them holds.
+"""
 
 from __future__ import annotations
 
@@ -12,18 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from depthvlm_ros.geometry import Intrinsics
-from depthvlm_ros.model.pipeline import STAGES
-from depthvlm_ros.tools.common import add_model_args, load_model
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must look like 640x480, got {text!r}") from None
-    if not (32 <= w <= 8192 and 32 <= h <= 8192):
-        raise argparse.ArgumentTypeError(f"size {w}x{h} outside 32..8192")
-    return w, h
+from depthvlm_ros.tools.common import add_backend_args, add_model_args, load_model, make_backend, parse_size
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -34,7 +28,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed runs first (default 2)")
     p.add_argument("--runs", type=int, default=10, help="timed runs (default 10)")
     p.add_argument("--json", type=Path, help="also write the JSON result to this file")
+    p.add_argument("--backends", default="torch", help="comma-separated: torch,onnxruntime,tensorrt (default torch)")
     add_model_args(p)
+    add_backend_args(p)
     p.set_defaults(func=run)
 
 
@@ -56,37 +52,56 @@ def summarize(samples: dict[str, list[float]]) -> dict[str, dict[str, float]]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from depthvlm_ros.backends import BACKENDS
+    from depthvlm_ros.errors import InputError
+
+    names = [n.strip() for n in args.backends.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BACKENDS]
+    if not names or unknown:
+        raise InputError(f"--backends takes a comma-separated list of {', '.join(BACKENDS)}; got {args.backends!r}")
     width, height = args.size
+    args.backend = "torch"
     model = load_model(args)
+    backends = {name: make_backend(model, args, name) for name in names}
     k = Intrinsics.from_fx(width, height, args.fx if args.fx is not None else 1000.0)
     rgb = synthetic_image(width, height)
-    for _ in range(max(0, args.warmup)):
-        model.predict_depth(rgb, k)
-    samples: dict[str, list[float]] = {name: [] for name in (*STAGES, "total")}
+    for backend in backends.values():
+        model.backend = backend
+        for _ in range(max(0, args.warmup)):
+            model.predict_depth(rgb, k)
+    samples: dict[str, dict[str, list[float]]] = {name: {} for name in backends}
     for _ in range(max(1, args.runs)):
-        start = time.perf_counter()
-        result = model.predict_depth(rgb, k)
-        total = (time.perf_counter() - start) * 1e3
-        for name in STAGES:
-            samples[name].append(result.timings_ms.get(name, 0.0))
-        samples["total"].append(total)
-    stats = summarize(samples)
+        for name, backend in backends.items():
+            model.backend = backend
+            start = time.perf_counter()
+            result = model.predict_depth(rgb, k)
+            total = (time.perf_counter() - start) * 1e3
+            for stage, ms in {**result.timings_ms, "total": total}.items():
+                samples[name].setdefault(stage, []).append(ms)
+    stats = {name: summarize(s) for name, s in samples.items()}
     report = {
         "model": model.name,
         "device": str(model.device),
         "dtype": str(model.dtype).replace("torch.", ""),
         "input_size": [width, height],
         "model_size": list(result.intrinsics_model.size),
+        "runs": max(1, args.runs),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
-        "stages": stats,
+        "backends": {name: {"describe": backends[name].describe(), "stages": stats[name]} for name in backends},
     }
-    print(f"depth path, {model.name} on {report['device']} ({report['dtype']}), input {width}x{height} "
-          f"-> model grid {result.intrinsics_model.width}x{result.intrinsics_model.height}, {args.runs} runs")
-    print(f"{'stage':<12}{'median ms':>12}{'p90 ms':>12}")
-    for name, s in stats.items():
-        print(f"{name:<12}{s['median_ms']:>12.1f}{s['p90_ms']:>12.1f}")
+    if "torch" in stats:
+        ref = stats["torch"]["total"]["median_ms"]
+        report["speedup_vs_torch"] = {n: ref / s["total"]["median_ms"] for n, s in stats.items() if n != "torch"}
+    print(f"depth path, {model.name} ({report['dtype']}), input {width}x{height} -> model grid "
+          f"{result.intrinsics_model.width}x{result.intrinsics_model.height}, {report['runs']} interleaved runs")
+    print(f"{'backend':<13}{'stage':<12}{'median ms':>12}{'p90 ms':>12}")
+    for name, per_stage in stats.items():
+        for stage, s in per_stage.items():
+            print(f"{name:<13}{stage:<12}{s['median_ms']:>12.1f}{s['p90_ms']:>12.1f}")
+    for name, ratio in report.get("speedup_vs_torch", {}).items():
+        print(f"{name} is {ratio:.2f}x the speed of torch (median total)")
     text = json.dumps(report)
     print(text)
     if args.json:

@@ -18,6 +18,31 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weights dtype")
 
 
+def add_backend_args(parser: argparse.ArgumentParser) -> None:
+    from depthvlm_ros.backends import BACKENDS
+
+    group = parser.add_argument_group("depth backend")
+    group.add_argument("--backend", default="torch", choices=BACKENDS,
+                       help="what runs the depth path (default torch)")
+    group.add_argument("--onnx", type=Path, action="append", default=[],
+                       help="exported graph for onnxruntime (repeatable; default: export each size once, cached)")
+    group.add_argument("--engine", type=Path, action="append", default=[], help="TensorRT engine (repeatable)")
+    group.add_argument("--backend-fallback", action="store_true",
+                       help="if the backend is refused, fall back to the next (tensorrt -> onnxruntime -> torch)")
+    group.add_argument("--compile", action="store_true", help="torch.compile the torch backend")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'640x480' -> (640, 480); argparse type for --size."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 640x480, got {text!r}") from None
+    if not (32 <= w <= MAX_IMAGE_SIDE and 32 <= h <= MAX_IMAGE_SIDE):
+        raise argparse.ArgumentTypeError(f"size {w}x{h} outside 32..{MAX_IMAGE_SIDE}")
+    return w, h
+
+
 def add_intrinsics_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     group = parser.add_argument_group("intrinsics (pixels; --fx or --camera-info)")
     group.add_argument("--fx", type=float, help="focal length x in pixels")
@@ -45,7 +70,21 @@ def load_model(args: argparse.Namespace):
     folder, note = (args.model, None) if args.model is not None else default_model_dir()
     if note:
         print(f"note: {note}", file=sys.stderr)
-    return DepthVLM.from_pretrained(folder, device=args.device, dtype=args.dtype)
+    model = DepthVLM.from_pretrained(folder, device=args.device, dtype=args.dtype)
+    if getattr(args, "backend", "torch") != "torch" or getattr(args, "compile", False):
+        model.backend = make_backend(model, args, args.backend)
+    return model
+
+
+def make_backend(model, args: argparse.Namespace, name: str):
+    """The depth backend ``name`` for a loaded model, from the backend arguments."""
+    from depthvlm_ros.backends import create_backend
+
+    def log(line: str) -> None:
+        print(f"note: {line}", file=sys.stderr, flush=True)
+
+    return create_backend(model, name, device=args.device, onnx=args.onnx, engines=args.engine,
+                          compile=args.compile, fallback=args.backend_fallback, log=log)
 
 
 def read_rgb(path: Path) -> np.ndarray:

@@ -11,7 +11,14 @@ import numpy as np
 
 from depthvlm_ros.geometry import depth_to_16uc1, depth_to_points
 from depthvlm_ros.model.pipeline import DepthResult
-from depthvlm_ros.tools.common import add_intrinsics_args, add_model_args, intrinsics_from_args, load_model, read_rgb
+from depthvlm_ros.tools.common import (
+    add_backend_args,
+    add_intrinsics_args,
+    add_model_args,
+    intrinsics_from_args,
+    load_model,
+    read_rgb,
+)
 from depthvlm_ros.visualize import add_scale_bar, colorize_depth, depth_range
 
 
@@ -21,6 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: outputs)")
     add_intrinsics_args(p)
     add_model_args(p)
+    add_backend_args(p)
     p.set_defaults(func=run)
 
 
@@ -50,7 +58,9 @@ def write_point_cloud(path: Path, points: np.ndarray, rgb: np.ndarray) -> int:
     return int(valid.sum())
 
 
-def write_outputs(out_dir: Path, name: str, rgb: np.ndarray, result: DepthResult, model_name: str) -> list[Path]:
+def write_outputs(
+    out_dir: Path, name: str, rgb: np.ndarray, result: DepthResult, model_name: str, backend: str = "torch"
+) -> list[Path]:
     """The five files of one prediction; returns their paths."""
     from PIL import Image
 
@@ -64,6 +74,7 @@ def write_outputs(out_dir: Path, name: str, rgb: np.ndarray, result: DepthResult
     n_points = write_point_cloud(paths[3], depth_to_points(depth, result.intrinsics), rgb)
     summary = {
         "model": model_name,
+        "backend": backend,
         "camera": {"size": list(result.intrinsics.size), "K": result.intrinsics.k.tolist()},
         "model_grid": {"size": list(result.intrinsics_model.size), "K": result.intrinsics_model.k.tolist()},
         "depth": depth_stats(depth),
@@ -86,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     for (path, rgb), k in tqdm(list(zip(images, intrinsics)), desc="predict", unit="img",
                                 disable=len(images) < 2 or None, file=sys.stderr):
         result = model.predict_depth(rgb, k)
-        written = write_outputs(args.out, path.stem, rgb, result, model.name)
+        written = write_outputs(args.out, path.stem, rgb, result, model.name, model.backend.describe())
         stats = depth_stats(result.depth)
         print(f"{path}: depth {stats.get('min_m', float('nan')):.2f}-{stats.get('max_m', float('nan')):.2f} m, "
               f"{sum(result.timings_ms.values()):.0f} ms -> {written[0].parent}/{path.stem}_*")

@@ -1,0 +1,68 @@
+"""The one interface every depth backend implements, and how a backend is chosen.
+
+A backend computes the depth path — pixels of one processed size + the fixed depth prompt ->
+depth on the model grid (metres) — and nothing else: preprocessing (canonical-focal resize, the
+image processor) and postprocessing (back to the camera grid) are shared, in
+:class:`depthvlm_ros.model.pipeline.DepthVLM`. Answers (``ask``) always run on PyTorch.
+
+Implementations: ``torch`` (reference; any size), ``onnxruntime`` and ``tensorrt`` (compiled for
+fixed sizes; a small cache of sessions/engines keyed by size).
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+
+import numpy as np
+
+from depthvlm_ros.errors import InputError
+
+#: Backend names, in the order ``backend_fallback`` tries them after the requested one.
+BACKENDS = ("tensorrt", "onnxruntime", "torch")
+
+Stage = Callable[[str], AbstractContextManager[None]]
+
+
+class BackendError(InputError):
+    """A backend that cannot run here or refuses its artefact (the message says how to fix it)."""
+
+
+@contextlib.contextmanager
+def _no_stage(_name: str) -> Iterator[None]:
+    yield
+
+
+class DepthBackend(abc.ABC):
+    """Depth on the model grid from processed pixels of one size."""
+
+    #: Short name: torch, onnxruntime, tensorrt.
+    name: str = ""
+
+    @abc.abstractmethod
+    def sizes(self) -> list[tuple[int, int]] | None:
+        """Model-grid sizes (width, height) this backend can run, or None for any size."""
+
+    @abc.abstractmethod
+    def depth(self, inputs: object, stage: Stage = _no_stage) -> np.ndarray:
+        """(B, H, W) float32 metres for a :class:`ModelInputs` batch of one size.
+
+        ``stage(name)`` is a context manager the caller uses to time stages; backends that can
+        separate vision / llm / head time them, compiled ones report one ``model`` stage.
+        """
+
+    def describe(self) -> str:
+        """One line for logs and diagnostics."""
+        return self.name
+
+    def nearest_size(self, width: int, height: int) -> tuple[int, int]:
+        """The size this backend runs that is closest in aspect ratio, then in area."""
+        sizes = self.sizes()
+        if sizes is None or (width, height) in sizes:
+            return width, height
+        if not sizes:
+            raise BackendError(f"{self.name}: no compiled sizes available")
+        aspect, area = width / height, width * height
+        return min(sizes, key=lambda s: (round(abs(np.log((s[0] / s[1]) / aspect)), 3), abs(s[0] * s[1] - area)))

@@ -1,0 +1,231 @@
+"""Export the depth path to ONNX: processed pixels of one size -> depth on the model grid.
+
+Because the depth prompt is fixed, everything but the pixels is a constant of the size: the
+vision tower's position ids and position-embedding interpolation taps, ``cu_seqlens``, the LLM's
+M-RoPE position ids, the prompt's token embeddings around the image-token span. They are computed
+once here with stock transformers helpers and held as buffers, and the stock modules are called
+with them (transformers' vision encoders accept precomputed ``cu_seqlens``, ``position_ids``,
+``interp_indices``/``interp_weights``), so the traced graph has no data-dependent control flow.
+
+The export checks itself: ``onnx.checker``, then ONNX Runtime against PyTorch on fresh random
+images (maximum relative error; fp32 fails above 1e-3).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from depthvlm_ros import __version__
+from depthvlm_ros.backends.base import BackendError
+from depthvlm_ros.model.processing import DEPTH_PROMPT, ImageTextProcessor, ModelInputs
+
+#: ONNX I/O names.
+INPUT_NAME, OUTPUT_NAME = "pixel_values", "depth"
+#: Parity thresholds (max relative error vs PyTorch) by export dtype.
+PARITY_LIMITS = {"fp32": 1e-3, "fp16": 3e-2}
+#: Models with more parameter bytes than this are saved with external data (ONNX's 2 GB limit).
+EXTERNAL_DATA_BYTES = 1_500_000_000
+OPSET = 18
+
+
+class ExportError(BackendError):
+    """The export did not produce a graph that matches PyTorch."""
+
+
+def inputs_for_size(
+    processor: ImageTextProcessor, width: int, height: int, image: np.ndarray | None = None
+) -> ModelInputs:
+    """Model inputs for a ``width`` x ``height`` model grid (multiples of the 32 px patch)."""
+    step = processor.patch_size * processor.merge_size
+    if width % step or height % step:
+        raise BackendError(f"export size {width}x{height} must be a multiple of {step} px on both sides")
+    if processor.processed_size(width, height) != (width, height):
+        raise BackendError(
+            f"the image processor does not keep {width}x{height} (outside its min/max pixels); "
+            f"it would run at {processor.processed_size(width, height)}"
+        )
+    if image is None:
+        image = np.zeros((height, width, 3), np.uint8)
+    return processor([image], DEPTH_PROMPT)
+
+
+class DepthExportModule(nn.Module):
+    """The depth path for one size with every prompt/size constant precomputed (export wrapper)."""
+
+    def __init__(self, model: nn.Module, inputs: ModelInputs) -> None:
+        super().__init__()
+        from transformers.vision_utils import (
+            get_vision_cu_seqlens,
+            get_vision_interpolation_indices_and_weights,
+            get_vision_position_ids,
+        )
+
+        self.model = model
+        visual = model.model.visual
+        grid = inputs.image_grid_thw
+        merge = int(visual.spatial_merge_size)
+        indices, weights = get_vision_interpolation_indices_and_weights(
+            grid, num_grid_per_side=visual.num_grid_per_side, mode=visual.interpolation_mode,
+            align_corners=visual.interpolation_align_corners, spatial_merge_size=merge,
+        )
+        ids = inputs.input_ids
+        image_mask = ids == model.config.image_token_id
+        span = image_mask[0].nonzero()[:, 0]
+        self.start, self.end = int(span[0]), int(span[-1]) + 1
+        if int(image_mask.sum()) != self.end - self.start:
+            raise BackendError("the prompt's image tokens are not one contiguous span")
+        with torch.no_grad():
+            embeds = model.model.get_input_embeddings()(ids)
+        rope_positions, _ = model.model.get_rope_index(ids, inputs.mm_token_type_ids, image_grid_thw=grid)
+        self.grid_h, self.grid_w = int(grid[0, 1]) // merge, int(grid[0, 2]) // merge
+        constants = {
+            "grid_thw": grid,
+            "interp_indices": indices,
+            "interp_weights": weights,
+            "vision_position_ids": get_vision_position_ids(grid, merge),
+            "cu_seqlens": get_vision_cu_seqlens(grid),
+            "prefix_embeds": embeds[:, : self.start],
+            "suffix_embeds": embeds[:, self.end :],
+            "rope_position_ids": rope_positions,
+            "visual_pos_masks": image_mask,
+        }
+        for name, value in constants.items():
+            self.register_buffer(name, value.detach().clone(), persistent=False)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(patches, C*T*P*P) processed pixels of one image -> (1, H, W) depth in metres."""
+        vision = self.model.model.visual(
+            pixel_values, grid_thw=self.grid_thw, interp_indices=self.interp_indices,
+            interp_weights=self.interp_weights, position_ids=self.vision_position_ids, cu_seqlens=self.cu_seqlens,
+        )
+        image_embeds = vision.pooler_output.to(self.prefix_embeds.dtype)[None]
+        embeds = torch.cat([self.prefix_embeds, image_embeds, self.suffix_embeds], dim=1)
+        hidden = self.model.model.language_model(
+            inputs_embeds=embeds, position_ids=self.rope_position_ids, visual_pos_masks=self.visual_pos_masks,
+            deepstack_visual_embeds=list(vision.deepstack_features), use_cache=False,
+        ).last_hidden_state
+        features = [f[None] for f in vision.deepstack_features] + [hidden[:, self.start : self.end]]
+        head_dtype = self.model.depth_head.norm.weight.dtype
+        return self.model.depth_head([f.to(head_dtype) for f in features], self.grid_h, self.grid_w)[:, 0]
+
+
+@dataclass
+class ExportReport:
+    path: str
+    size: list[int]
+    dtype: str
+    max_rel_error: float
+    checked_images: int
+    export_s: float
+    external_data: bool
+    model_fingerprint: str
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """depthvlm metadata stored in an exported ONNX file (size, dtype, model fingerprint, ...)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def max_relative_error(got: np.ndarray, want: np.ndarray) -> float:
+    """max |got - want| / |want| over all pixels (depth is positive)."""
+    return float(np.max(np.abs(got.astype(np.float64) - want) / np.maximum(np.abs(want), 1e-6)))
+
+
+def export_onnx(
+    vlm: object,
+    width: int,
+    height: int,
+    out_path: str | Path,
+    dtype: str = "fp32",
+    check_images: int = 2,
+    progress: Callable[[str], None] = print,
+) -> ExportReport:
+    """Export ``vlm`` (a :class:`DepthVLM`) for a ``width`` x ``height`` model grid and check it."""
+    import onnx
+
+    from depthvlm_ros.model.checkpoint import model_fingerprint
+
+    if dtype not in PARITY_LIMITS:
+        raise ExportError(f"export dtype must be one of {sorted(PARITY_LIMITS)}, got {dtype}")
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    model = vlm.model
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
+    original_dtype = next(model.parameters()).dtype
+    model.to(torch_dtype)
+    text_config = model.model.language_model.config
+    try:
+        inputs = inputs_for_size(vlm.processor, width, height)
+        wrapper = DepthExportModule(model, inputs).eval()
+        n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        external = n_bytes > EXTERNAL_DATA_BYTES
+        progress(f"[1/4] tracing and converting the depth path at {width}x{height} ({dtype}, "
+                 f"{n_bytes / 1e6:.0f} MB of weights{', external data' if external else ''})")
+        start = time.perf_counter()
+        with torch.no_grad():
+            program = torch.onnx.export(
+                wrapper, (inputs.pixel_values.to(torch_dtype),), input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME], opset_version=OPSET, dynamo=True, external_data=external,
+                verbose=False,
+            )
+        program.save(str(out_path), external_data=external)
+        export_s = time.perf_counter() - start
+    finally:
+        model.to(original_dtype)
+    fingerprint = model_fingerprint(vlm.folder) if vlm.folder is not None else ""
+    meta = {
+        "depthvlm.size": f"{width}x{height}",
+        "depthvlm.dtype": dtype,
+        "depthvlm.vision_patch": str(vlm.processor.patch_size),
+        "depthvlm.model_fingerprint": fingerprint,
+        "depthvlm.model_name": vlm.name,
+        "depthvlm.prompt": DEPTH_PROMPT,
+        "depthvlm.version": __version__,
+        "depthvlm.input_layout": "Qwen2-VL processor pixel_values for one image: (patches, C*T*P*P)",
+    }
+    proto = onnx.load(str(out_path), load_external_data=False)
+    del proto.metadata_props[:]
+    for key, value in meta.items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, str(out_path))
+
+    progress("[2/4] onnx.checker")
+    onnx.checker.check_model(str(out_path), full_check=False)
+
+    progress("[3/4] loading in ONNX Runtime")
+    from depthvlm_ros.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+    ort_backend = OnnxRuntimeBackend([out_path], providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(int(time.time()))
+    worst = 0.0
+    for i in range(check_images):
+        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        check_inputs = inputs_for_size(vlm.processor, width, height, image)
+        with torch.no_grad():
+            model.to(torch.float32)
+            want = wrapper(check_inputs.pixel_values.float()).numpy()
+            model.to(original_dtype)
+        got = ort_backend.depth(check_inputs)
+        worst = max(worst, max_relative_error(got, want))
+        progress(f"[4/4] parity vs PyTorch on random image {i + 1}/{check_images}: max rel error {worst:.2e}")
+    del text_config
+    report = ExportReport(str(out_path), [width, height], dtype, worst, check_images, round(export_s, 2),
+                          external, fingerprint)
+    Path(str(out_path) + ".json").write_text(json.dumps(asdict(report), indent=2) + "\n")
+    if worst > PARITY_LIMITS[dtype]:
+        raise ExportError(
+            f"ONNX Runtime differs from PyTorch by {worst:.2e} (limit {PARITY_LIMITS[dtype]:.0e} for {dtype}); "
+            f"the graph at {out_path} is kept for inspection"
+        )
+    return report

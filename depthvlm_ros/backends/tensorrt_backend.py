@@ -1,0 +1,268 @@
+"""TensorRT: build an engine from the exported ONNX on the target GPU, and run it.
+
+Written against the documented TensorRT 10 Python API (``Builder``, ``OnnxParser``,
+``IBuilderConfig.set_memory_pool_limit``, ``IProgressMonitor``, ``build_serialized_network``,
+``Runtime.deserialize_cuda_engine``, named I/O tensors with ``set_tensor_address`` and
+``execute_async_v3``). I/O buffers are PyTorch CUDA tensors on one CUDA stream (no pycuda).
+
+TensorRT cannot be installed in this project's development workplace, so this module is exercised
+only on real NVIDIA hardware (a desktop GPU or a Jetson with JetPack's TensorRT). Everything before
+it — the export, ``onnx.checker``, ONNX Runtime parity on the very graph TensorRT compiles, and the
+sidecar checks below — is tested on CPU.
+
+An engine is specific to the GPU model, TensorRT version, weights and input size; the JSON sidecar
+written next to it records all four, and :func:`check_sidecar` refuses a mismatch with the command
+that rebuilds it.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from depthvlm_ros import __version__
+from depthvlm_ros.backends.base import BackendError, DepthBackend, Stage, _no_stage
+from depthvlm_ros.backends.onnx_export import INPUT_NAME, OUTPUT_NAME, read_metadata
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def import_tensorrt() -> Any:
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise BackendError(
+            "TensorRT is not installed: on a Jetson it comes with JetPack (python3-libnvinfer); on a desktop "
+            "GPU install NVIDIA's tensorrt wheel. Use --backend onnxruntime or torch meanwhile."
+        ) from None
+    return trt
+
+
+def sidecar_path(engine_path: str | Path) -> Path:
+    return Path(str(engine_path) + ".json")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def current_gpu() -> dict[str, str]:
+    """Name and compute capability of the current CUDA device (via PyTorch)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise BackendError("TensorRT needs a CUDA GPU, and this torch sees none")
+    major, minor = torch.cuda.get_device_capability()
+    return {"gpu_name": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}"}
+
+
+def check_sidecar(
+    sidecar: dict[str, Any],
+    engine_path: str | Path,
+    gpu_name: str,
+    compute_capability: str,
+    tensorrt_version: str,
+    model_fingerprint: str | None = None,
+    size: tuple[int, int] | None = None,
+) -> None:
+    """Raise BackendError if an engine was built for another GPU, TensorRT, model or size.
+
+    The message names the mismatch and the command that rebuilds the engine here.
+    """
+    onnx_hint = sidecar.get("onnx", "model.onnx")
+    rebuild = (f"rebuild it on this machine: depthvlm build-engine --onnx {onnx_hint} --out {engine_path}"
+               f" --{sidecar.get('precision', 'fp16')}")
+    checks = [
+        ("GPU", sidecar.get("gpu_name"), gpu_name),
+        ("compute capability", sidecar.get("compute_capability"), compute_capability),
+        ("TensorRT version", sidecar.get("tensorrt_version"), tensorrt_version),
+    ]
+    if model_fingerprint is not None:
+        checks.append(("model", sidecar.get("model_fingerprint"), model_fingerprint))
+    if size is not None:
+        checks.append(("input size", tuple(sidecar.get("size", ())), tuple(size)))
+    for what, built_for, here in checks:
+        if built_for != here:
+            if what == "model":
+                rebuild = (f"export the current model and rebuild: depthvlm export --model DIR --size "
+                           f"{'x'.join(map(str, sidecar.get('size', ['W', 'H'])))} --out {onnx_hint}, then {rebuild}")
+            raise BackendError(f"engine {engine_path} was built for {what} {built_for!r}, this is {here!r}; {rebuild}")
+
+
+def read_sidecar(engine_path: str | Path) -> dict[str, Any]:
+    path = sidecar_path(engine_path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BackendError(f"{engine_path}: no sidecar {path.name}; rebuild it with depthvlm build-engine") from None
+    except json.JSONDecodeError:
+        raise BackendError(f"{path}: sidecar is not valid JSON; rebuild the engine") from None
+
+
+def build_engine(
+    onnx_path: str | Path,
+    out_path: str | Path,
+    precision: str = "fp16",
+    workspace_gb: float = 4.0,
+    progress: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Parse an exported ONNX, build a serialized engine for this GPU, write it and its sidecar."""
+    if precision not in PRECISIONS:
+        raise BackendError(f"precision must be one of {PRECISIONS}")
+    trt = import_tensorrt()
+    onnx_path, out_path = Path(onnx_path), Path(out_path)
+    meta = read_metadata(onnx_path)
+    if "depthvlm.size" not in meta:
+        raise BackendError(f"{onnx_path}: not a depthvlm export (no depthvlm.size metadata)")
+    gpu = current_gpu()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    parser = trt.OnnxParser(network, logger)
+    progress(f"parsing {onnx_path}")
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise BackendError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    if precision == "fp16":
+        config.set_flag(trt.BuilderFlag.FP16)
+    elif precision == "bf16":
+        config.set_flag(trt.BuilderFlag.BF16)
+
+    class Monitor(trt.IProgressMonitor):
+        """Prints TensorRT's build phases (the build takes minutes on a Jetson)."""
+
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            progress(f"  {phase_name} ({num_steps} steps)")
+
+        def step_complete(self, phase_name, step):
+            return True  # keep building
+
+        def phase_finish(self, phase_name):
+            pass
+
+    config.progress_monitor = Monitor()
+    progress(f"building a {precision} engine for {gpu['gpu_name']} (sm {gpu['compute_capability']})")
+    start = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise BackendError("TensorRT failed to build the engine (see its log above)")
+    build_s = time.perf_counter() - start
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_bytes(bytes(serialized))
+    sidecar = {
+        "engine": out_path.name,
+        "onnx": str(onnx_path),
+        "onnx_sha256": file_sha256(onnx_path),
+        "model_fingerprint": meta.get("depthvlm.model_fingerprint", ""),
+        "model_name": meta.get("depthvlm.model_name", ""),
+        "size": [int(v) for v in meta["depthvlm.size"].split("x")],
+        "vision_patch": int(meta.get("depthvlm.vision_patch", 16)),
+        "onnx_dtype": meta.get("depthvlm.dtype", "fp32"),
+        "precision": precision,
+        "tensorrt_version": trt.__version__,
+        **gpu,
+        "build_s": round(build_s, 1),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "depthvlm_version": __version__,
+    }
+    sidecar_path(out_path).write_text(json.dumps(sidecar, indent=2) + "\n")
+    progress(f"wrote {out_path} ({out_path.stat().st_size / 1e6:.0f} MB) in {build_s:.0f} s")
+    return sidecar
+
+
+class TensorRTBackend(DepthBackend):
+    """Engines keyed by model-grid size; one execution context and one CUDA stream each."""
+
+    name = "tensorrt"
+
+    def __init__(self, engine_paths: Sequence[str | Path], expected_fingerprint: str | None = None,
+                 max_engines: int = 4) -> None:
+        import torch
+
+        self._trt = import_tensorrt()
+        self._torch = torch
+        self.gpu = current_gpu()
+        self.expected_fingerprint = expected_fingerprint
+        self.max_engines = max_engines
+        self._runtime = self._trt.Runtime(self._trt.Logger(self._trt.Logger.WARNING))
+        self._stream = torch.cuda.Stream()
+        self._engines: collections.OrderedDict[tuple[int, int], dict[str, Any]] = collections.OrderedDict()
+        self.vision_patch = 16
+        for path in engine_paths:
+            self.add(path)
+        if not self._engines:
+            raise BackendError("tensorrt backend needs at least one engine (--engine FILE)")
+
+    def add(self, engine_path: str | Path) -> None:
+        engine_path = Path(engine_path)
+        if not engine_path.is_file():
+            raise BackendError(f"{engine_path}: no such engine (build one with depthvlm build-engine)")
+        sidecar = read_sidecar(engine_path)
+        check_sidecar(sidecar, engine_path, self.gpu["gpu_name"], self.gpu["compute_capability"],
+                      self._trt.__version__, self.expected_fingerprint)
+        engine = self._runtime.deserialize_cuda_engine(engine_path.read_bytes())
+        if engine is None:
+            raise BackendError(f"{engine_path}: TensorRT could not deserialize it; rebuild the engine")
+        context = engine.create_execution_context()
+        torch, trt = self._torch, self._trt
+        buffers = {}
+        for i in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(i)
+            dtype = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16,
+                     trt.DataType.BF16: torch.bfloat16}[engine.get_tensor_dtype(name)]
+            buffers[name] = torch.empty(tuple(engine.get_tensor_shape(name)), dtype=dtype, device="cuda")
+            context.set_tensor_address(name, buffers[name].data_ptr())
+        if set(buffers) != {INPUT_NAME, OUTPUT_NAME}:
+            raise BackendError(f"{engine_path}: expected I/O {INPUT_NAME}/{OUTPUT_NAME}, got {sorted(buffers)}")
+        self.vision_patch = int(sidecar.get("vision_patch", 16))
+        size = (int(sidecar["size"][0]), int(sidecar["size"][1]))
+        self._engines[size] = {"engine": engine, "context": context, "buffers": buffers, "path": engine_path,
+                               "host_out": torch.empty(buffers[OUTPUT_NAME].shape, dtype=torch.float32).pin_memory()}
+        while len(self._engines) > self.max_engines:
+            self._engines.popitem(last=False)
+
+    def sizes(self) -> list[tuple[int, int]]:
+        return sorted(self._engines)
+
+    def describe(self) -> str:
+        sizes = ", ".join(f"{w}x{h}" for w, h in self.sizes())
+        return f"tensorrt {self._trt.__version__} ({self.gpu['gpu_name']}, sizes {sizes})"
+
+    def depth(self, inputs, stage: Stage = _no_stage) -> np.ndarray:
+        torch = self._torch
+        _, gh, gw = (int(v) for v in inputs.image_grid_thw[0])
+        size = (gw * self.vision_patch, gh * self.vision_patch)
+        if size not in self._engines:
+            raise BackendError(f"no engine for {size[0]}x{size[1]} (have {self.sizes()})")
+        slot = self._engines[size]
+        pixels = inputs.pixel_values
+        n_images = inputs.image_grid_thw.shape[0]
+        per_image = pixels.shape[0] // n_images
+        outputs = []
+        with stage("model"), torch.cuda.stream(self._stream):
+            for i in range(n_images):
+                chunk = pixels[i * per_image : (i + 1) * per_image].pin_memory()
+                slot["buffers"][INPUT_NAME].copy_(chunk, non_blocking=True)
+                if not slot["context"].execute_async_v3(self._stream.cuda_stream):
+                    raise BackendError(f"TensorRT execution failed for {slot['path']}")
+                slot["host_out"].copy_(slot["buffers"][OUTPUT_NAME], non_blocking=True)
+                self._stream.synchronize()
+                outputs.append(slot["host_out"].numpy().copy())
+        return np.concatenate(outputs, axis=0).astype(np.float32)

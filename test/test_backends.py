@@ -1,0 +1,209 @@
+"""Compiled depth path: ONNX export + parity, backend selection, fixed sizes, engine sidecars."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from depthvlm_ros.backends import BackendError, TorchBackend, create_backend
+from depthvlm_ros.backends.onnx_export import export_onnx, max_relative_error, read_metadata
+from depthvlm_ros.backends.onnxruntime_backend import OnnxRuntimeBackend
+from depthvlm_ros.backends.tensorrt_backend import check_sidecar
+from depthvlm_ros.geometry import Intrinsics
+from depthvlm_ros.model.checkpoint import model_fingerprint
+
+from conftest import SAMPLE_CAMERA, SAMPLE_IMAGE, scene_image
+
+HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+HAS_CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def exports(tiny_model, tmp_path_factory):
+    """The tiny model exported at two sizes (each export checks itself against PyTorch)."""
+    out = tmp_path_factory.mktemp("onnx")
+    reports = {size: export_onnx(tiny_model, *size, out / f"depth_{size[0]}x{size[1]}.onnx", check_images=1,
+                                 progress=lambda _: None)
+               for size in ((320, 256), (256, 320))}
+    return reports
+
+
+@pytest.fixture
+def use_backend(tiny_model):
+    """Swap the model's backend for one test and restore the reference after it."""
+    def swap(backend):
+        tiny_model.backend = backend
+        return tiny_model
+    yield swap
+    tiny_model.backend = TorchBackend(tiny_model.model)
+
+
+def test_export_passes_checker_and_matches_pytorch_at_two_sizes(exports, tiny_checkpoint):
+    import onnx
+
+    for (width, height), report in exports.items():
+        onnx.checker.check_model(report.path)
+        assert report.max_rel_error < 1e-3 and report.checked_images == 1
+        meta = read_metadata(report.path)
+        assert meta["depthvlm.size"] == f"{width}x{height}"
+        assert meta["depthvlm.model_fingerprint"] == model_fingerprint(tiny_checkpoint)
+        graph = onnx.load(report.path, load_external_data=False).graph
+        assert [i.name for i in graph.input] == ["pixel_values"] and [o.name for o in graph.output] == ["depth"]
+        assert Path(report.path + ".json").is_file()
+
+
+def test_onnxruntime_backend_equals_torch_through_the_whole_pipeline(exports, tiny_model, use_backend):
+    k = Intrinsics.from_fx(320, 240, 1000.0)  # canonical 320x240 -> processed 320x256: an exported size
+    rgb = scene_image(320, 240, 1000.0)
+    want = tiny_model.predict_depth(rgb, k)
+    model = use_backend(OnnxRuntimeBackend([r.path for r in exports.values()]))
+    got = model.predict_depth(rgb, k)
+    assert got.intrinsics_model == want.intrinsics_model
+    assert max_relative_error(got.depth_model, want.depth_model) < 1e-4
+    assert set(got.timings_ms) == {"preprocess", "model", "postprocess"}
+    portrait = model.predict_depth(scene_image(240, 320, 1000.0), Intrinsics.from_fx(240, 320, 1000.0))
+    assert portrait.intrinsics_model.size == (256, 320)  # the second session, chosen by size
+
+
+def test_fixed_size_backend_resizes_and_rescales_depth_by_the_focal_ratio(exports, tiny_model, use_backend):
+    # fx = 500 at 320x240 needs a 640x480 model grid; only 320x256 and 256x320 exist.
+    k = Intrinsics.from_fx(320, 240, 500.0)
+    rgb = scene_image(320, 240, 500.0)
+    model = use_backend(OnnxRuntimeBackend([exports[(320, 256)].path]))
+    got = model.predict_depth(rgb, k)
+    mk = got.intrinsics_model
+    assert mk.size == (320, 256) and mk.fx == pytest.approx(500.0) and mk.fy == pytest.approx(500.0 * 256 / 240)
+    # Same input straight through the reference, scaled by fx'/1000: the canonical-camera transform.
+    reference = TorchBackend(model.model)
+    inputs, _, scale = model.prepare([rgb], [k], "Given this image, estimate the metric depth (in meters, rounded "
+                                     "to two decimal places) for every pixel of the image.", backend=model.backend)
+    assert scale == pytest.approx(0.5)
+    np.testing.assert_allclose(got.depth_model, reference.depth(inputs)[0] * 0.5, rtol=1e-4)
+
+
+def test_onnx_from_other_weights_is_refused(exports, tmp_path):
+    with pytest.raises(BackendError, match="other weights.*re-export"):
+        OnnxRuntimeBackend([exports[(320, 256)].path], expected_fingerprint="0123456789abcdef")
+    with pytest.raises(BackendError, match="no such ONNX file"):
+        OnnxRuntimeBackend([tmp_path / "missing.onnx"])
+
+
+def test_backend_selection_and_fallback(tiny_model, exports):
+    assert isinstance(create_backend(tiny_model, "torch"), TorchBackend)
+    ort = create_backend(tiny_model, "onnxruntime", onnx=[exports[(320, 256)].path])
+    assert ort.name == "onnxruntime" and ort.sizes() == [(320, 256)]
+    with pytest.raises(BackendError, match="unknown backend"):
+        create_backend(tiny_model, "tvm")
+    with pytest.raises(BackendError, match="TensorRT is not installed|needs --engine"):
+        create_backend(tiny_model, "tensorrt")
+    messages: list[str] = []
+    chosen = create_backend(tiny_model, "tensorrt", onnx=[exports[(320, 256)].path], fallback=True,
+                            log=messages.append)
+    assert chosen.name == "onnxruntime"
+    assert len(messages) == 1 and "falling back to onnxruntime" in messages[0]
+
+
+SIDECAR = {"gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "tensorrt_version": "10.13.0",
+           "model_fingerprint": "aaaa", "size": [640, 480], "precision": "fp16", "onnx": "engines/d.onnx"}
+
+
+@pytest.mark.parametrize(("here", "named"), [
+    (dict(gpu_name="Orin"), "GPU"),
+    (dict(compute_capability="8.7"), "compute capability"),
+    (dict(tensorrt_version="10.3.0"), "TensorRT version"),
+    (dict(model_fingerprint="bbbb"), "model"),
+    (dict(size=(320, 256)), "input size"),
+])
+def test_engine_sidecar_mismatch_is_refused_with_the_rebuild_command(here, named):
+    env = dict(gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0", tensorrt_version="10.13.0",
+               model_fingerprint="aaaa", size=(640, 480)) | here
+    with pytest.raises(BackendError) as err:
+        check_sidecar(SIDECAR, "engines/d.engine", **env)
+    assert f"built for {named}" in str(err.value)
+    assert "depthvlm build-engine --onnx engines/d.onnx --out engines/d.engine --fp16" in str(err.value)
+    check_sidecar(SIDECAR, "engines/d.engine", gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0",
+                  tensorrt_version="10.13.0", model_fingerprint="aaaa", size=(640, 480))  # a match passes
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "depthvlm_ros", *args], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ))
+
+
+def test_cli_export_then_predict_with_onnxruntime_matches_torch(tmp_path, tiny_checkpoint):
+    onnx_path = tmp_path / "engines" / "tiny_320x256.onnx"
+    run = run_cli("export", "--model", str(tiny_checkpoint), "--size", "320x256", "--out", str(onnx_path),
+                  "--check-images", "1")
+    assert run.returncode == 0, run.stderr
+    assert "max relative error" in run.stdout and "[4/4]" in run.stderr and onnx_path.is_file()
+    image = tmp_path / "view.png"
+    from PIL import Image
+
+    Image.fromarray(scene_image(320, 240, 1000.0)).save(image)
+    outs = {}
+    for backend in ("torch", "onnxruntime"):
+        out = tmp_path / backend
+        run = run_cli("predict", str(image), "--fx", "1000", "--model", str(tiny_checkpoint), "--out", str(out),
+                      "--backend", backend, "--onnx", str(onnx_path))
+        assert run.returncode == 0, run.stderr
+        outs[backend] = np.load(out / "view_depth.npy")
+        assert json.loads((out / "view.json").read_text())["backend"].startswith(backend)
+    assert max_relative_error(outs["onnxruntime"], outs["torch"]) < 1e-4
+
+
+def test_cli_bench_measures_backends_side_by_side(tiny_checkpoint, exports):
+    run = run_cli("bench", "--model", str(tiny_checkpoint), "--size", "320x256", "--runs", "2", "--warmup", "1",
+                  "--backends", "torch,onnxruntime", "--onnx", exports[(320, 256)].path)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert set(report["backends"]) == {"torch", "onnxruntime"}
+    assert set(report["backends"]["onnxruntime"]["stages"]) == {"preprocess", "model", "postprocess", "total"}
+    assert report["speedup_vs_torch"]["onnxruntime"] > 0
+
+
+def test_cli_compiled_path_errors_are_one_line(tmp_path, tiny_checkpoint):
+    run = run_cli("build-engine", "--onnx", str(tmp_path / "x.onnx"), "--out", str(tmp_path / "x.engine"))
+    assert run.returncode == 2
+    assert run.stderr.strip().startswith("depthvlm: error:") and len(run.stderr.strip().splitlines()) == 1
+    run = run_cli("export", "--model", str(tiny_checkpoint), "--size", "300x256", "--out", str(tmp_path / "y.onnx"))
+    assert run.returncode == 2 and "multiple of 32" in run.stderr
+    run = run_cli("predict", str(SAMPLE_IMAGE), "--camera-info", str(SAMPLE_CAMERA), "--model", str(tiny_checkpoint),
+                  "--backend", "tensorrt", "--out", str(tmp_path / "o"))
+    assert run.returncode == 2 and "depthvlm: error:" in run.stderr
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (none on this machine)")
+def test_onnxruntime_cuda_matches_torch_cuda(exports, tiny_checkpoint):
+    from depthvlm_ros.model.pipeline import DepthVLM
+
+    model = DepthVLM.from_pretrained(tiny_checkpoint, device="cuda")
+    k = Intrinsics.from_fx(320, 240, 1000.0)
+    rgb = scene_image(320, 240, 1000.0)
+    want = model.predict_depth(rgb, k).depth_model
+    model.backend = OnnxRuntimeBackend([exports[(320, 256)].path], device="cuda")
+    assert max_relative_error(model.predict_depth(rgb, k).depth_model, want) < 1e-3
+
+
+@pytest.mark.skipif(not (HAS_CUDA and HAS_TENSORRT),
+                    reason="needs TensorRT and a CUDA GPU; TensorRT cannot be installed in this workplace")
+def test_tensorrt_engine_matches_onnxruntime(exports, tiny_model, tmp_path):
+    from depthvlm_ros.backends.tensorrt_backend import TensorRTBackend, build_engine
+
+    engine = tmp_path / "tiny_320x256.engine"
+    build_engine(exports[(320, 256)].path, engine, precision="fp32", progress=lambda _: None)
+    k = Intrinsics.from_fx(320, 240, 1000.0)
+    rgb = scene_image(320, 240, 1000.0)
+    want = tiny_model.predict_depth(rgb, k).depth_model
+    tiny_model.backend = TensorRTBackend([engine])
+    try:
+        assert max_relative_error(tiny_model.predict_depth(rgb, k).depth_model, want) < 1e-3
+    finally:
+        tiny_model.backend = TorchBackend(tiny_model.model)
