@@ -80,8 +80,9 @@ def test_bench_prints_a_table_and_json(tiny_checkpoint):
     run = depthvlm("bench", "--model", str(tiny_checkpoint), "--size", "320x256", "--warmup", "1", "--runs", "3")
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout.strip().splitlines()[-1])
-    assert set(report["stages"]) == {"preprocess", "vision", "llm", "head", "postprocess", "total"}
-    assert all(s["median_ms"] <= s["p90_ms"] for s in report["stages"].values())
+    stages = report["backends"]["torch"]["stages"]
+    assert set(stages) == {"preprocess", "vision", "llm", "head", "postprocess", "total"}
+    assert all(s["median_ms"] <= s["p90_ms"] and s["n"] == 3 for s in stages.values())
     assert report["input_size"] == [320, 256] and report["model_size"] == [320, 256]
     assert "median ms" in run.stdout
 
