@@ -166,7 +166,8 @@ def export_onnx(
     model.to(torch_dtype)
     text_config = model.model.language_model.config
     try:
-        inputs = inputs_for_size(vlm.processor, width, height)
+        device = next(model.parameters()).device
+        inputs = inputs_for_size(vlm.processor, width, height).to(device)
         wrapper = DepthExportModule(model, inputs).eval()
         n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         external = n_bytes > EXTERNAL_DATA_BYTES
@@ -214,7 +215,7 @@ def export_onnx(
         check_inputs = inputs_for_size(vlm.processor, width, height, image)
         with torch.no_grad():
             model.to(torch.float32)
-            want = wrapper(check_inputs.pixel_values.float()).numpy()
+            want = wrapper(check_inputs.pixel_values.float().to(device)).float().cpu().numpy()
             model.to(original_dtype)
         got = ort_backend.depth(check_inputs)
         worst = max(worst, max_relative_error(got, want))

@@ -1,6 +1,6 @@
 """TensorRT: build an engine from the exported ONNX on the target GPU, and run it.
 
-Written against the documented TensorRT 10 Python API (``Builder``, ``OnnxParser``,
+Written against the documented TensorRT 10/11 Python API (``Builder``, ``OnnxParser``,
 ``IBuilderConfig.set_memory_pool_limit``, ``IProgressMonitor``, ``build_serialized_network``,
 ``Runtime.deserialize_cuda_engine``, named I/O tensors with ``set_tensor_address`` and
 ``execute_async_v3``). I/O buffers are PyTorch CUDA tensors on one CUDA stream (no pycuda).
@@ -127,9 +127,21 @@ def build_engine(
     if "depthvlm.size" not in meta:
         raise BackendError(f"{onnx_path}: not a depthvlm export (no depthvlm.size metadata)")
     gpu = current_gpu()
+    onnx_dtype = meta.get("depthvlm.dtype", "fp32")
+    # TensorRT 10 can lower an fp32 graph with the FP16/BF16 builder flags (weak typing); TensorRT
+    # 11 removed them: precision then follows the graph's own types (strong typing).
+    strongly_typed = onnx_dtype != "fp32" or not hasattr(trt.BuilderFlag, "FP16")
+    if precision != "fp32" and strongly_typed and onnx_dtype != precision:
+        raise BackendError(
+            f"TensorRT {trt.__version__} builds {precision} only from a {precision} graph: export it with "
+            f"depthvlm export --export-dtype {precision} (or convert it with ModelOpt AutoCast)"
+        )
+    flags = 0
+    if strongly_typed and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    network = builder.create_network(flags)  # explicit batch is the only mode since TensorRT 10
     parser = trt.OnnxParser(network, logger)
     progress(f"parsing {onnx_path}")
     if not parser.parse_from_file(str(onnx_path)):
@@ -137,10 +149,8 @@ def build_engine(
         raise BackendError(f"TensorRT could not parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    if precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
-    elif precision == "bf16":
-        config.set_flag(trt.BuilderFlag.BF16)
+    if precision != "fp32" and not strongly_typed:
+        config.set_flag(getattr(trt.BuilderFlag, precision.upper()))
 
     class Monitor(trt.IProgressMonitor):
         """Prints TensorRT's build phases (the build takes minutes on a Jetson)."""
@@ -176,6 +186,7 @@ def build_engine(
         "vision_patch": int(meta.get("depthvlm.vision_patch", 16)),
         "onnx_dtype": meta.get("depthvlm.dtype", "fp32"),
         "precision": precision,
+        "strongly_typed": strongly_typed,
         "tensorrt_version": trt.__version__,
         **gpu,
         "build_s": round(build_s, 1),
