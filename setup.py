@@ -32,6 +32,7 @@ setup(
         "onnx>=1.16",
         "onnxscript>=0.2",
         "onnxruntime>=1.20",
+        "matplotlib>=3.7",
         "open3d-cpu>=0.19; platform_machine == 'x86_64'",
         "open3d>=0.19; platform_machine == 'aarch64'",
     ],

@@ -30,7 +30,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from depthvlm_ros.tools import bench, predict
+    from depthvlm_ros.tools import bench, compile, eval_tool, predict
     from depthvlm_ros.tools.common import add_intrinsics_args, add_model_args
 
     parser = argparse.ArgumentParser(prog="depthvlm", description="DepthVLM metric depth tools")
@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(ask)
     ask.set_defaults(func=cmd_ask)
     bench.add_parser(sub)
+    eval_tool.add_parser(sub)
+    compile.add_parsers(sub)
     return parser
 
 
