@@ -100,6 +100,9 @@ class OnnxRuntimeBackend(DepthBackend):
         options.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = self.threads
         options.log_severity_level = 3
+        # No busy-waiting between runs: spinning workers would steal the cores from the rest of the
+        # process (ROS callbacks, postprocessing, the torch model answering questions).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = self._ort.InferenceSession(str(self._paths[size]), options, providers=self.providers)
         self._sessions[size] = session
         while len(self._sessions) > self.max_sessions:
