@@ -439,8 +439,7 @@ def test_bad_dataset_spec_is_one_line_and_exit_code_2():
 @pytest.mark.parametrize(("args", "message"), [
     (["--dataset", "x=MISSING,ROOT,ROOT", "--predictions", "ROOT"], "does not exist"),
     (["--dataset", "x=JSONL,ROOT,ROOT,1,0.5", "--predictions", "ROOT"], "MIN < MAX"),
-    (["--dataset", "x=JSONL,ROOT,ROOT"], "exactly one of --model"),
-    (["--dataset", "x=JSONL,ROOT,ROOT", "--predictions", "ROOT", "--model", "ROOT"], "exactly one of --model"),
+    (["--dataset", "x=JSONL,ROOT,ROOT", "--predictions", "ROOT", "--model", "ROOT"], "not both"),
     (["--dataset", "x=JSONL,ROOT,ROOT", "--predictions", "ROOT", "--group", "y=indoor"], "no --dataset named"),
     (["--dataset", "x=JSONL,ROOT,ROOT", "--predictions", "ROOT", "--group", "x=underwater"], "--group"),
     (["--dataset", "x=JSONL,ROOT,ROOT", "--dataset", "x=JSONL,ROOT,ROOT", "--predictions", "ROOT"], "twice"),

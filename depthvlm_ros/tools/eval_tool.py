@@ -120,13 +120,14 @@ class PredictionSource:
 
 
 def make_source(args: argparse.Namespace) -> PredictionSource:
-    """The prediction source the arguments ask for (exactly one of --model and --predictions).
+    """The prediction source the arguments ask for: --predictions, or a model (--model, else the
+    built-in default model, announced like every tool does).
 
     With ``--model``, the depth path runs on ``--backend`` (torch, onnxruntime, tensorrt); the
     cache key names the backend, so results of different backends are never mixed.
     """
-    if (args.model is None) == (args.predictions is None):
-        raise InputError("give exactly one of --model DIR (run a model) or --predictions DIR (saved outputs)")
+    if args.model is not None and args.predictions is not None:
+        raise InputError("give one of --model DIR (run a model) or --predictions DIR (saved outputs), not both")
     if args.predictions is not None:
         if not args.predictions.is_dir():
             raise InputError(f"--predictions {args.predictions} is not a folder")
@@ -134,7 +135,8 @@ def make_source(args: argparse.Namespace) -> PredictionSource:
     from depthvlm_ros.tools.common import load_model
 
     model = load_model(args)
-    source = f"model:{Path(args.model).resolve()}:{args.dtype}:{model.backend.name}"
+    where = Path(model.folder).resolve() if model.folder is not None else model.name
+    source = f"model:{where}:{args.dtype}:{model.backend.name}"
     return PredictionSource(source, predict=model_predictor(model),
                             batch_size=args.batch_size)
 
