@@ -196,3 +196,26 @@ def test_ask_rejects_bad_questions(tiny_model, question, message):
 def test_bad_images_are_rejected(tiny_model, image, message):
     with pytest.raises(InputError, match=message):
         tiny_model.predict_depth(image, Intrinsics.from_fx(64, 64, 100.0))
+
+
+def test_released_config_format_without_width_fields_loads_a_narrow_head(tmp_path, tiny_checkpoint, tiny_model):
+    # The published config.json names only depth_head_type and depth_loss_weight: widths come
+    # from the weights, and keys and shapes are still checked strictly.
+    folder = copy_checkpoint(tiny_checkpoint, tmp_path / "released-format")
+    config = json.loads((folder / "config.json").read_text())
+    for name in ("depth_head_features", "depth_head_out_channels", "depth_head_last_channels", "depth_head_norm_eps"):
+        config.pop(name)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "chat_template.jinja").unlink()  # no template in the folder: Qwen3-VL's format is used
+    preprocessor = json.loads((folder / "preprocessor_config.json").read_text())
+    preprocessor["size"] = {"min_pixels": 65536, "max_pixels": 16777216}  # the older size layout
+    (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    model = DepthVLM.from_pretrained(folder)
+    rgb = scene_image(320, 224, fx=1000.0)
+    k = Intrinsics.from_fx(320, 224, 1000.0)
+    np.testing.assert_array_equal(model.predict_depth(rgb, k).depth_model, tiny_model.predict_depth(rgb, k).depth_model)
+    state = load_file(folder / "model.safetensors")
+    state["depth_head.scratch.layer2_rn.weight"] = torch.zeros(8, 32, 3, 3)  # inconsistent with layer1_rn
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="wrong shapes: depth_head.scratch.layer2_rn.weight"):
+        DepthVLM.from_pretrained(folder)

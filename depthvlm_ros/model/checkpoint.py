@@ -91,6 +91,25 @@ def compare_state(
         raise CheckpointError("checkpoint does not match its config: " + "; ".join(problems))
 
 
+def infer_head_widths(shapes: dict[str, tuple[int, ...]]) -> dict[str, object]:
+    """Depth-head width fields read off the checkpoint's tensor shapes.
+
+    The released config.json names only ``depth_head_type`` (its widths are the defaults); a folder
+    in that format with a narrower head is still loadable: the widths come from the weights, and
+    every key and shape is still checked strictly afterwards.
+    """
+    widths: dict[str, object] = {}
+    prefix = "depth_head."
+    if f"{prefix}scratch.layer1_rn.weight" in shapes:
+        widths["depth_head_features"] = int(shapes[f"{prefix}scratch.layer1_rn.weight"][0])
+    projects = [shapes.get(f"{prefix}projects.{i}.weight") for i in range(4)]
+    if all(p is not None for p in projects):
+        widths["depth_head_out_channels"] = [int(p[0]) for p in projects]
+    if f"{prefix}scratch.output_conv2.0.weight" in shapes:
+        widths["depth_head_last_channels"] = int(shapes[f"{prefix}scratch.output_conv2.0.weight"][0])
+    return widths
+
+
 def expected_state(model_class: type, config: object) -> tuple[dict[str, tuple[int, ...]], set[str]]:
     """Key -> shape the model built from ``config`` holds, and the keys allowed to be absent (tied)."""
     with torch.device("meta"):

@@ -35,6 +35,7 @@ from depthvlm_ros.model.checkpoint import (
     checkpoint_shapes,
     compare_state,
     expected_state,
+    infer_head_widths,
     weight_files,
 )
 from depthvlm_ros.model.modeling import DepthVLMForConditionalGeneration
@@ -151,11 +152,15 @@ class DepthVLM:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise InputError("device cuda requested but this torch has no CUDA device")
         config = Qwen3VLConfig.from_pretrained(str(folder), local_files_only=True)
+        found = checkpoint_shapes(weight_files(folder))
+        for name, value in infer_head_widths(found).items():
+            if name not in raw:  # the config is silent: the released format; widths from the weights
+                setattr(config, name, value)
         try:
             expected, optional = expected_state(DepthVLMForConditionalGeneration, config)
         except ValueError as exc:
             raise CheckpointError(f"{folder}: {exc}") from None
-        compare_state(expected, checkpoint_shapes(weight_files(folder)), optional)
+        compare_state(expected, found, optional)
 
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()

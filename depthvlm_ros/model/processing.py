@@ -46,7 +46,11 @@ _IMAGE_PROCESSOR_KEYS = (
 
 
 def read_chat_template(folder: Path, tokenizer: Any) -> str:
-    """The folder's chat template: chat_template.jinja, chat_template.json, or the tokenizer's."""
+    """The folder's chat template: chat_template.jinja, chat_template.json, or the tokenizer's.
+
+    A folder with none gets Qwen3-VL's chat format for system/user/assistant turns with images
+    (:data:`depthvlm_ros.model.factory.CHAT_TEMPLATE`), which is what DepthVLM's prompts need.
+    """
     jinja = folder / "chat_template.jinja"
     if jinja.is_file():
         return jinja.read_text()
@@ -58,7 +62,9 @@ def read_chat_template(folder: Path, tokenizer: Any) -> str:
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, str):
         return template
-    raise CheckpointError(f"{folder}: no chat template (chat_template.jinja/.json or in tokenizer_config.json)")
+    from depthvlm_ros.model.factory import CHAT_TEMPLATE
+
+    return CHAT_TEMPLATE
 
 
 def check_question(question: str, max_chars: int = MAX_QUESTION_CHARS) -> str:
@@ -123,6 +129,10 @@ class ImageTextProcessor:
         except json.JSONDecodeError as exc:
             raise CheckpointError(f"{config_path}: not valid JSON ({exc.msg})") from None
         kwargs = {k: settings[k] for k in _IMAGE_PROCESSOR_KEYS if k in settings}
+        size = kwargs.get("size")
+        if isinstance(size, dict) and ("min_pixels" in size or "max_pixels" in size):  # older layout
+            kwargs["size"] = {"shortest_edge": size.get("min_pixels", 56 * 56),
+                              "longest_edge": size.get("max_pixels", 28 * 28 * 1280)}
         try:
             image_processor = Qwen2VLImageProcessorPil(**kwargs)
             tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
