@@ -94,12 +94,25 @@ class Intrinsics:
         Accepted forms: ``image_width``/``image_height`` + ``camera_matrix: {data: [9]}`` (the
         ``camera_calibration_parsers`` format), ``width``/``height`` + ``k`` or ``K`` (CameraInfo
         fields), or ``width``/``height`` + ``fx``/``fy``/``cx``/``cy``.
+
+        When a projection matrix is present (``projection_matrix: {data: [12]}`` or ``p``/``P``)
+        with a positive focal length, its left 3x3 is used, as ROS's ``image_geometry`` does: P
+        describes the rectified image, and DepthVLM needs an undistorted pinhole image (feed
+        ``image_rect``). K describes the raw, distorted image.
         """
         try:
             width = int(data.get("image_width", data.get("width")))
             height = int(data.get("image_height", data.get("height")))
         except (TypeError, ValueError):
             raise InputError("intrinsics: need image_width/image_height (or width/height)") from None
+        projection = data.get("projection_matrix")
+        p = projection.get("data") if isinstance(projection, Mapping) else data.get("p", data.get("P"))
+        if p is not None:
+            pp = np.asarray(p, dtype=np.float64).reshape(-1)
+            if pp.size != 12:
+                raise InputError(f"intrinsics: P must have 12 elements, got {pp.size}")
+            if pp[0] > 0:
+                return cls.from_k([pp[0], pp[1], pp[2], pp[4], pp[5], pp[6], 0.0, 0.0, 1.0], width, height)
         matrix = data.get("camera_matrix")
         if isinstance(matrix, Mapping):
             return cls.from_k(matrix.get("data", []), width, height)

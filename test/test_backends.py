@@ -207,3 +207,43 @@ def test_tensorrt_engine_matches_onnxruntime(exports, tiny_model, tmp_path):
         assert max_relative_error(tiny_model.predict_depth(rgb, k).depth_model, want) < 1e-3
     finally:
         tiny_model.backend = TorchBackend(tiny_model.model)
+
+
+def test_failed_export_never_lands_where_a_backend_would_use_it(tiny_model, tmp_path, monkeypatch):
+    from depthvlm_ros.backends import onnx_export
+
+    monkeypatch.setitem(onnx_export.PARITY_LIMITS, "fp32", 0.0)  # any difference fails the check
+    out = tmp_path / "cache" / "depth_320x256_fp32.onnx"
+    with pytest.raises(onnx_export.ExportError, match="kept for inspection"):
+        export_onnx(tiny_model, 320, 256, out, check_images=1, progress=lambda _: None)
+    assert not out.exists() and not Path(str(out) + ".json").exists()
+    assert (tmp_path / "cache" / "depth_320x256_fp32.failed" / out.name).is_file()
+    assert not (tmp_path / "cache" / f".{out.name}.partial").exists()
+
+
+def test_export_leaves_the_live_model_unchanged(tiny_model, tmp_path):
+    before = {k: v.clone() for k, v in tiny_model.model.state_dict().items() if "depth_head.projects" in k}
+    report = export_onnx(tiny_model, 320, 256, tmp_path / "half.onnx", dtype="fp16", check_images=1,
+                         progress=lambda _: None)
+    assert report.dtype == "fp16" and report.max_rel_error < 3e-2
+    assert next(tiny_model.model.parameters()).dtype == torch.float32
+    for key, value in before.items():
+        assert torch.equal(tiny_model.model.state_dict()[key], value)  # not rounded through fp16
+
+
+def test_export_without_a_fingerprint_is_refused_when_one_is_expected(exports, tmp_path):
+    import onnx
+
+    proto = onnx.load(exports[(320, 256)].path)
+    for prop in proto.metadata_props:
+        if prop.key == "depthvlm.model_fingerprint":
+            prop.value = ""
+    anonymous = tmp_path / "anonymous.onnx"
+    onnx.save(proto, str(anonymous))
+    with pytest.raises(BackendError, match="other weights"):
+        OnnxRuntimeBackend([anonymous], expected_fingerprint="0123456789abcdef")
+    assert OnnxRuntimeBackend([anonymous]).sizes() == [(320, 256)]  # fine when nothing is expected
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"\x08\x07garbage")
+    with pytest.raises(BackendError, match="not a readable ONNX file|not a depthvlm export"):
+        OnnxRuntimeBackend([corrupt])

@@ -45,6 +45,18 @@ def test_intrinsics_from_camera_info_forms():
         Intrinsics.from_mapping({"width": 640, "height": 480})
 
 
+def test_projection_matrix_of_a_rectified_image_wins_over_k():
+    k = [525.0, 0, 319.5, 0, 525.0, 239.5, 0, 0, 1]
+    p = [500.0, 0, 322.0, 0, 0, 505.0, 241.0, 0, 0, 0, 1, 0]
+    ros_yaml = {"image_width": 640, "image_height": 480, "camera_matrix": {"data": k},
+                "projection_matrix": {"rows": 3, "cols": 4, "data": p}}
+    for data in (ros_yaml, {"width": 640, "height": 480, "k": k, "p": p}):
+        intr = Intrinsics.from_mapping(data)
+        assert (intr.fx, intr.fy, intr.cx, intr.cy) == (500.0, 505.0, 322.0, 241.0)
+    unset = {"width": 640, "height": 480, "k": k, "p": [0.0] * 12}  # an all-zero P means "not set"
+    assert Intrinsics.from_mapping(unset).fx == 525.0
+
+
 def test_intrinsics_from_yaml_file_errors_are_one_line(tmp_path):
     path = tmp_path / "cam.yaml"
     path.write_text("image_width: 64\nimage_height: 48\ncamera_matrix: {data: [50, 0, 31.5, 0, 50, 23.5, 0, 0, 1]}\n")

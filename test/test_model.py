@@ -219,3 +219,8 @@ def test_released_config_format_without_width_fields_loads_a_narrow_head(tmp_pat
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="wrong shapes: depth_head.scratch.layer2_rn.weight"):
         DepthVLM.from_pretrained(folder)
+
+
+def test_extreme_aspect_ratio_is_an_input_error(tiny_model):
+    with pytest.raises(InputError, match="cannot be processed"):
+        tiny_model.predict_depth(np.zeros((16, 4000, 3), np.uint8), Intrinsics.from_fx(4000, 16, 1000.0))

@@ -44,14 +44,14 @@ def _onnxruntime(vlm: object, device: str, onnx: Sequence[Path], export_missing:
                               exporter=exporter if export_missing or not onnx else None)
 
 
-def _tensorrt(vlm: object, engines: Sequence[Path]) -> DepthBackend:
+def _tensorrt(vlm: object, engines: Sequence[Path], device: str) -> DepthBackend:
     from depthvlm_ros.backends.tensorrt_backend import TensorRTBackend
     from depthvlm_ros.model.checkpoint import model_fingerprint
 
     if not engines:
         raise BackendError("tensorrt needs --engine FILE (build one with depthvlm build-engine)")
     fingerprint = model_fingerprint(vlm.folder) if vlm.folder is not None else None
-    return TensorRTBackend(engines, expected_fingerprint=fingerprint)
+    return TensorRTBackend(engines, expected_fingerprint=fingerprint, device=device)
 
 
 def create_backend(
@@ -80,7 +80,7 @@ def create_backend(
                 return TorchBackend(vlm.model, compile=compile)
             if candidate == "onnxruntime":
                 return _onnxruntime(vlm, device, [Path(p) for p in onnx], export_missing, log)
-            return _tensorrt(vlm, [Path(p) for p in engines])
+            return _tensorrt(vlm, [Path(p) for p in engines], device)
         except BackendError as exc:
             if candidate == order[-1]:
                 raise

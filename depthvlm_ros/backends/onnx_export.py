@@ -14,6 +14,7 @@ images (maximum relative error; fp32 fails above 1e-3).
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -133,13 +134,43 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     """depthvlm metadata stored in an exported ONNX file (size, dtype, model fingerprint, ...)."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises protobuf's DecodeError and others for a corrupt file
+        raise BackendError(f"{path}: not a readable ONNX file ({exc.__class__.__name__})") from None
     return {p.key: p.value for p in model.metadata_props}
 
 
 def max_relative_error(got: np.ndarray, want: np.ndarray) -> float:
     """max |got - want| / |want| over all pixels (depth is positive)."""
     return float(np.max(np.abs(got.astype(np.float64) - want) / np.maximum(np.abs(want), 1e-6)))
+
+
+def _export_copy(vlm: object, torch_dtype: torch.dtype) -> nn.Module:
+    """The model to trace: on CPU in the export dtype, never the caller's live model changed.
+
+    The live model is used as is when it already is a CPU model of that dtype; otherwise a copy is
+    reloaded from the model folder (no extra GPU memory), or deep-copied for an in-memory model.
+    """
+    import copy
+
+    from depthvlm_ros.model.modeling import DepthVLMForConditionalGeneration
+
+    live = vlm.model
+    p = next(live.parameters())
+    if p.dtype == torch_dtype and p.device.type == "cpu":
+        return live
+    if vlm.folder is not None:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        try:
+            copy_ = DepthVLMForConditionalGeneration.from_pretrained(
+                str(vlm.folder), dtype=torch_dtype, use_safetensors=True, local_files_only=True)
+        finally:
+            hf_logging.enable_progress_bar()
+        return copy_.eval()
+    return copy.deepcopy(live).to(device="cpu", dtype=torch_dtype).eval()
 
 
 def export_onnx(
@@ -151,26 +182,35 @@ def export_onnx(
     check_images: int = 2,
     progress: Callable[[str], None] = print,
 ) -> ExportReport:
-    """Export ``vlm`` (a :class:`DepthVLM`) for a ``width`` x ``height`` model grid and check it."""
+    """Export ``vlm`` (a :class:`DepthVLM`) for a ``width`` x ``height`` model grid and check it.
+
+    The graph is traced from a CPU model of the export dtype (the caller's model is not changed)
+    and checked against the stock PyTorch depth path (``forward_depth``, not the export wrapper)
+    of the fp32 model. It is written under a temporary folder and moved to ``out_path`` only once
+    it passed, so a failed or interrupted export never leaves a graph that looks usable.
+    """
+    import shutil
+
     import onnx
 
+    from depthvlm_ros.backends.onnxruntime_backend import OnnxRuntimeBackend
     from depthvlm_ros.model.checkpoint import model_fingerprint
 
     if dtype not in PARITY_LIMITS:
         raise ExportError(f"export dtype must be one of {sorted(PARITY_LIMITS)}, got {dtype}")
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    model = vlm.model
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
-    original_dtype = next(model.parameters()).dtype
-    model.to(torch_dtype)
-    text_config = model.model.language_model.config
+    model = _export_copy(vlm, torch_dtype)
+    inputs = inputs_for_size(vlm.processor, width, height)
+    wrapper = DepthExportModule(model, inputs).eval()
+    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    external = n_bytes > EXTERNAL_DATA_BYTES
+    staging = out_path.parent / f".{out_path.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    staged = staging / out_path.name
     try:
-        device = next(model.parameters()).device
-        inputs = inputs_for_size(vlm.processor, width, height).to(device)
-        wrapper = DepthExportModule(model, inputs).eval()
-        n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        external = n_bytes > EXTERNAL_DATA_BYTES
         progress(f"[1/4] tracing and converting the depth path at {width}x{height} ({dtype}, "
                  f"{n_bytes / 1e6:.0f} MB of weights{', external data' if external else ''})")
         start = time.perf_counter()
@@ -180,53 +220,63 @@ def export_onnx(
                 output_names=[OUTPUT_NAME], opset_version=OPSET, dynamo=True, external_data=external,
                 verbose=False,
             )
-        program.save(str(out_path), external_data=external)
+        program.save(str(staged), external_data=external)
         export_s = time.perf_counter() - start
+        del program, wrapper
+        fingerprint = model_fingerprint(vlm.folder) if vlm.folder is not None else ""
+        meta = {
+            "depthvlm.size": f"{width}x{height}",
+            "depthvlm.dtype": dtype,
+            "depthvlm.vision_patch": str(vlm.processor.patch_size),
+            "depthvlm.model_fingerprint": fingerprint,
+            "depthvlm.model_name": vlm.name,
+            "depthvlm.prompt": DEPTH_PROMPT,
+            "depthvlm.version": __version__,
+            "depthvlm.input_layout": "Qwen2-VL processor pixel_values for one image: (patches, C*T*P*P)",
+        }
+        proto = onnx.load(str(staged), load_external_data=False)
+        del proto.metadata_props[:]
+        for key, value in meta.items():
+            proto.metadata_props.add(key=key, value=value)
+        onnx.save(proto, str(staged))
+
+        progress("[2/4] onnx.checker")
+        onnx.checker.check_model(str(staged), full_check=False)
+
+        progress("[3/4] loading in ONNX Runtime")
+        ort_backend = OnnxRuntimeBackend([staged], providers=["CPUExecutionProvider"])
+        reference = vlm.model if next(vlm.model.parameters()).dtype == torch.float32 else model
+        ref_device = next(reference.parameters()).device
+        rng = np.random.default_rng(int(time.time()))
+        worst = 0.0
+        for i in range(check_images):
+            image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+            check_inputs = inputs_for_size(vlm.processor, width, height, image)
+            with torch.inference_mode():
+                r = check_inputs.to(ref_device)
+                want = reference.forward_depth(
+                    r.input_ids, r.pixel_values.to(next(reference.parameters()).dtype), r.image_grid_thw,
+                    r.mm_token_type_ids, r.attention_mask,
+                ).float().cpu().numpy()
+            got = ort_backend.depth(check_inputs)
+            worst = max(worst, max_relative_error(got, want))
+            progress(f"[4/4] parity vs PyTorch on random image {i + 1}/{check_images}: max rel error {worst:.2e}")
+        del ort_backend
+        report = ExportReport(str(out_path), [width, height], dtype, worst, check_images, round(export_s, 2),
+                              external, fingerprint)
+        if worst > PARITY_LIMITS[dtype]:
+            failed = out_path.parent / f"{out_path.stem}.failed"
+            shutil.rmtree(failed, ignore_errors=True)
+            staging.rename(failed)
+            raise ExportError(
+                f"ONNX Runtime differs from PyTorch by {worst:.2e} (limit {PARITY_LIMITS[dtype]:.0e} for {dtype}); "
+                f"the graph is kept for inspection in {failed}"
+            )
+        Path(str(staged) + ".json").write_text(json.dumps(asdict(report), indent=2) + "\n")
+        for item in staging.iterdir():  # the .onnx last, so a visible .onnx always has its data
+            if item.name != out_path.name:
+                os.replace(item, out_path.parent / item.name)
+        os.replace(staged, out_path)
+        return report
     finally:
-        model.to(original_dtype)
-    fingerprint = model_fingerprint(vlm.folder) if vlm.folder is not None else ""
-    meta = {
-        "depthvlm.size": f"{width}x{height}",
-        "depthvlm.dtype": dtype,
-        "depthvlm.vision_patch": str(vlm.processor.patch_size),
-        "depthvlm.model_fingerprint": fingerprint,
-        "depthvlm.model_name": vlm.name,
-        "depthvlm.prompt": DEPTH_PROMPT,
-        "depthvlm.version": __version__,
-        "depthvlm.input_layout": "Qwen2-VL processor pixel_values for one image: (patches, C*T*P*P)",
-    }
-    proto = onnx.load(str(out_path), load_external_data=False)
-    del proto.metadata_props[:]
-    for key, value in meta.items():
-        proto.metadata_props.add(key=key, value=value)
-    onnx.save(proto, str(out_path))
-
-    progress("[2/4] onnx.checker")
-    onnx.checker.check_model(str(out_path), full_check=False)
-
-    progress("[3/4] loading in ONNX Runtime")
-    from depthvlm_ros.backends.onnxruntime_backend import OnnxRuntimeBackend
-
-    ort_backend = OnnxRuntimeBackend([out_path], providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(int(time.time()))
-    worst = 0.0
-    for i in range(check_images):
-        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-        check_inputs = inputs_for_size(vlm.processor, width, height, image)
-        with torch.no_grad():
-            model.to(torch.float32)
-            want = wrapper(check_inputs.pixel_values.float().to(device)).float().cpu().numpy()
-            model.to(original_dtype)
-        got = ort_backend.depth(check_inputs)
-        worst = max(worst, max_relative_error(got, want))
-        progress(f"[4/4] parity vs PyTorch on random image {i + 1}/{check_images}: max rel error {worst:.2e}")
-    del text_config
-    report = ExportReport(str(out_path), [width, height], dtype, worst, check_images, round(export_s, 2),
-                          external, fingerprint)
-    Path(str(out_path) + ".json").write_text(json.dumps(asdict(report), indent=2) + "\n")
-    if worst > PARITY_LIMITS[dtype]:
-        raise ExportError(
-            f"ONNX Runtime differs from PyTorch by {worst:.2e} (limit {PARITY_LIMITS[dtype]:.0e} for {dtype}); "
-            f"the graph at {out_path} is kept for inspection"
-        )
-    return report
+        shutil.rmtree(staging, ignore_errors=True)

@@ -69,9 +69,9 @@ class OnnxRuntimeBackend(DepthBackend):
         if "depthvlm.size" not in meta:
             raise BackendError(f"{path}: not a depthvlm export (no depthvlm.size metadata)")
         fingerprint = meta.get("depthvlm.model_fingerprint", "")
-        if self.expected_fingerprint and fingerprint and fingerprint != self.expected_fingerprint:
+        if self.expected_fingerprint and fingerprint != self.expected_fingerprint:
             raise BackendError(
-                f"{path} was exported from other weights (model {fingerprint}, this model "
+                f"{path} was exported from other weights (model {fingerprint or 'unknown'}, this model "
                 f"{self.expected_fingerprint}); re-export it: depthvlm export --model DIR "
                 f"--size {meta['depthvlm.size']}"
             )

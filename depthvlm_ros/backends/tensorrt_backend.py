@@ -82,8 +82,9 @@ def check_sidecar(
     The message names the mismatch and the command that rebuilds the engine here.
     """
     onnx_hint = sidecar.get("onnx", "model.onnx")
-    rebuild = (f"rebuild it on this machine: depthvlm build-engine --onnx {onnx_hint} --out {engine_path}"
-               f" --{sidecar.get('precision', 'fp16')}")
+    precision = sidecar.get("precision", "fp16")
+    flag = "" if precision == "fp32" or sidecar.get("strongly_typed") else f" --{precision}"
+    rebuild = f"rebuild it on this machine: depthvlm build-engine --onnx {onnx_hint} --out {engine_path}{flag}"
     checks = [
         ("GPU", sidecar.get("gpu_name"), gpu_name),
         ("compute capability", sidecar.get("compute_capability"), compute_capability),
@@ -185,7 +186,7 @@ def build_engine(
         "size": [int(v) for v in meta["depthvlm.size"].split("x")],
         "vision_patch": int(meta.get("depthvlm.vision_patch", 16)),
         "onnx_dtype": meta.get("depthvlm.dtype", "fp32"),
-        "precision": precision,
+        "precision": onnx_dtype if strongly_typed else precision,  # what the engine computes in
         "strongly_typed": strongly_typed,
         "tensorrt_version": trt.__version__,
         **gpu,
@@ -204,18 +205,22 @@ class TensorRTBackend(DepthBackend):
     name = "tensorrt"
 
     def __init__(self, engine_paths: Sequence[str | Path], expected_fingerprint: str | None = None,
-                 max_engines: int = 4) -> None:
+                 max_engines: int = 4, device: str = "cuda") -> None:
         import torch
 
         self._trt = import_tensorrt()
         self._torch = torch
+        self.device = torch.device(device if device.startswith("cuda") else "cuda")
+        torch.cuda.set_device(self.device)  # engines, buffers and the stream live on this GPU
         self.gpu = current_gpu()
         self.expected_fingerprint = expected_fingerprint
         self.max_engines = max_engines
         self._runtime = self._trt.Runtime(self._trt.Logger(self._trt.Logger.WARNING))
-        self._stream = torch.cuda.Stream()
+        self._stream = torch.cuda.Stream(device=self.device)
         self._engines: collections.OrderedDict[tuple[int, int], dict[str, Any]] = collections.OrderedDict()
         self.vision_patch = 16
+        if len(engine_paths) > max_engines:
+            raise BackendError(f"{len(engine_paths)} engines given; at most {max_engines} are kept loaded")
         for path in engine_paths:
             self.add(path)
         if not self._engines:
@@ -234,16 +239,22 @@ class TensorRTBackend(DepthBackend):
         context = engine.create_execution_context()
         torch, trt = self._torch, self._trt
         buffers = {}
+        dtypes = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16,
+                  trt.DataType.BF16: torch.bfloat16}
         for i in range(engine.num_io_tensors):
             name = engine.get_tensor_name(i)
-            dtype = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16,
-                     trt.DataType.BF16: torch.bfloat16}[engine.get_tensor_dtype(name)]
-            buffers[name] = torch.empty(tuple(engine.get_tensor_shape(name)), dtype=dtype, device="cuda")
+            dtype = dtypes.get(engine.get_tensor_dtype(name))
+            if dtype is None:
+                raise BackendError(f"{engine_path}: tensor {name} has unsupported type {engine.get_tensor_dtype(name)}")
+            buffers[name] = torch.empty(tuple(engine.get_tensor_shape(name)), dtype=dtype, device=self.device)
             context.set_tensor_address(name, buffers[name].data_ptr())
         if set(buffers) != {INPUT_NAME, OUTPUT_NAME}:
             raise BackendError(f"{engine_path}: expected I/O {INPUT_NAME}/{OUTPUT_NAME}, got {sorted(buffers)}")
         self.vision_patch = int(sidecar.get("vision_patch", 16))
-        size = (int(sidecar["size"][0]), int(sidecar["size"][1]))
+        try:
+            size = (int(sidecar["size"][0]), int(sidecar["size"][1]))
+        except (KeyError, IndexError, TypeError, ValueError):
+            raise BackendError(f"{engine_path}: sidecar has no valid size; rebuild the engine") from None
         self._engines[size] = {"engine": engine, "context": context, "buffers": buffers, "path": engine_path,
                                "host_out": torch.empty(buffers[OUTPUT_NAME].shape, dtype=torch.float32).pin_memory()}
         while len(self._engines) > self.max_engines:
@@ -262,12 +273,13 @@ class TensorRTBackend(DepthBackend):
         size = (gw * self.vision_patch, gh * self.vision_patch)
         if size not in self._engines:
             raise BackendError(f"no engine for {size[0]}x{size[1]} (have {self.sizes()})")
+        self._engines.move_to_end(size)
         slot = self._engines[size]
         pixels = inputs.pixel_values
         n_images = inputs.image_grid_thw.shape[0]
         per_image = pixels.shape[0] // n_images
         outputs = []
-        with stage("model"), torch.cuda.stream(self._stream):
+        with stage("model"), torch.cuda.device(self.device), torch.cuda.stream(self._stream):
             for i in range(n_images):
                 chunk = pixels[i * per_image : (i + 1) * per_image].pin_memory()
                 slot["buffers"][INPUT_NAME].copy_(chunk, non_blocking=True)

@@ -40,6 +40,8 @@ def default_model_dir() -> tuple[Path, str | None]:
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder.parent))
         try:
             make_tiny_checkpoint(staging, seed=0)
+            if folder.exists():  # a stale or half-deleted folder without weights: set it aside
+                shutil.rmtree(folder, ignore_errors=True)
             try:
                 staging.rename(folder)  # atomic: concurrent first runs never see half a folder
             except OSError:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -108,6 +109,9 @@ class DepthVLM:
         self.folder = folder
         #: What runs the depth path (``predict_depth``); ``ask`` always uses ``self.model``.
         self.backend: DepthBackend = TorchBackend(self.model)
+        #: One forward at a time: ``ask`` hooks the shared model and the stock model keeps
+        #: per-call state (rope deltas), so threads (a ROS executor) take turns.
+        self.lock = threading.RLock()
 
     @property
     def _torch(self) -> DepthBackend:
@@ -229,6 +233,12 @@ class DepthVLM:
         match_fy: bool = False,
     ) -> list[DepthResult]:
         """Depth for several images that reach the model at one size (one forward for all)."""
+        with self.lock:
+            return self._predict_depth_batch(images, intrinsics, canonical_fx, match_fy)
+
+    def _predict_depth_batch(
+        self, images: Sequence[np.ndarray], intrinsics: Sequence[Intrinsics], canonical_fx: float, match_fy: bool
+    ) -> list[DepthResult]:
         clock = _StageClock(self.device)
         backend = self.backend
         with clock.stage("preprocess"):
@@ -282,6 +292,11 @@ class DepthVLM:
         question = check_question(question)
         if not 1 <= int(max_new_tokens) <= 4096:
             raise InputError(f"max_new_tokens must be in 1..4096, got {max_new_tokens}")
+        with self.lock:
+            return self._ask(rgb, intrinsics, question, int(max_new_tokens), canonical_fx)
+
+    def _ask(self, rgb: np.ndarray, intrinsics: Intrinsics, question: str, max_new_tokens: int,
+             canonical_fx: float) -> Answer:
         clock = _StageClock(self.device)
         with clock.stage("preprocess"):
             inputs, model_k, _ = self.prepare([rgb], [intrinsics], question, canonical_fx, backend=self._torch)

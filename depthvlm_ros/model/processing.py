@@ -176,10 +176,13 @@ class ImageTextProcessor:
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
         size = self.image_processor.size
-        h, w = smart_resize(
-            height, width, factor=self.patch_size * self.merge_size,
-            min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"],
-        )
+        try:
+            h, w = smart_resize(
+                height, width, factor=self.patch_size * self.merge_size,
+                min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"],
+            )
+        except ValueError as exc:  # e.g. an aspect ratio over 200
+            raise InputError(f"image {width}x{height} cannot be processed: {exc}") from None
         return w, h
 
     def __call__(
@@ -188,6 +191,7 @@ class ImageTextProcessor:
         """Process RGB uint8 images (same size) with one user text each (optionally answers)."""
         if not images:
             raise InputError("no images")
+        self.processed_size(images[0].shape[1], images[0].shape[0])  # raises InputError if impossible
         pixels = self.image_processor(images=list(images), return_tensors="pt")
         grid = pixels["image_grid_thw"]
         n_tokens = int(grid[0].prod()) // (self.merge_size**2)

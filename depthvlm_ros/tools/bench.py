@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--backends takes a comma-separated list of {', '.join(BACKENDS)}; got {args.backends!r}")
     width, height = args.size
     args.backend = "torch"
+    args.backend_fallback = False  # measure exactly the backends named: a fallback would mislabel them
     model = load_model(args)
     backends = {name: make_backend(model, args, name) for name in names}
     k = Intrinsics.from_fx(width, height, args.fx if args.fx is not None else 1000.0)
