@@ -58,7 +58,7 @@ def test_default_model_is_used_and_announced(tmp_path):
                    env={"DEPTHVLM_CACHE": str(tmp_path / "cache")})
     assert run.returncode == 0, run.stderr
     assert "tiny initialised model" in run.stderr
-    assert (tmp_path / "cache" / "depthvlm-tiny-init-seed0-v1" / "model.safetensors").is_file()
+    assert (tmp_path / "cache" / "depthvlm-tiny-init-seed0-v2" / "model.safetensors").is_file()
     assert len(list((tmp_path / "o").iterdir())) == 5
 
 

@@ -224,3 +224,17 @@ def test_released_config_format_without_width_fields_loads_a_narrow_head(tmp_pat
 def test_extreme_aspect_ratio_is_an_input_error(tiny_model):
     with pytest.raises(InputError, match="cannot be processed"):
         tiny_model.predict_depth(np.zeros((16, 4000, 3), np.uint8), Intrinsics.from_fx(4000, 16, 1000.0))
+
+
+def test_tiny_initialisation_is_deterministic_by_seed(tmp_path, tiny_checkpoint):
+    from depthvlm_ros.model.factory import make_tiny_checkpoint
+
+    again = load_file(make_tiny_checkpoint(tmp_path / "again", seed=0) / "model.safetensors")
+    other = load_file(make_tiny_checkpoint(tmp_path / "other", seed=1) / "model.safetensors")
+    first = load_file(tiny_checkpoint / "model.safetensors")
+    assert again.keys() == first.keys()
+    assert all(torch.equal(again[k], first[k]) for k in first)
+    last = "depth_head.scratch.output_conv2.2.weight"
+    assert not torch.equal(other[last], first[last])
+    assert not torch.equal(other["model.visual.patch_embed.proj.weight"], first["model.visual.patch_embed.proj.weight"])
+    assert (tmp_path / "again" / "tokenizer.json").read_text() == (tiny_checkpoint / "tokenizer.json").read_text()

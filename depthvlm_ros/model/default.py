@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 PACKAGED_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "depthvlm-tiny"
-TINY_INIT_NAME = "depthvlm-tiny-init-seed0-v1"
+TINY_INIT_NAME = "depthvlm-tiny-init-seed0-v2"
 TINY_INIT_NOTE = (
     "no --model given: using the tiny initialised model (deterministic random weights; its depth "
     "varies with the image but is not meaningful until the trained depthvlm-tiny ships)"

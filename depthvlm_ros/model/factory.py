@@ -235,8 +235,10 @@ def make_tiny_checkpoint(folder: str | Path, seed: int = 0, **config_overrides: 
 
     tokenizer = build_tokenizer()
     config = tiny_config(tokenizer, **config_overrides)
-    model = DepthVLMForConditionalGeneration(config)
-    init_weights(model, seed=seed)
+    with torch.random.fork_rng():  # the caller's RNG state is left as it was
+        torch.manual_seed(seed)  # Hugging Face initialises the VLM while constructing it
+        model = DepthVLMForConditionalGeneration(config)
+        init_weights(model, seed=seed)
     hf_logging.disable_progress_bar()
     try:
         return write_checkpoint(model, tokenizer, folder)
