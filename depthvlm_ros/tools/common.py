@@ -87,6 +87,22 @@ def make_backend(model, args: argparse.Namespace, name: str):
                           compile=args.compile, fallback=args.backend_fallback, log=log)
 
 
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image file from its header; InputError if missing, corrupt or too large."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such image") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InputError(f"{path}: cannot read image ({exc.__class__.__name__})") from None
+    if max(width, height) > MAX_IMAGE_SIDE:
+        raise InputError(f"{path}: image {width}x{height} exceeds {MAX_IMAGE_SIDE} px")
+    return width, height
+
+
 def read_rgb(path: Path) -> np.ndarray:
     """Read an image file as RGB uint8 (H, W, 3); InputError if missing, corrupt or too large."""
     from PIL import Image, UnidentifiedImageError

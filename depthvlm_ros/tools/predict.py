@@ -15,6 +15,7 @@ from depthvlm_ros.tools.common import (
     add_backend_args,
     add_intrinsics_args,
     add_model_args,
+    image_size,
     intrinsics_from_args,
     load_model,
     read_rgb,
@@ -90,16 +91,17 @@ def write_outputs(
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    images = [(path, read_rgb(path)) for path in args.images]  # all readable before the model loads
-    intrinsics = [intrinsics_from_args(args, rgb.shape[1], rgb.shape[0]) for _, rgb in images]
+    # Every input is checked (header only: memory stays one image) before the model loads.
+    intrinsics = [intrinsics_from_args(args, *image_size(path)) for path in args.images]
     model = load_model(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    for (path, rgb), k in tqdm(list(zip(images, intrinsics)), desc="predict", unit="img",
-                                disable=len(images) < 2 or None, file=sys.stderr):
+    for path, k in tqdm(list(zip(args.images, intrinsics)), desc="predict", unit="img",
+                        disable=len(args.images) < 2 or None, file=sys.stderr):
+        rgb = read_rgb(path)
         result = model.predict_depth(rgb, k)
         written = write_outputs(args.out, path.stem, rgb, result, model.name, model.backend.describe())
         stats = depth_stats(result.depth)
         print(f"{path}: depth {stats.get('min_m', float('nan')):.2f}-{stats.get('max_m', float('nan')):.2f} m, "
               f"{sum(result.timings_ms.values()):.0f} ms -> {written[0].parent}/{path.stem}_*")
-    print(f"wrote {len(images) * 5} files to {args.out.resolve()}")
+    print(f"wrote {len(args.images) * 5} files to {args.out.resolve()}")
     return 0
