@@ -66,3 +66,16 @@ def test_residual_unit_adds_relu_of_its_input_like_the_release():
         out = unit(x.clone())
     torch.testing.assert_close(out, inner + torch.relu(x))
     assert not torch.allclose(out, inner + x)  # the "clean" x + f(x) is not what was released
+
+
+def test_4b_benchmark_config_has_qwen3_vl_4b_size_and_the_released_head():
+    from depthvlm_ros.model.factory import depthvlm_4b_config
+    from depthvlm_ros.model.modeling import DepthVLMForConditionalGeneration
+
+    with torch.device("meta"):
+        model = DepthVLMForConditionalGeneration(depthvlm_4b_config())
+    head = {f"depth_head.{k}": tuple(v.shape) for k, v in model.depth_head.state_dict().items()}
+    assert head == released_shapes()
+    n_params = sum(p.numel() for p in model.parameters())  # tied lm_head counted once
+    assert 4.2e9 < n_params < 4.7e9
+    assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
