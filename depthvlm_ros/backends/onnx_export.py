@@ -141,6 +141,17 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
+def export_size(meta: dict[str, str], path: str | Path) -> tuple[int, int]:
+    """Model-grid (width, height) an export was made for, from its metadata; BackendError if absent."""
+    try:
+        width, height = (int(v) for v in meta["depthvlm.size"].lower().split("x"))
+    except KeyError:
+        raise BackendError(f"{path}: not a depthvlm export (no depthvlm.size metadata)") from None
+    except ValueError:
+        raise BackendError(f"{path}: malformed depthvlm.size {meta['depthvlm.size']!r}; re-export it") from None
+    return width, height
+
+
 def max_relative_error(got: np.ndarray, want: np.ndarray) -> float:
     """max |got - want| / |want| over all pixels (depth is positive)."""
     return float(np.max(np.abs(got.astype(np.float64) - want) / np.maximum(np.abs(want), 1e-6)))

@@ -10,14 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from depthvlm_ros.backends.base import BackendError, DepthBackend, Stage, _no_stage
-from depthvlm_ros.backends.onnx_export import INPUT_NAME, read_metadata
+from depthvlm_ros.backends.onnx_export import INPUT_NAME, export_size, read_metadata
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    w, h = text.lower().split("x")
-    return int(w), int(h)
 
 
 class OnnxRuntimeBackend(DepthBackend):
@@ -66,8 +61,7 @@ class OnnxRuntimeBackend(DepthBackend):
         if not path.is_file():
             raise BackendError(f"{path}: no such ONNX file (make one with: depthvlm export --size WxH)")
         meta = read_metadata(path)
-        if "depthvlm.size" not in meta:
-            raise BackendError(f"{path}: not a depthvlm export (no depthvlm.size metadata)")
+        size = export_size(meta, path)
         fingerprint = meta.get("depthvlm.model_fingerprint", "")
         if self.expected_fingerprint and fingerprint != self.expected_fingerprint:
             raise BackendError(
@@ -75,7 +69,6 @@ class OnnxRuntimeBackend(DepthBackend):
                 f"{self.expected_fingerprint}); re-export it: depthvlm export --model DIR "
                 f"--size {meta['depthvlm.size']}"
             )
-        size = parse_size(meta["depthvlm.size"])
         self.vision_patch = int(meta.get("depthvlm.vision_patch", self.vision_patch))
         self._paths[size] = path
         return size

@@ -30,7 +30,7 @@ import numpy as np
 
 from depthvlm_ros import __version__
 from depthvlm_ros.backends.base import BackendError, DepthBackend, Stage, _no_stage
-from depthvlm_ros.backends.onnx_export import INPUT_NAME, OUTPUT_NAME, read_metadata
+from depthvlm_ros.backends.onnx_export import INPUT_NAME, OUTPUT_NAME, export_size, read_metadata
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 
@@ -125,8 +125,7 @@ def build_engine(
     trt = import_tensorrt()
     onnx_path, out_path = Path(onnx_path), Path(out_path)
     meta = read_metadata(onnx_path)
-    if "depthvlm.size" not in meta:
-        raise BackendError(f"{onnx_path}: not a depthvlm export (no depthvlm.size metadata)")
+    size = export_size(meta, onnx_path)
     gpu = current_gpu()
     onnx_dtype = meta.get("depthvlm.dtype", "fp32")
     # TensorRT 10 can lower an fp32 graph with the FP16/BF16 builder flags (weak typing); TensorRT
@@ -183,7 +182,7 @@ def build_engine(
         "onnx_sha256": file_sha256(onnx_path),
         "model_fingerprint": meta.get("depthvlm.model_fingerprint", ""),
         "model_name": meta.get("depthvlm.model_name", ""),
-        "size": [int(v) for v in meta["depthvlm.size"].split("x")],
+        "size": list(size),
         "vision_patch": int(meta.get("depthvlm.vision_patch", 16)),
         "onnx_dtype": meta.get("depthvlm.dtype", "fp32"),
         "precision": onnx_dtype if strongly_typed else precision,  # what the engine computes in
@@ -255,8 +254,11 @@ class TensorRTBackend(DepthBackend):
             size = (int(sidecar["size"][0]), int(sidecar["size"][1]))
         except (KeyError, IndexError, TypeError, ValueError):
             raise BackendError(f"{engine_path}: sidecar has no valid size; rebuild the engine") from None
+        # Pinned host staging buffers, allocated once per engine (not per frame) for async copies.
+        host_in = torch.empty(buffers[INPUT_NAME].shape, dtype=buffers[INPUT_NAME].dtype).pin_memory()
+        host_out = torch.empty(buffers[OUTPUT_NAME].shape, dtype=torch.float32).pin_memory()
         self._engines[size] = {"engine": engine, "context": context, "buffers": buffers, "path": engine_path,
-                               "host_out": torch.empty(buffers[OUTPUT_NAME].shape, dtype=torch.float32).pin_memory()}
+                               "host_in": host_in, "host_out": host_out}
         while len(self._engines) > self.max_engines:
             self._engines.popitem(last=False)
 
@@ -281,8 +283,8 @@ class TensorRTBackend(DepthBackend):
         outputs = []
         with stage("model"), torch.cuda.device(self.device), torch.cuda.stream(self._stream):
             for i in range(n_images):
-                chunk = pixels[i * per_image : (i + 1) * per_image].pin_memory()
-                slot["buffers"][INPUT_NAME].copy_(chunk, non_blocking=True)
+                slot["host_in"].copy_(pixels[i * per_image : (i + 1) * per_image])  # converts dtype on the CPU
+                slot["buffers"][INPUT_NAME].copy_(slot["host_in"], non_blocking=True)
                 if not slot["context"].execute_async_v3(self._stream.cuda_stream):
                     raise BackendError(f"TensorRT execution failed for {slot['path']}")
                 slot["host_out"].copy_(slot["buffers"][OUTPUT_NAME], non_blocking=True)
