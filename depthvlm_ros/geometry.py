@@ -196,6 +196,26 @@ def canonical_size(
     return width, height
 
 
+def cap_model_size(
+    width: int, height: int, max_side: int = 0, max_tokens: int = 0, multiple: int = 32
+) -> tuple[int, int]:
+    """Shrink a model input size (multiples of ``multiple`` px) to at most ``max_side`` px per side
+    and ``max_tokens`` image tokens (one token per ``multiple`` x ``multiple`` px); 0 = no limit.
+
+    Keeps the aspect ratio as well as the ``multiple`` grid allows; never below one token per side.
+    """
+    scale = 1.0
+    if max_side > 0:
+        scale = min(scale, max_side / max(width, height))
+    if max_tokens > 0:
+        scale = min(scale, math.sqrt(max_tokens * multiple * multiple / (width * height)))
+    if scale >= 1.0:
+        return width, height
+    w = max(multiple, int(width * scale) // multiple * multiple)
+    h = max(multiple, int(height * scale) // multiple * multiple)
+    return w, h
+
+
 def check_rgb(rgb: np.ndarray) -> np.ndarray:
     """Validate an RGB image (H, W, 3) uint8 and return it C-contiguous; raise InputError if bad."""
     if not isinstance(rgb, np.ndarray):

@@ -9,16 +9,24 @@ VENV=.venv
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${DEPTHVLM_TORCH:-torch==2.13.0}
 STAMP=$VENV/.setup-stamp
-want=$(cat setup.py scripts/setup.sh | sha256sum | cut -c1-16)
+want=$(cat setup.py scripts/setup.sh scripts/build_msgs.sh msg/depthvlm_msgs/CMakeLists.txt msg/depthvlm_msgs/srv/* \
+  | sha256sum | cut -c1-16)
 
-# Debian packages: open3d needs libusb at import time.
-if ! ldconfig -p 2>/dev/null | grep -q 'libusb-1.0.so.0'; then
-  echo "setup: installing Debian package libusb-1.0-0 (needed by open3d)"
+# Debian packages: open3d needs libusb at import time; the interface build needs cmake and a compiler.
+missing=()
+ldconfig -p 2>/dev/null | grep -q 'libusb-1.0.so.0' || missing+=(libusb-1.0-0)
+command -v cmake >/dev/null || missing+=(cmake)
+command -v g++ >/dev/null || missing+=(build-essential)
+"$PYTHON" -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_path("include"), "Python.h")))' \
+  || missing+=(python3-dev)
+"$PYTHON" -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing Debian packages: ${missing[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libusb-1.0-0 >/dev/null
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VENV/bin/python" -c "import depthvlm_ros, torch" 2>/dev/null; then
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VENV/bin/python" -c "import depthvlm_ros, torch, rclpy, depthvlm_msgs.srv" 2>/dev/null; then
   exit 0  # up to date
 fi
 
@@ -29,6 +37,8 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   $PIP install "$TORCH_SPEC"
 fi
 echo "setup: installing depthvlm_ros and its Python dependencies into $VENV"
-$PIP install -e ".[dev]"
+$PIP install -e ".[dev,ros,ros-build]"
+echo "setup: building the depthvlm_msgs interfaces into $VENV"
+bash scripts/build_msgs.sh "$VENV"
 echo "$want" > "$STAMP"
 echo "setup: ready ($VENV)"

@@ -51,3 +51,26 @@ def scene_image(width: int, height: int, fx: float, fy: float | None = None) -> 
     g = 0.5 + 0.5 * np.cos(5.0 * y - 1.5 * x)
     b = np.clip(0.2 + 0.8 * ((x**2 + (y - 0.1) ** 2) < 0.08), 0, 1)
     return np.rint(np.stack([r, g, b], axis=-1) * 255).astype(np.uint8)
+
+
+# 0..101 keeps the DDS ports below Linux's ephemeral range (ROS 2 docs, "The ROS_DOMAIN_ID").
+_ROS_DOMAINS = iter(range(20 + os.getpid() % 30, 102))
+
+
+@pytest.fixture
+def ros_env(private_cache: Path) -> dict[str, str]:
+    """Environment for ROS processes of one test: a private ROS_DOMAIN_ID, localhost discovery only,
+    the shipped Fast DDS large-data profile and the per-run model cache.
+
+    Each test gets its own domain, so processes a failed test left behind cannot answer the next.
+    """
+    env = dict(os.environ)
+    env.update({
+        "ROS_DOMAIN_ID": str(next(_ROS_DOMAINS)),
+        "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST",
+        "FASTDDS_DEFAULT_PROFILES_FILE": str(REPO / "config" / "fastdds_large_data.xml"),
+        "DEPTHVLM_CACHE": str(private_cache),
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.pop("ROS_LOCALHOST_ONLY", None)
+    return env

@@ -12,9 +12,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from depthvlm_ros.backends.base import BACKENDS, BackendError, DepthBackend
-from depthvlm_ros.backends.torch_backend import TorchBackend
 
 __all__ = ["BACKENDS", "BackendError", "DepthBackend", "TorchBackend", "create_backend", "export_cache_path"]
+
+
+def __getattr__(name: str) -> object:
+    """``TorchBackend`` imports torch: loaded on first use, so the CLI starts without torch."""
+    if name == "TorchBackend":
+        from depthvlm_ros.backends.torch_backend import TorchBackend
+
+        return TorchBackend
+    raise AttributeError(name)
 
 
 def export_cache_path(vlm: object, width: int, height: int, dtype: str = "fp32") -> Path:
@@ -77,6 +85,8 @@ def create_backend(
     for candidate in order:
         try:
             if candidate == "torch":
+                from depthvlm_ros.backends.torch_backend import TorchBackend
+
                 return TorchBackend(vlm.model, compile=compile)
             if candidate == "onnxruntime":
                 return _onnxruntime(vlm, device, [Path(p) for p in onnx], export_missing, log)

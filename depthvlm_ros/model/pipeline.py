@@ -27,6 +27,7 @@ from depthvlm_ros.geometry import (
     Intrinsics,
     canonical_resize,
     canonical_size,
+    cap_model_size,
     check_rgb,
     resize_depth,
     resize_rgb,
@@ -193,6 +194,8 @@ class DepthVLM:
         canonical_fx: float = CANONICAL_FX,
         match_fy: bool = False,
         backend: DepthBackend | None = None,
+        max_side: int = 0,
+        max_tokens: int = 0,
     ) -> tuple[ModelInputs, list[Intrinsics], float]:
         """Resize + process a batch; returns inputs, the model grid's K per image, and a depth scale.
 
@@ -200,16 +203,19 @@ class DepthVLM:
         scale 1). A backend compiled for fixed sizes that does not have this size gets the image
         resized straight to its nearest size instead (K adjusted); the model then sees focal
         ``fx'`` instead of ``canonical_fx``, and its depth is multiplied by ``fx' / canonical_fx``
-        (the canonical-camera transform) — an approximation the docs name.
+        (the canonical-camera transform) — an approximation the docs name. A size cap
+        (``max_side`` px, ``max_tokens`` image tokens; 0 = none) that the canonical size exceeds
+        takes the same route, to the capped size.
         """
         if len(images) != len(intrinsics) or not images:
             raise InputError("need one intrinsics per image, and at least one image")
         sizes = {canonical_size(k, canonical_fx, match_fy) for k in intrinsics}
         if len(sizes) != 1:
             raise InputError(f"a batch must reach the model at one size; canonical sizes {sorted(sizes)}")
-        target = self.processor.processed_size(*sizes.pop())
+        natural = self.processor.processed_size(*sizes.pop())
+        target = cap_model_size(*natural, max_side, max_tokens, self.processor.patch_size * self.processor.merge_size)
         fixed = (backend or self.backend).nearest_size(*target)
-        if fixed == target:
+        if fixed == natural:
             canon = [canonical_resize(check_rgb(rgb), k, canonical_fx, match_fy) for rgb, k in zip(images, intrinsics)]
             inputs = self.processor([img for img, _ in canon], user_text)
             _, gh, gw = (int(v) for v in inputs.image_grid_thw[0])
@@ -231,18 +237,25 @@ class DepthVLM:
         intrinsics: Sequence[Intrinsics],
         canonical_fx: float = CANONICAL_FX,
         match_fy: bool = False,
+        max_side: int = 0,
+        max_tokens: int = 0,
     ) -> list[DepthResult]:
-        """Depth for several images that reach the model at one size (one forward for all)."""
+        """Depth for several images that reach the model at one size (one forward for all).
+
+        ``max_side``/``max_tokens`` cap the model input size (see :meth:`prepare`); 0 = the protocol's size.
+        """
         with self.lock:
-            return self._predict_depth_batch(images, intrinsics, canonical_fx, match_fy)
+            return self._predict_depth_batch(images, intrinsics, canonical_fx, match_fy, max_side, max_tokens)
 
     def _predict_depth_batch(
-        self, images: Sequence[np.ndarray], intrinsics: Sequence[Intrinsics], canonical_fx: float, match_fy: bool
+        self, images: Sequence[np.ndarray], intrinsics: Sequence[Intrinsics], canonical_fx: float, match_fy: bool,
+        max_side: int = 0, max_tokens: int = 0,
     ) -> list[DepthResult]:
         clock = _StageClock(self.device)
         backend = self.backend
         with clock.stage("preprocess"):
-            inputs, model_k, scale = self.prepare(images, intrinsics, DEPTH_PROMPT, canonical_fx, match_fy, backend)
+            inputs, model_k, scale = self.prepare(images, intrinsics, DEPTH_PROMPT, canonical_fx, match_fy, backend,
+                                                  max_side, max_tokens)
         depth = backend.depth(inputs, clock.stage)
         if scale != 1.0:
             depth = depth * np.float32(scale)
@@ -253,10 +266,11 @@ class DepthVLM:
         return results
 
     def predict_depth(
-        self, rgb: np.ndarray, intrinsics: Intrinsics, canonical_fx: float = CANONICAL_FX, match_fy: bool = False
+        self, rgb: np.ndarray, intrinsics: Intrinsics, canonical_fx: float = CANONICAL_FX, match_fy: bool = False,
+        max_side: int = 0, max_tokens: int = 0,
     ) -> DepthResult:
         """Metric depth of one RGB uint8 image (H, W, 3) taken with ``intrinsics``."""
-        return self.predict_depth_batch([rgb], [intrinsics], canonical_fx, match_fy)[0]
+        return self.predict_depth_batch([rgb], [intrinsics], canonical_fx, match_fy, max_side, max_tokens)[0]
 
     @staticmethod
     def _results(
@@ -282,6 +296,8 @@ class DepthVLM:
         question: str,
         max_new_tokens: int = 64,
         canonical_fx: float = CANONICAL_FX,
+        max_side: int = 0,
+        max_tokens: int = 0,
     ) -> Answer:
         """Answer a question about the image (greedy) and return the depth from the same prefill.
 
@@ -293,13 +309,14 @@ class DepthVLM:
         if not 1 <= int(max_new_tokens) <= 4096:
             raise InputError(f"max_new_tokens must be in 1..4096, got {max_new_tokens}")
         with self.lock:
-            return self._ask(rgb, intrinsics, question, int(max_new_tokens), canonical_fx)
+            return self._ask(rgb, intrinsics, question, int(max_new_tokens), canonical_fx, max_side, max_tokens)
 
     def _ask(self, rgb: np.ndarray, intrinsics: Intrinsics, question: str, max_new_tokens: int,
-             canonical_fx: float) -> Answer:
+             canonical_fx: float, max_side: int = 0, max_tokens: int = 0) -> Answer:
         clock = _StageClock(self.device)
         with clock.stage("preprocess"):
-            inputs, model_k, _ = self.prepare([rgb], [intrinsics], question, canonical_fx, backend=self._torch)
+            inputs, model_k, scale = self.prepare([rgb], [intrinsics], question, canonical_fx, backend=self._torch,
+                                                  max_side=max_side, max_tokens=max_tokens)
             inputs = inputs.to(self.device)
         captured: dict[str, Any] = {}
 
@@ -335,7 +352,7 @@ class DepthVLM:
             feats = self.model.gather_depth_features(
                 inputs.input_ids, inputs.image_grid_thw, captured["deepstack"], captured["hidden"]
             )
-            depth = self.model.predict_depth_map(feats).float().cpu().numpy()
+            depth = self.model.predict_depth_map(feats).float().cpu().numpy() * np.float32(scale)
         with clock.stage("postprocess"):
             result = self._results(depth, model_k, [intrinsics])[0]
         result.timings_ms = dict(clock.ms)

@@ -30,7 +30,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from depthvlm_ros.tools import bench, compile, eval_tool, predict
+    from depthvlm_ros.tools import bench, bench_node, compile, eval_tool, node_tool, play, predict, query, record
     from depthvlm_ros.tools.common import add_intrinsics_args, add_model_args
 
     parser = argparse.ArgumentParser(prog="depthvlm", description="DepthVLM metric depth tools")
@@ -46,13 +46,24 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser(sub)
     eval_tool.add_parser(sub)
     compile.add_parsers(sub)
+    node_tool.add_parser(sub)
+    bench_node.add_parser(sub)
+    query.add_parser(sub)
+    play.add_parser(sub)
+    record.add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ros_args: list[str] = []
+    if "--ros-args" in argv:  # ROS arguments pass through untouched (depthvlm node ... --ros-args -p a:=1)
+        cut = argv.index("--ros-args")
+        argv, ros_args = argv[:cut], argv[cut:]
     args = parser.parse_args(argv)
+    args.ros_args = ros_args
     try:
         return int(args.func(args) or 0)
     except InputError as exc:

@@ -19,7 +19,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_backend_args(parser: argparse.ArgumentParser) -> None:
-    from depthvlm_ros.backends import BACKENDS
+    from depthvlm_ros.backends.base import BACKENDS
 
     group = parser.add_argument_group("depth backend")
     group.add_argument("--backend", default="torch", choices=BACKENDS,

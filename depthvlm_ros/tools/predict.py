@@ -6,11 +6,11 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from depthvlm_ros.geometry import depth_to_16uc1, depth_to_points
-from depthvlm_ros.model.pipeline import DepthResult
 from depthvlm_ros.tools.common import (
     add_backend_args,
     add_intrinsics_args,
@@ -21,6 +21,9 @@ from depthvlm_ros.tools.common import (
     read_rgb,
 )
 from depthvlm_ros.visualize import add_scale_bar, colorize_depth, depth_range
+
+if TYPE_CHECKING:
+    from depthvlm_ros.model.pipeline import DepthResult
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -1,0 +1,76 @@
+"""Organized point clouds as numpy structured arrays (the layout of ``sensor_msgs/PointCloud2``).
+
+Pure numpy: the ROS layer only wraps the bytes (:func:`depthvlm_ros.ros.messages.cloud_to_msg`).
+Points are in the image's optical frame (x right, y down, z forward), in metres.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from depthvlm_ros.errors import InputError
+from depthvlm_ros.geometry import Intrinsics
+
+
+def cloud_dtype(color: bool) -> np.dtype:
+    """The record layout of the node's clouds: x, y, z float32 (+ rgb packed in a float32), 16 bytes."""
+    names = ["x", "y", "z"] + (["rgb"] if color else [])
+    return np.dtype({"names": names, "formats": [np.float32] * len(names),
+                     "offsets": [0, 4, 8, 12][: len(names)], "itemsize": 16 if color else 12})
+
+
+def pack_rgb(rgb: np.ndarray) -> np.ndarray:
+    """(..., 3) uint8 RGB packed as float32 the way PCL and RViz read ``rgb`` (0x00RRGGBB bits)."""
+    rgb = np.asarray(rgb, dtype=np.uint8)
+    packed = (rgb[..., 0].astype(np.uint32) << 16) | (rgb[..., 1].astype(np.uint32) << 8) | rgb[..., 2]
+    return packed.view(np.float32)
+
+
+def unpack_rgb(packed: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`pack_rgb`: float32 ``rgb`` field -> (..., 3) uint8."""
+    bits = np.asarray(packed, dtype=np.float32).view(np.uint32)
+    return np.stack([(bits >> 16) & 255, (bits >> 8) & 255, bits & 255], axis=-1).astype(np.uint8)
+
+
+def organized_cloud(
+    depth: np.ndarray,
+    intrinsics: Intrinsics,
+    rgb: np.ndarray | None = None,
+    stride: int = 1,
+    max_range_m: float = math.inf,
+) -> np.ndarray:
+    """An organized cloud (rows x cols structured array, :func:`cloud_dtype`) from z-depth in metres.
+
+    Pixel (row i, col j) of the cloud is camera pixel ``(u, v) = (stride j, stride i)`` back-projected
+    through ``intrinsics`` (which describe ``depth``). Invalid depth, and points farther than
+    ``max_range_m`` from the optical centre, are NaN (REP 117: the cloud stays organized).
+    ``rgb`` (H, W, 3) uint8 of the same grid adds the packed ``rgb`` field.
+    """
+    depth = np.asarray(depth, dtype=np.float32)
+    if depth.shape != (intrinsics.height, intrinsics.width):
+        raise InputError(f"depth {depth.shape[1]}x{depth.shape[0]} does not match K's "
+                         f"{intrinsics.width}x{intrinsics.height}")
+    if stride < 1:
+        raise InputError(f"point-cloud stride must be >= 1, got {stride}")
+    u = np.arange(0, intrinsics.width, stride, dtype=np.float32)
+    v = np.arange(0, intrinsics.height, stride, dtype=np.float32)
+    xn = (u - np.float32(intrinsics.cx)) / np.float32(intrinsics.fx)
+    yn = (v - np.float32(intrinsics.cy)) / np.float32(intrinsics.fy)
+    z = depth[::stride, ::stride]
+    valid = np.isfinite(z) & (z > 0)
+    if math.isfinite(max_range_m):  # range = z * |(xn, yn, 1)|
+        valid &= z * np.sqrt(1.0 + xn[None, :] ** 2 + yn[:, None] ** 2) <= np.float32(max_range_m)
+    z = np.where(valid, z, np.float32(np.nan))
+    rows, cols = z.shape
+    flat = np.empty((rows, cols, 4 if rgb is not None else 3), dtype=np.float32)
+    np.multiply(z, xn[None, :], out=flat[..., 0])
+    np.multiply(z, yn[:, None], out=flat[..., 1])
+    flat[..., 2] = z
+    cloud = flat.view(cloud_dtype(rgb is not None))[..., 0]
+    if rgb is not None:
+        if rgb.shape[:2] != depth.shape:
+            raise InputError(f"colour image {rgb.shape[1]}x{rgb.shape[0]} does not match the depth grid")
+        cloud["rgb"] = pack_rgb(rgb[::stride, ::stride])
+    return cloud

@@ -1,0 +1,210 @@
+"""Conversions between ROS 2 messages and numpy arrays (the jobs of cv_bridge and sensor_msgs_py).
+
+Every function checks what arrives from the outside (encoding, step, buffer length, sizes) and
+raises :class:`~depthvlm_ros.errors.InputError` with one line saying what is wrong.
+Images are ``(H, W, 3)`` uint8 RGB; depth is ``(H, W)`` float32 metres (NaN invalid, REP 117/118);
+points are in the image's optical frame (x right, y down, z forward, metres; REP 103).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import numpy as np
+from geometry_msgs.msg import Point
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2, PointField
+from std_msgs.msg import Header
+
+from depthvlm_ros.errors import InputError
+from depthvlm_ros.geometry import (
+    MAX_IMAGE_SIDE,
+    Intrinsics,
+    depth_to_16uc1,
+    depth_to_32fc1,
+    intrinsics_for_image,
+)
+
+#: Input encodings: channels in the buffer and the channel order that gives RGB.
+IMAGE_ENCODINGS: dict[str, tuple[int, tuple[int, ...]]] = {
+    "rgb8": (3, (0, 1, 2)),
+    "bgr8": (3, (2, 1, 0)),
+    "rgba8": (4, (0, 1, 2)),
+    "bgra8": (4, (2, 1, 0)),
+    "mono8": (1, (0, 0, 0)),
+}
+#: Depth encodings the node publishes (REP 118).
+DEPTH_ENCODINGS = ("32FC1", "16UC1")
+#: Largest compressed image accepted, in bytes (a 8192x8192 PNG of noise is ~200 MB; real ones less).
+MAX_COMPRESSED_BYTES = 64 * 1024 * 1024
+
+
+def _check_size(what: str, width: int, height: int) -> None:
+    if not (1 <= width <= MAX_IMAGE_SIDE and 1 <= height <= MAX_IMAGE_SIDE):
+        raise InputError(f"{what}: size {width}x{height} outside 1..{MAX_IMAGE_SIDE} pixels")
+
+
+def image_to_rgb(msg: Image) -> np.ndarray:
+    """A ``sensor_msgs/Image`` (rgb8, bgr8, rgba8, bgra8, mono8) as an (H, W, 3) uint8 RGB array.
+
+    Rows may be padded (``step`` > width x channels). The result never aliases the message.
+    """
+    encoding = msg.encoding.lower()
+    if encoding not in IMAGE_ENCODINGS:
+        raise InputError(
+            f"image: unsupported encoding {msg.encoding!r} (use {', '.join(IMAGE_ENCODINGS)})"
+        )
+    channels, order = IMAGE_ENCODINGS[encoding]
+    width, height, step = int(msg.width), int(msg.height), int(msg.step)
+    _check_size("image", width, height)
+    if step < width * channels:
+        raise InputError(f"image: step {step} < width {width} x {channels} bytes per pixel ({encoding})")
+    if len(msg.data) != step * height:
+        raise InputError(f"image: data has {len(msg.data)} bytes, expected step {step} x height {height}")
+    rows = np.frombuffer(msg.data, dtype=np.uint8).reshape(height, step)
+    pixels = rows[:, : width * channels].reshape(height, width, channels)
+    if order == (0, 1, 2) and channels == 3:
+        return pixels.copy()
+    return np.ascontiguousarray(pixels[:, :, list(order)])
+
+
+def compressed_to_rgb(msg: CompressedImage) -> np.ndarray:
+    """A ``sensor_msgs/CompressedImage`` (JPEG or PNG) as (H, W, 3) uint8 RGB.
+
+    The header is read first and the size checked before any pixel is decoded (no decompression
+    bombs).
+    """
+    from PIL import Image as PILImage
+
+    if len(msg.data) == 0:
+        raise InputError("compressed image: no data")
+    if len(msg.data) > MAX_COMPRESSED_BYTES:
+        raise InputError(f"compressed image: {len(msg.data)} bytes exceeds {MAX_COMPRESSED_BYTES}")
+    try:
+        with PILImage.open(io.BytesIO(msg.data)) as img:
+            _check_size("compressed image", *img.size)
+            if img.format not in ("JPEG", "PNG"):
+                raise InputError(f"compressed image: format {img.format} (use jpeg or png)")
+            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except (OSError, ValueError, PILImage.DecompressionBombError) as exc:
+        raise InputError(f"compressed image ({msg.format or 'no format'}): cannot decode ({exc})") from None
+
+
+def rgb_to_image(rgb: np.ndarray, header: Header) -> Image:
+    """An (H, W, 3) uint8 RGB array as an rgb8 ``sensor_msgs/Image``."""
+    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+    height, width = rgb.shape[:2]
+    return Image(header=header, height=height, width=width, encoding="rgb8", is_bigendian=0,
+                 step=width * 3, data=rgb.tobytes())
+
+
+def rgb_to_compressed(rgb: np.ndarray, header: Header, fmt: str = "jpeg", quality: int = 90) -> CompressedImage:
+    """An RGB array as a JPEG or PNG ``sensor_msgs/CompressedImage``."""
+    from PIL import Image as PILImage
+
+    out = io.BytesIO()
+    kind = "JPEG" if fmt.lower() in ("jpeg", "jpg") else "PNG"
+    PILImage.fromarray(np.asarray(rgb, dtype=np.uint8)).save(out, kind, quality=quality)
+    return CompressedImage(header=header, format=kind.lower(), data=out.getvalue())
+
+
+def depth_to_image(depth: np.ndarray, header: Header, encoding: str = "32FC1") -> Image:
+    """Depth (H, W) metres as a REP 118 image: 32FC1 metres (NaN invalid) or 16UC1 mm (0 invalid)."""
+    if encoding == "32FC1":
+        data, step_bytes = depth_to_32fc1(depth), 4
+    elif encoding == "16UC1":
+        data, step_bytes = depth_to_16uc1(depth), 2
+    else:
+        raise InputError(f"depth encoding {encoding!r} (use {' or '.join(DEPTH_ENCODINGS)})")
+    height, width = data.shape
+    return Image(header=header, height=height, width=width, encoding=encoding,
+                 is_bigendian=int(np.little_endian is False), step=width * step_bytes,
+                 data=np.ascontiguousarray(data).tobytes())
+
+
+def image_to_depth(msg: Image) -> np.ndarray:
+    """A REP 118 depth image (32FC1 metres or 16UC1 millimetres) as float32 metres, NaN invalid."""
+    from depthvlm_ros.geometry import depth_from_16uc1
+
+    kinds = {"32FC1": np.dtype(np.float32), "16UC1": np.dtype(np.uint16)}
+    if msg.encoding not in kinds:
+        raise InputError(f"depth image: unsupported encoding {msg.encoding!r} (use 32FC1 or 16UC1)")
+    dtype = kinds[msg.encoding].newbyteorder(">" if msg.is_bigendian else "<")
+    width, height, step = int(msg.width), int(msg.height), int(msg.step)
+    _check_size("depth image", width, height)
+    if step < width * dtype.itemsize or len(msg.data) != step * height:
+        raise InputError(f"depth image: step {step} / {len(msg.data)} bytes do not fit {width}x{height}")
+    rows = np.frombuffer(msg.data, dtype=np.uint8).reshape(height, step)[:, : width * dtype.itemsize]
+    values = np.ascontiguousarray(rows).view(dtype).reshape(height, width).astype(dtype.newbyteorder("="))
+    if msg.encoding == "16UC1":
+        return depth_from_16uc1(values)
+    return depth_to_32fc1(values)
+
+
+def camera_info_to_intrinsics(msg: CameraInfo, width: int | None = None, height: int | None = None) -> Intrinsics:
+    """Intrinsics of a ``CameraInfo`` (P's left 3x3 when set, else K), for an image of ``width`` x ``height``.
+
+    A camera_info of another but proportional size is scaled to the image; another aspect ratio, a
+    zero or NaN K, or a zero size is an InputError.
+    """
+    cw, ch = int(msg.width), int(msg.height)
+    if cw == 0 or ch == 0:
+        raise InputError("camera_info: width/height are 0 (uncalibrated camera?)")
+    k = np.asarray(msg.k, dtype=np.float64)
+    p = np.asarray(msg.p, dtype=np.float64)
+    if not np.all(np.isfinite(k)) or not np.all(np.isfinite(p)):
+        raise InputError("camera_info: K or P has NaN or infinite entries")
+    if k[0] <= 0 or k[4] <= 0:
+        if p[0] <= 0 or p[5] <= 0:
+            raise InputError(f"camera_info: focal lengths must be positive (K fx={k[0]}, fy={k[4]})")
+    intrinsics = Intrinsics.from_mapping({"width": cw, "height": ch, "k": k, "p": p})
+    if width is None or height is None:
+        return intrinsics
+    return intrinsics_for_image(intrinsics, int(width), int(height))
+
+
+def intrinsics_to_camera_info(intrinsics: Intrinsics, header: Header) -> CameraInfo:
+    """A CameraInfo that describes an undistorted image with these intrinsics exactly (K = P[:3,:3])."""
+    fx, fy, cx, cy = intrinsics.fx, intrinsics.fy, intrinsics.cx, intrinsics.cy
+    return CameraInfo(
+        header=header,
+        width=intrinsics.width,
+        height=intrinsics.height,
+        distortion_model="plumb_bob",
+        d=[0.0] * 5,
+        k=[fx, 0.0, cx, 0.0, fy, cy, 0.0, 0.0, 1.0],
+        r=[1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0],
+        p=[fx, 0.0, cx, 0.0, 0.0, fy, cy, 0.0, 0.0, 0.0, 1.0, 0.0],
+    )
+
+
+# -- point clouds -------------------------------------------------------------------------------
+
+def cloud_to_msg(cloud: np.ndarray, header: Header) -> PointCloud2:
+    """An organized structured array (from :func:`organized_cloud`) as ``sensor_msgs/PointCloud2``."""
+    fields = [
+        PointField(name=name, offset=int(cloud.dtype.fields[name][1]), datatype=PointField.FLOAT32, count=1)
+        for name in cloud.dtype.names
+    ]
+    rows, cols = cloud.shape
+    return PointCloud2(
+        header=header, height=rows, width=cols, fields=fields, is_bigendian=not np.little_endian,
+        point_step=cloud.dtype.itemsize, row_step=cloud.dtype.itemsize * cols,
+        data=np.ascontiguousarray(cloud).tobytes(), is_dense=False,
+    )
+
+
+def msg_to_cloud(msg: PointCloud2) -> np.ndarray:
+    """A PointCloud2 with float32 fields as a (height, width) structured array (zero-copy view)."""
+    if any(f.datatype != PointField.FLOAT32 or f.count != 1 for f in msg.fields):
+        raise InputError("point cloud: only float32 scalar fields are supported")
+    dtype = np.dtype({"names": [f.name for f in msg.fields], "formats": [np.float32] * len(msg.fields),
+                      "offsets": [f.offset for f in msg.fields], "itemsize": msg.point_step})
+    if msg.row_step != msg.point_step * msg.width or len(msg.data) != msg.row_step * msg.height:
+        raise InputError("point cloud: row_step / data length do not match width x point_step")
+    return np.frombuffer(msg.data, dtype=dtype).reshape(msg.height, msg.width)
+
+
+def points_to_msgs(points: np.ndarray | Sequence[Sequence[float]]) -> list[Point]:
+    """(N, 3) metres as ``geometry_msgs/Point`` (NaN kept)."""
+    return [Point(x=float(p[0]), y=float(p[1]), z=float(p[2])) for p in np.asarray(points, dtype=np.float64)]

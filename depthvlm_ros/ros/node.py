@@ -1,0 +1,533 @@
+"""The ``depthvlm`` node: a camera in, metric depth, an organized cloud and spatial answers out.
+
+Topics (relative, so namespaces and remaps work as for any camera driver):
+
+- subscribes ``image`` (rgb8, bgr8, rgba8, bgra8, mono8) or ``image/compressed`` (``use_compressed``),
+  and ``camera_info``; they pair by stamp (exact, or within ``sync_tolerance_s``);
+- publishes ``depth/image`` (REP 118), ``depth/camera_info`` (describes the depth grid exactly),
+  ``depth/colored`` (rgb8), ``points`` (organized PointCloud2) with the input's frame_id and stamp,
+  and ``/diagnostics``;
+- services ``~/spatial_query`` and ``~/depth_at`` (``depthvlm_msgs``).
+
+Threading: subscription callbacks only pair stamps and drop the frame into a one-frame slot (latest
+wins, the replaced frame is counted as dropped); one worker thread decodes, runs the model and
+publishes. Services run in their own callback groups on the executor's threads. Frames and
+questions share the model through its lock, so a question delays the stream by at most one answer.
+Bad input never stops the node: it is counted, logged (throttled) and shown in diagnostics.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import rclpy
+from depthvlm_msgs.srv import DepthAt, SpatialQuery
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rcl_interfaces.msg import (
+    FloatingPointRange,
+    IntegerRange,
+    ParameterDescriptor,
+    ParameterType,
+    SetParametersResult,
+)
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.exceptions import ParameterUninitializedException
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
+from std_msgs.msg import Header
+
+from depthvlm_ros import spatial
+from depthvlm_ros.errors import InputError
+from depthvlm_ros.geometry import Intrinsics, depth_from_16uc1, depth_to_16uc1, resize_rgb
+from depthvlm_ros.model.processing import check_question
+from depthvlm_ros.pointcloud import organized_cloud
+from depthvlm_ros.ros import messages
+from depthvlm_ros.ros.flow import LatencyWindow, LatestSlot, RateMeter, StampSync
+from depthvlm_ros.ros.params import BY_NAME, PARAMS, Param, check_settings, check_value
+from depthvlm_ros.visualize import colorize_depth
+
+NODE_NAME = "depthvlm"
+#: Model stages that are the model's forward (the rest of a frame's time is the node's overhead).
+FORWARD_STAGES = ("vision", "llm", "head", "model")
+#: Without any camera_info for this long, ``fallback_fx`` frames go straight through (no pairing wait).
+NO_INFO_AFTER_S = 2.0
+
+
+@dataclass
+class Frame:
+    """An input frame as received: messages are decoded on the worker, not in the callback."""
+
+    image: Image | CompressedImage
+    info: CameraInfo | None
+    received: float  # time.monotonic() at arrival
+
+
+@dataclass
+class Decoded:
+    """The latest decoded frame (what ``~/spatial_query`` asks about)."""
+
+    header: Header
+    rgb: np.ndarray
+    intrinsics: Intrinsics
+
+
+@dataclass
+class LatestDepth:
+    """The latest published depth (what ``~/depth_at`` reads)."""
+
+    header: Header
+    depth: np.ndarray
+    intrinsics: Intrinsics
+    image_size: tuple[int, int]
+
+
+@dataclass
+class Counters:
+    frames_in: int = 0
+    processed: int = 0
+    dropped: int = 0  # replaced in the slot before the worker took them
+    skipped_rate: int = 0  # over max_rate_hz
+    unmatched: int = 0  # no camera_info pairs with them
+    errors: int = 0
+    queries: int = 0
+    query_errors: int = 0
+    last_error: str = ""
+    last_error_time: float = field(default=-math.inf)
+
+
+def _descriptor(param: Param) -> ParameterDescriptor:
+    desc = ParameterDescriptor(description=param.description, read_only=param.read_only)
+    if param.choices:
+        desc.additional_constraints = "one of: " + ", ".join(param.choices)
+    if param.range is not None and not isinstance(param.default, bool):
+        if isinstance(param.default, int):
+            desc.integer_range = [IntegerRange(from_value=int(param.range[0]), to_value=int(param.range[1]), step=0)]
+        elif isinstance(param.default, float):
+            desc.floating_point_range = [
+                FloatingPointRange(from_value=float(param.range[0]), to_value=float(param.range[1]), step=0.0)
+            ]
+    if param.default == []:
+        desc.type = ParameterType.PARAMETER_STRING_ARRAY
+    return desc
+
+
+def _qos(reliability: str, depth: int) -> QoSProfile:
+    return QoSProfile(
+        history=HistoryPolicy.KEEP_LAST, depth=int(depth),
+        reliability=ReliabilityPolicy.BEST_EFFORT if reliability == "best_effort" else ReliabilityPolicy.RELIABLE,
+    )
+
+
+def _stamp_ns(header: Header) -> int:
+    return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
+
+
+class DepthVLMNode(Node):
+    """See the module docstring. ``model`` may be given (tests, tools); otherwise it is loaded."""
+
+    def __init__(self, model: Any | None = None, **kwargs: Any) -> None:
+        super().__init__(NODE_NAME, **kwargs)
+        for param in PARAMS:
+            default = Parameter.Type.STRING_ARRAY if param.default == [] else param.default
+            self.declare_parameter(param.name, default, _descriptor(param))
+        self._settings_lock = threading.Lock()
+        self._settings = {p.name: self._param_value(p.name) for p in PARAMS}
+        self.add_on_set_parameters_callback(self._validate_parameters)
+        self.add_post_set_parameters_callback(self._apply_parameters)
+        s = self._settings
+
+        self.model = model if model is not None else self._load_model()
+        self.backend_name = self.model.backend.describe()
+        self.model_name = self.model.name
+
+        self.counters = Counters()
+        self._counter_lock = threading.Lock()
+        self._sync: StampSync[Image | CompressedImage, CameraInfo] = StampSync(
+            int(s["sync_tolerance_s"] * 1e9)
+        )
+        self._sync_lock = threading.Lock()
+        self._last_info_time = -math.inf
+        self._slot: LatestSlot[Frame] = LatestSlot()
+        self.input_rate = RateMeter()
+        self.inference_rate = RateMeter()
+        self.latency = LatencyWindow()  # receive -> depth published, ms
+        self.overhead = LatencyWindow()  # everything but the model forward, ms
+        self.ros_overhead = LatencyWindow()  # everything but predict_depth (decode, outputs, cloud, publish), ms
+        self.forward = LatencyWindow()  # the model forward (vision + LLM + head, or a compiled graph), ms
+        self._decoded: Decoded | None = None
+        self._depth: LatestDepth | None = None
+        self._latest_cond = threading.Condition()
+        self._last_inference = -math.inf
+
+        qos_in = _qos(s["input_reliability"], s["input_depth"])
+        qos_out = _qos(s["output_reliability"], s["output_depth"])
+        inputs = MutuallyExclusiveCallbackGroup()
+        if s["use_compressed"]:
+            self.create_subscription(CompressedImage, "image/compressed", self._on_image, qos_in,
+                                     callback_group=inputs)
+        else:
+            self.create_subscription(Image, "image", self._on_image, qos_in, callback_group=inputs)
+        self.create_subscription(CameraInfo, "camera_info", self._on_info, qos_in, callback_group=inputs)
+        self.pub_depth = self.create_publisher(Image, "depth/image", qos_out)
+        self.pub_depth_info = self.create_publisher(CameraInfo, "depth/camera_info", qos_out)
+        self.pub_colored = self.create_publisher(Image, "depth/colored", qos_out)
+        self.pub_points = self.create_publisher(PointCloud2, "points", qos_out)
+        self.pub_diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.create_service(SpatialQuery, "~/spatial_query", self._on_spatial_query,
+                            callback_group=MutuallyExclusiveCallbackGroup())
+        self.create_service(DepthAt, "~/depth_at", self._on_depth_at, callback_group=MutuallyExclusiveCallbackGroup())
+        self.create_timer(s["diagnostics_period_s"], self.publish_diagnostics,
+                          callback_group=MutuallyExclusiveCallbackGroup())
+
+        self._running = True
+        self._worker = threading.Thread(target=self._inference_loop, name="depthvlm-inference", daemon=True)
+        self._worker.start()
+        self.get_logger().info(
+            f"ready: model {self.model_name}, backend {self.backend_name}, "
+            f"input {'image/compressed' if s['use_compressed'] else 'image'} + camera_info"
+        )
+
+    # -- parameters ---------------------------------------------------------------------------
+
+    def _param_value(self, name: str) -> Any:
+        try:
+            value = self.get_parameter(name).value
+        except ParameterUninitializedException:  # a string array declared without a value
+            value = None
+        return [] if value is None and BY_NAME[name].default == [] else value
+
+    def _validate_parameters(self, params: list[Parameter]) -> SetParametersResult:
+        with self._settings_lock:
+            values = dict(self._settings)
+        for p in params:
+            spec = BY_NAME.get(p.name)
+            if spec is None:
+                continue
+            value = float(p.value) if isinstance(spec.default, float) and isinstance(p.value, int) else p.value
+            problem = check_value(spec, value)
+            if problem:
+                return SetParametersResult(successful=False, reason=problem)
+            values[p.name] = value
+        problem = check_settings(values)
+        return SetParametersResult(successful=problem is None, reason=problem or "")
+
+    def _apply_parameters(self, params: list[Parameter]) -> None:
+        with self._settings_lock:
+            for p in params:
+                if p.name in BY_NAME:
+                    self._settings[p.name] = self._param_value(p.name)
+            tolerance = self._settings["sync_tolerance_s"]
+        with self._sync_lock:
+            self._sync.tolerance_ns = int(tolerance * 1e9)
+
+    def settings(self) -> dict[str, Any]:
+        """A consistent snapshot of the parameters (read once per frame or request)."""
+        with self._settings_lock:
+            return dict(self._settings)
+
+    def _load_model(self) -> Any:
+        from depthvlm_ros.backends import create_backend
+        from depthvlm_ros.model.default import default_model_dir
+        from depthvlm_ros.model.pipeline import DepthVLM
+
+        s = self._settings
+        folder, note = (s["model_path"], None) if s["model_path"] else default_model_dir()
+        if note:
+            self.get_logger().warn(note)
+        model = DepthVLM.from_pretrained(folder, device=s["device"], dtype=s["precision"])
+        if s["backend"] != "torch":
+            paths = [p for p in s["engine_paths"] if p]
+            model.backend = create_backend(
+                model, s["backend"], device=s["device"],
+                onnx=paths if s["backend"] == "onnxruntime" else (),
+                engines=paths if s["backend"] == "tensorrt" else (),
+                fallback=s["backend_fallback"], log=self.get_logger().warn,
+            )
+        return model
+
+    # -- input callbacks (never block) -------------------------------------------------------
+
+    def _on_info(self, msg: CameraInfo) -> None:
+        self._last_info_time = time.monotonic()
+        with self._sync_lock:
+            decided = self._sync.push_info(_stamp_ns(msg.header), msg)
+        self._hand_over(decided)
+
+    def _on_image(self, msg: Image | CompressedImage) -> None:
+        self.input_rate.tick()
+        with self._counter_lock:
+            self.counters.frames_in += 1
+        s = self._settings
+        if s["fallback_fx"] > 0 and time.monotonic() - self._last_info_time > NO_INFO_AFTER_S:
+            self._hand_over([(msg, None)])
+            return
+        with self._sync_lock:
+            decided = self._sync.push_image(_stamp_ns(msg.header), msg)
+        self._hand_over(decided)
+
+    def _hand_over(self, decided: list[tuple[Image | CompressedImage, CameraInfo | None]]) -> None:
+        now = time.monotonic()
+        for image, info in decided:
+            if info is None and not self._settings["fallback_fx"] > 0:
+                with self._counter_lock:
+                    self.counters.unmatched += 1
+                self.get_logger().warn(
+                    "frames without matching camera_info are skipped (same stamp expected, or within "
+                    "sync_tolerance_s; set fallback_fx to process them anyway)", throttle_duration_sec=5.0)
+                continue
+            if self._slot.put(Frame(image, info, now)):
+                with self._counter_lock:
+                    self.counters.dropped += 1
+
+    # -- the worker ---------------------------------------------------------------------------
+
+    def _inference_loop(self) -> None:
+        while self._running:
+            frame = self._slot.take(timeout=0.5)
+            if frame is None or not self._running:
+                continue
+            if not self.context.ok():  # shutting down (SIGINT/SIGTERM): nothing can be published any more
+                break
+            s = self.settings()
+            if s["max_rate_hz"] > 0 and time.monotonic() - self._last_inference < 1.0 / s["max_rate_hz"]:
+                with self._counter_lock:
+                    self.counters.skipped_rate += 1
+                continue
+            try:
+                self.process(frame, s)
+            except InputError as exc:
+                self._record_error(str(exc))
+            except Exception as exc:  # a model or backend failure must not kill the stream
+                self._record_error(f"{exc.__class__.__name__}: {exc}")
+
+    def _record_error(self, message: str) -> None:
+        if not self.context.ok():
+            return  # a publish that raced with shutdown: not an error of the input
+        with self._counter_lock:
+            self.counters.errors += 1
+            self.counters.last_error = message
+            self.counters.last_error_time = time.monotonic()
+        self.get_logger().error(f"frame skipped: {message}", throttle_duration_sec=5.0)
+
+    def decode(self, frame: Frame, s: dict[str, Any]) -> Decoded:
+        """RGB pixels and the intrinsics that describe them (InputError for anything malformed)."""
+        msg = frame.image
+        rgb = messages.compressed_to_rgb(msg) if isinstance(msg, CompressedImage) else messages.image_to_rgb(msg)
+        height, width = rgb.shape[:2]
+        if frame.info is not None:
+            k = messages.camera_info_to_intrinsics(frame.info, width, height)
+        else:
+            k = Intrinsics.from_fx(width, height, s["fallback_fx"])
+        return Decoded(msg.header, rgb, k)
+
+    def process(self, frame: Frame, s: dict[str, Any]) -> None:
+        """Decode, infer and publish one frame."""
+        start = time.perf_counter()
+        self._last_inference = time.monotonic()
+        decoded = self.decode(frame, s)
+        with self._latest_cond:
+            self._decoded = decoded
+            self._latest_cond.notify_all()
+        result = self.model.predict_depth(
+            decoded.rgb, decoded.intrinsics, s["canonical_fx"], s["match_fy"], s["max_side_px"], s["max_image_tokens"],
+        )
+        if s["output_grid"] == "camera":
+            depth, k = result.depth, result.intrinsics
+        else:
+            depth, k = result.depth_model, result.intrinsics_model
+        self.publish_depth(decoded, depth, k, s)
+        end = time.perf_counter()
+        forward = sum(ms for name, ms in result.timings_ms.items() if name in FORWARD_STAGES)
+        total = (end - start) * 1000.0
+        self.latency.add((time.monotonic() - frame.received) * 1000.0)
+        self.overhead.add(total - forward)
+        self.ros_overhead.add(total - sum(result.timings_ms.values()))
+        self.forward.add(forward)
+        self.inference_rate.tick()
+        with self._counter_lock:
+            self.counters.processed += 1
+
+    def publish_depth(self, decoded: Decoded, depth: np.ndarray, k: Intrinsics, s: dict[str, Any]) -> None:
+        """Publish depth, its camera_info, the coloured view and the cloud (outputs nobody reads are skipped)."""
+        header = decoded.header
+        depth = np.asarray(depth, dtype=np.float32)
+        if s["min_depth_m"] > 0 or s["max_depth_m"] > 0:
+            far = s["max_depth_m"] if s["max_depth_m"] > 0 else np.inf
+            depth = np.where((depth >= s["min_depth_m"]) & (depth <= far), depth, np.float32(np.nan))
+        if s["depth_encoding"] == "16UC1":  # the cloud and ~/depth_at use exactly the published millimetres
+            depth = depth_from_16uc1(depth_to_16uc1(depth))
+        self.pub_depth.publish(messages.depth_to_image(depth, header, s["depth_encoding"]))
+        self.pub_depth_info.publish(messages.intrinsics_to_camera_info(k, header))
+        with self._latest_cond:
+            self._depth = LatestDepth(header, depth, k, (decoded.intrinsics.width, decoded.intrinsics.height))
+        rgb = None
+        if self.pub_colored.get_subscription_count() > 0:
+            auto = s["colormap_min_m"] == 0 and s["colormap_max_m"] == 0
+            color = colorize_depth(depth, None if auto else s["colormap_min_m"], None if auto else s["colormap_max_m"])
+            self.pub_colored.publish(messages.rgb_to_image(color, header))
+        if s["publish_pointcloud"] and self.pub_points.get_subscription_count() > 0:
+            if s["pointcloud_color"]:
+                rgb = decoded.rgb if k.size == decoded.intrinsics.size else resize_rgb(decoded.rgb, *k.size)
+            cloud = organized_cloud(depth, k, rgb, s["pointcloud_stride"],
+                                    s["max_range_m"] if s["max_range_m"] > 0 else math.inf)
+            self.pub_points.publish(messages.cloud_to_msg(cloud, header))
+
+    # -- services -----------------------------------------------------------------------------
+
+    def _wait_for_frame(self, timeout_s: float) -> Decoded | None:
+        with self._latest_cond:
+            if self._decoded is None:
+                self._latest_cond.wait_for(lambda: self._decoded is not None, timeout=timeout_s)
+            return self._decoded
+
+    def _on_spatial_query(self, request: SpatialQuery.Request, response: SpatialQuery.Response):
+        s = self.settings()
+        response.distance_m = math.nan
+        response.point.point.x = response.point.point.y = response.point.point.z = math.nan
+        with self._counter_lock:
+            self.counters.queries += 1
+        try:
+            question = check_question(request.question)
+            if len(question) > s["max_question_chars"]:
+                raise InputError(f"question has {len(question)} characters; the limit is {s['max_question_chars']}")
+            frame = self._wait_for_frame(s["query_wait_s"])
+            if frame is None:
+                raise InputError(f"no camera frame received within query_wait_s={s['query_wait_s']} s")
+            answer = self.model.ask(frame.rgb, frame.intrinsics, question, s["max_answer_tokens"], s["canonical_fx"],
+                                    s["max_side_px"], s["max_image_tokens"])
+        except InputError as exc:
+            return self._query_failed(response, str(exc))
+        except Exception as exc:
+            return self._query_failed(response, f"{exc.__class__.__name__}: {exc}")
+        response.success = True
+        response.answer = answer.text
+        response.point.header = frame.header
+        found = spatial.answer_measurement(answer.text, answer.depth.depth, answer.depth.intrinsics,
+                                           (frame.intrinsics.width, frame.intrinsics.height))
+        if found is None:
+            response.message = "the answer names no place in the image (no point or box): no distance measured"
+            return response
+        response.message = found.message
+        response.distance_m = float(found.measurement.distance_m)
+        x, y, z = (float(v) for v in found.measurement.point)
+        response.point.point.x, response.point.point.y, response.point.point.z = x, y, z
+        response.region_px = [float(v) for v in found.measurement.region_px]
+        return response
+
+    def _query_failed(self, response: SpatialQuery.Response, message: str) -> SpatialQuery.Response:
+        with self._counter_lock:
+            self.counters.query_errors += 1
+            self.counters.last_error = f"spatial_query: {message}"
+            self.counters.last_error_time = time.monotonic()
+        self.get_logger().warn(f"spatial_query refused: {message}", throttle_duration_sec=2.0)
+        response.success = False
+        response.message = message
+        return response
+
+    def _on_depth_at(self, request: DepthAt.Request, response: DepthAt.Response) -> DepthAt.Response:
+        s = self.settings()
+        with self._latest_cond:
+            latest = self._depth
+        if latest is None:
+            response.success = False
+            response.message = "no depth published yet"
+            return response
+        try:
+            depth_m, points = spatial.depth_at_pixels(latest.depth, latest.intrinsics, list(request.u),
+                                                      list(request.v), latest.image_size, s["max_query_pixels"])
+        except InputError as exc:
+            response.success = False
+            response.message = str(exc)
+            return response
+        response.success = True
+        response.header = latest.header
+        response.depth_m = [float(d) for d in depth_m]
+        response.points = messages.points_to_msgs(points)
+        return response
+
+    # -- diagnostics --------------------------------------------------------------------------
+
+    def diagnostic_status(self) -> DiagnosticStatus:
+        with self._counter_lock:
+            c = Counters(**vars(self.counters))
+        lat, ovh = self.latency.percentiles(), self.overhead.percentiles()
+        ros, fwd = self.ros_overhead.percentiles(), self.forward.percentiles()
+        recent_error = time.monotonic() - c.last_error_time < 10.0
+        in_rate, out_rate = self.input_rate.rate(), self.inference_rate.rate()
+        if recent_error:
+            level, summary = DiagnosticStatus.WARN, f"recent error: {c.last_error}"
+        elif c.frames_in == 0 or in_rate == 0.0:
+            level, summary = DiagnosticStatus.WARN, "no input images"
+        elif out_rate == 0.0:
+            level, summary = DiagnosticStatus.WARN, "input arrives but no depth is published"
+        else:
+            level, summary = DiagnosticStatus.OK, f"publishing depth at {out_rate:.1f} Hz"
+        values = {
+            "input_rate_hz": f"{in_rate:.2f}",
+            "inference_rate_hz": f"{out_rate:.2f}",
+            "latency_p50_ms": f"{lat.p50:.1f}",
+            "latency_p90_ms": f"{lat.p90:.1f}",
+            "latency_p99_ms": f"{lat.p99:.1f}",
+            "forward_p50_ms": f"{fwd.p50:.2f}",
+            "overhead_p50_ms": f"{ovh.p50:.2f}",  # everything but the forward, preprocessing included
+            "ros_overhead_p50_ms": f"{ros.p50:.2f}",  # decode + outputs + cloud + publish
+            "ros_overhead_p90_ms": f"{ros.p90:.2f}",
+            "frames_received": str(c.frames_in),
+            "frames_processed": str(c.processed),
+            "frames_dropped": str(c.dropped),
+            "frames_skipped_rate_limit": str(c.skipped_rate),
+            "frames_without_camera_info": str(c.unmatched),
+            "errors": str(c.errors),
+            "queries": str(c.queries),
+            "query_errors": str(c.query_errors),
+            "backend": self.backend_name,
+            "model": self.model_name,
+            "last_error": c.last_error,
+        }
+        return DiagnosticStatus(
+            level=level, name=f"{self.get_name()}: depth", message=summary, hardware_id=self.model_name,
+            values=[KeyValue(key=k, value=v) for k, v in values.items()],
+        )
+
+    def publish_diagnostics(self) -> None:
+        msg = DiagnosticArray(status=[self.diagnostic_status()])
+        msg.header.stamp = self.get_clock().now().to_msg()
+        self.pub_diagnostics.publish(msg)
+
+    def destroy_node(self) -> None:
+        self._running = False
+        if hasattr(self, "_worker"):
+            self._slot.close()
+            self._worker.join(timeout=5.0)
+        super().destroy_node()
+
+
+def main(args: list[str] | None = None) -> int:
+    """Run the node until SIGINT/SIGTERM (exit code 0). ``args``: ROS arguments (``--ros-args ...``)."""
+    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+
+    from depthvlm_ros.ros.runtime import use_large_data_profile
+
+    use_large_data_profile()
+    rclpy.init(args=args)
+    node = None
+    try:
+        node = DepthVLMNode()
+        executor = MultiThreadedExecutor(num_threads=4)
+        executor.add_node(node)
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        if node is not None:
+            node.destroy_node()
+        if rclpy.ok():
+            rclpy.shutdown()
+    return 0

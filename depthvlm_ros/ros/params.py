@@ -1,0 +1,103 @@
+"""The node's parameters: one table of names, defaults, ranges and descriptions.
+
+``config/depthvlm.yaml`` carries the same names and defaults (a test keeps them in step). Read-only
+parameters (model, backend, QoS, topics) are fixed at start-up; the others change at run time and
+are validated by the node's on-set callback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from depthvlm_ros.model.processing import MAX_QUESTION_CHARS
+
+Value = bool | int | float | str | list
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    default: Value
+    description: str
+    read_only: bool = False
+    range: tuple[float, float] | None = None  # inclusive, numbers
+    choices: tuple[str, ...] | None = None  # strings
+
+
+PARAMS: tuple[Param, ...] = (
+    # model and backend (start-up only)
+    Param("model_path", "", "DepthVLM folder (Hugging Face layout, safetensors); empty = the built-in model",
+          read_only=True),
+    Param("backend", "torch", "what runs the depth path", read_only=True,
+          choices=("torch", "onnxruntime", "tensorrt")),
+    Param("backend_fallback", True, "if the backend is refused, fall back (tensorrt -> onnxruntime -> torch)",
+          read_only=True),
+    Param("device", "cpu", "cpu, cuda or cuda:N", read_only=True),
+    Param("precision", "fp32", "weights dtype of the PyTorch model", read_only=True, choices=("fp32", "fp16", "bf16")),
+    Param("engine_paths", [], "ONNX graphs (onnxruntime) or TensorRT engines (tensorrt); empty = export/cache",
+          read_only=True),
+    # inference size policy
+    Param("canonical_fx", 1000.0, "the model's canonical focal length in pixels (1000 for DepthVLM)",
+          read_only=True, range=(100.0, 5000.0)),
+    Param("match_fy", False, "scale rows by canonical_fx / fy instead of / fx (non-square pixels)"),
+    Param("max_side_px", 0, "cap on the model input's longer side in pixels (0 = none); a cap rescales the "
+          "depth by the focal ratio (approximation)", range=(0, 8192)),
+    Param("max_image_tokens", 0, "cap on the model's image tokens, one per 32x32 px (0 = none)", range=(0, 65536)),
+    # outputs
+    Param("output_grid", "camera", "publish depth on the camera's pixel grid or the model's (fx ~ canonical_fx)",
+          choices=("camera", "model")),
+    Param("depth_encoding", "32FC1", "REP 118: 32FC1 metres (NaN invalid) or 16UC1 millimetres (0 invalid)",
+          choices=("32FC1", "16UC1")),
+    Param("min_depth_m", 0.0, "depth below this is published invalid (metres)", range=(0.0, 1000.0)),
+    Param("max_depth_m", 0.0, "depth beyond this is published invalid (metres; 0 = no limit)", range=(0.0, 1000.0)),
+    Param("colormap_min_m", 0.0, "near end of depth/colored (metres; min=max=0: per-frame 2..98 percentiles)",
+          range=(0.0, 1000.0)),
+    Param("colormap_max_m", 0.0, "far end of depth/colored (metres)", range=(0.0, 1000.0)),
+    Param("publish_pointcloud", True, "publish the organized cloud on points"),
+    Param("pointcloud_color", True, "add the packed rgb field from the image"),
+    Param("pointcloud_stride", 1, "keep every Nth pixel in rows and columns", range=(1, 64)),
+    Param("max_range_m", 0.0, "points farther than this from the optical centre become NaN (0 = no limit)",
+          range=(0.0, 1000.0)),
+    # input
+    Param("use_compressed", False, "subscribe to image/compressed (JPEG/PNG) instead of image", read_only=True),
+    Param("sync_tolerance_s", 0.0, "pair image and camera_info stamps within this many seconds (0 = exact)",
+          range=(0.0, 1.0)),
+    Param("fallback_fx", 0.0, "focal length (px) for frames without matching camera_info (0 = skip them)",
+          range=(0.0, 100000.0)),
+    Param("max_rate_hz", 0.0, "upper bound on inferences per second (0 = as fast as the model runs)",
+          range=(0.0, 1000.0)),
+    # QoS (start-up only)
+    Param("input_reliability", "best_effort", "QoS reliability of image/camera_info subscriptions",
+          read_only=True, choices=("best_effort", "reliable")),
+    Param("input_depth", 2, "QoS history depth of the input subscriptions", read_only=True, range=(1, 100)),
+    Param("output_reliability", "reliable", "QoS reliability of the published topics", read_only=True,
+          choices=("best_effort", "reliable")),
+    Param("output_depth", 2, "QoS history depth of the published topics", read_only=True, range=(1, 100)),
+    # services
+    Param("max_question_chars", 500, "longest question ~/spatial_query accepts", range=(1, MAX_QUESTION_CHARS)),
+    Param("max_answer_tokens", 64, "most tokens an answer may have", range=(1, 1024)),
+    Param("query_wait_s", 2.0, "how long ~/spatial_query waits for a first frame", range=(0.0, 60.0)),
+    Param("max_query_pixels", 10000, "most pixels one ~/depth_at request may list", range=(1, 1000000)),
+    Param("diagnostics_period_s", 1.0, "period of /diagnostics", read_only=True, range=(0.1, 60.0)),
+)
+
+BY_NAME = {p.name: p for p in PARAMS}
+
+
+def check_value(param: Param, value: Any) -> str | None:
+    """Why ``value`` is not acceptable for ``param`` (None when it is). Ranges are checked by rclpy too."""
+    if param.choices is not None and value not in param.choices:
+        return f"{param.name} must be one of {', '.join(param.choices)}, got {value!r}"
+    if param.range is not None and not (param.range[0] <= value <= param.range[1]):
+        return f"{param.name} must be in [{param.range[0]}, {param.range[1]}], got {value}"
+    return None
+
+
+def check_settings(values: dict[str, Any]) -> str | None:
+    """Cross-parameter rules on a full set of values (None when consistent)."""
+    if values["max_depth_m"] and values["min_depth_m"] >= values["max_depth_m"]:
+        return f"min_depth_m ({values['min_depth_m']}) must be below max_depth_m ({values['max_depth_m']})"
+    if (values["colormap_min_m"] or values["colormap_max_m"]) and values["colormap_min_m"] >= values["colormap_max_m"]:
+        return "colormap_min_m must be below colormap_max_m (or both 0 for automatic)"
+    return None

@@ -1,0 +1,171 @@
+"""``depthvlm bench-node``: the node measured as a robot sees it, over real Fast DDS.
+
+Starts ``depthvlm node`` in its own process (private ROS_DOMAIN_ID unless one is set, localhost
+discovery, the shipped Fast DDS profile), publishes a synthetic camera (image + camera_info) at
+``--rate`` Hz from this process, subscribes to ``depth/image`` and ``points`` (so the organized
+cloud is built and sent), and reports:
+
+- latency: input stamp -> depth image received here (ms; median, p90);
+- throughput: depth images per second, and how many input frames produced no depth (dropped);
+- the node's own time per frame from its diagnostics: the model forward, everything else
+  (preprocessing included), and the ROS part alone (decode, depth/camera_info/cloud, publish).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from depthvlm_ros.errors import InputError
+
+
+def _camera_frame(width: int, height: int) -> np.ndarray:
+    u = np.linspace(0, 1, width, dtype=np.float32)[None, :]
+    v = np.linspace(0, 1, height, dtype=np.float32)[:, None]
+    rgb = np.stack([0.5 + 0.5 * np.sin(9 * u + 3 * v), 0.5 + 0.5 * np.cos(7 * v - 2 * u), 0.4 + 0.3 * u * v], -1)
+    return np.rint(rgb * 255).astype(np.uint8)
+
+
+def run_bench(args: argparse.Namespace) -> dict:
+    import rclpy
+    from diagnostic_msgs.msg import DiagnosticArray
+    from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import CameraInfo, Image, PointCloud2
+    from std_msgs.msg import Header
+
+    from depthvlm_ros.geometry import Intrinsics
+    from depthvlm_ros.ros.messages import intrinsics_to_camera_info, rgb_to_image
+    from depthvlm_ros.ros.runtime import use_large_data_profile
+
+    width, height = args.size
+    env = dict(os.environ)
+    env.setdefault("ROS_DOMAIN_ID", str(40 + os.getpid() % 50))
+    env.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    os.environ.update({k: env[k] for k in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE")})
+    use_large_data_profile()
+    env["FASTDDS_DEFAULT_PROFILES_FILE"] = os.environ["FASTDDS_DEFAULT_PROFILES_FILE"]
+    params = {"backend": args.backend, "max_side_px": args.max_side, "input_reliability": "reliable"}
+    if args.model is not None:
+        params["model_path"] = str(args.model)
+    ros = ["--ros-args"] + [x for k, v in params.items() for x in ("-p", f"{k}:={v}")]
+    node = subprocess.Popen([sys.executable, "-m", "depthvlm_ros", "node", *ros], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    rclpy.init(args=["depthvlm_bench_node"])
+    client = rclpy.create_node("depthvlm_bench_node")
+    reliable = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=5, reliability=ReliabilityPolicy.RELIABLE)
+    pub_image = client.create_publisher(Image, "image", reliable)
+    pub_info = client.create_publisher(CameraInfo, "camera_info", reliable)
+    sent: dict[int, float] = {}
+    received: list[tuple[float, float]] = []  # (stamp -> receive latency ms, receive time)
+    diagnostics: list[dict[str, str]] = []
+    measuring = [False]
+
+    def on_depth(msg: Image) -> None:
+        now = client.get_clock().now().nanoseconds
+        stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
+        if measuring[0] and stamp in sent:
+            received.append(((now - stamp) / 1e6, time.monotonic()))
+
+    def on_diag(msg: DiagnosticArray) -> None:
+        for status in msg.status:
+            if status.name.endswith(": depth"):
+                diagnostics.append({kv.key: kv.value for kv in status.values})
+
+    client.create_subscription(Image, "depth/image", on_depth, reliable)
+    client.create_subscription(PointCloud2, "points", lambda _msg: None, reliable)
+    client.create_subscription(DiagnosticArray, "/diagnostics", on_diag, 10)
+    rgb = _camera_frame(width, height)
+    k = Intrinsics.from_fx(width, height, args.fx)
+    try:
+        deadline = time.monotonic() + args.startup_timeout
+        while pub_image.get_subscription_count() == 0:
+            if node.poll() is not None or time.monotonic() > deadline:
+                raise InputError(f"the node did not start: {node.stderr.read()[-2000:] if node.poll() else 'timeout'}")
+            rclpy.spin_once(client, timeout_sec=0.1)
+        period = 1.0 / args.rate
+        start = time.monotonic()
+        next_frame = start
+        end = start + args.warmup + args.seconds
+        while time.monotonic() < end:
+            now_m = time.monotonic()
+            if now_m >= next_frame:
+                measuring[0] = now_m >= start + args.warmup
+                header = Header(frame_id="camera_optical_frame", stamp=client.get_clock().now().to_msg())
+                image = rgb_to_image(rgb, header)
+                pub_info.publish(intrinsics_to_camera_info(k, header))
+                pub_image.publish(image)
+                if measuring[0]:
+                    sent[header.stamp.sec * 1_000_000_000 + header.stamp.nanosec] = now_m
+                next_frame += period
+            rclpy.spin_once(client, timeout_sec=max(0.0, min(0.005, next_frame - time.monotonic())))
+        settle = time.monotonic() + 2.0
+        while time.monotonic() < settle:
+            rclpy.spin_once(client, timeout_sec=0.05)
+    finally:
+        node.terminate()
+        try:
+            node.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            node.kill()
+        client.destroy_node()
+        rclpy.try_shutdown()
+    latencies = np.array([r[0] for r in received]) if received else np.array([np.nan])
+    diag = diagnostics[-1] if diagnostics else {}
+    report = {
+        "size": [width, height], "fx": args.fx, "rate_hz": args.rate, "seconds": args.seconds,
+        "backend": diag.get("backend", args.backend), "model": diag.get("model", ""),
+        "max_side_px": args.max_side,
+        "sent": len(sent), "depth_received": len(received),
+        "no_output": len(sent) - len(received),
+        "throughput_hz": len(received) / args.seconds,
+        "latency_ms": {"median": float(np.median(latencies)), "p90": float(np.percentile(latencies, 90))},
+        "node": {key: float(diag[key]) for key in ("forward_p50_ms", "overhead_p50_ms", "ros_overhead_p50_ms",
+                                                    "ros_overhead_p90_ms", "inference_rate_hz") if key in diag},
+        "node_frames_dropped": int(diag.get("frames_dropped", 0)),
+    }
+    return report
+
+
+def cmd_bench_node(args: argparse.Namespace) -> int:
+    report = run_bench(args)
+    lat, node = report["latency_ms"], report["node"]
+    print(f"bench-node {report['size'][0]}x{report['size'][1]} fx {report['fx']:g} at {report['rate_hz']:g} Hz "
+          f"for {report['seconds']:g} s, backend {report['backend']}, model {report['model']}")
+    print(f"  depth out: {report['depth_received']} of {report['sent']} frames "
+          f"({report['throughput_hz']:.1f} Hz), {report['no_output']} without output")
+    print(f"  latency stamp->depth: median {lat['median']:.1f} ms, p90 {lat['p90']:.1f} ms")
+    if node:
+        print(f"  node per frame: forward {node.get('forward_p50_ms', float('nan')):.1f} ms, "
+              f"all but forward {node.get('overhead_p50_ms', float('nan')):.2f} ms, "
+              f"ROS part (decode, outputs, cloud, publish) {node.get('ros_overhead_p50_ms', float('nan')):.2f} ms "
+              f"(p90 {node.get('ros_overhead_p90_ms', float('nan')):.2f})")
+    print(json.dumps(report))
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from depthvlm_ros.tools.common import parse_size
+
+    p = sub.add_parser("bench-node", help="latency, throughput and overhead of the ROS node over Fast DDS",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=parse_size, default=(640, 480), help="camera size WxH (default 640x480)")
+    p.add_argument("--fx", type=float, default=1000.0,
+                   help="camera focal length in px (default 1000: the model sees the image at its own size)")
+    p.add_argument("--rate", type=float, default=30.0, help="camera rate in Hz (default 30)")
+    p.add_argument("--seconds", type=float, default=20.0, help="measured seconds (after --warmup)")
+    p.add_argument("--warmup", type=float, default=5.0, help="seconds before measuring")
+    p.add_argument("--model", type=Path, help="DepthVLM folder (default: the built-in model)")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"])
+    p.add_argument("--max-side", type=int, default=0, help="node parameter max_side_px (0 = protocol size)")
+    p.add_argument("--startup-timeout", type=float, default=120.0)
+    p.add_argument("--json", type=Path, help="also write the report here")
+    p.set_defaults(func=cmd_bench_node)

@@ -1,0 +1,50 @@
+"""``depthvlm node``: run the ROS 2 node with the PyPI rclpy (no ``ros2 run`` needed).
+
+``depthvlm node [--params-file F] [--ros-args ...]`` sets the shipped Fast DDS large-data profile
+(unless ``FASTDDS_DEFAULT_PROFILES_FILE`` is set), then runs the node until SIGINT/SIGTERM (exit 0).
+Remaps and parameters go after ``--ros-args`` as usual: ``-r image:=/camera/image_rect -p backend:=onnxruntime``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from depthvlm_ros.errors import InputError
+
+
+def ros_arguments(args: argparse.Namespace) -> list[str]:
+    """The argv rclpy.init gets: program name, then one ``--ros-args`` section."""
+    extra = list(getattr(args, "ros_args", []) or [])
+    if extra and extra[0] == "--ros-args":
+        extra = extra[1:]
+    if args.params_file is not None:
+        if not args.params_file.is_file():
+            raise InputError(f"--params-file {args.params_file}: no such file")
+        extra = ["--params-file", str(args.params_file)] + extra
+    return ["depthvlm_node"] + (["--ros-args"] + extra if extra else [])
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from depthvlm_ros.ros.node import main
+
+    return main(ros_arguments(args))
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("node", help="run the ROS 2 node (camera in; depth, cloud, services out)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--params-file", type=Path, help="ROS parameters YAML (e.g. config/depthvlm.yaml)")
+    p.set_defaults(func=cmd_node)
+
+
+def console_main() -> None:
+    """Entry point ``depthvlm_node`` (what the launch file runs): plain ROS arguments."""
+    from depthvlm_ros.ros.node import main
+
+    try:
+        sys.exit(main(sys.argv))
+    except InputError as exc:
+        print(f"depthvlm_node: error: {exc}", file=sys.stderr)
+        sys.exit(2)

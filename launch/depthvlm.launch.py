@@ -1,0 +1,80 @@
+"""Launch the depthvlm node (and optionally RViz2) in a full ROS 2 install.
+
+    ros2 launch depthvlm_ros depthvlm.launch.py image:=/camera/image_rect camera_info:=/camera/camera_info
+    ros2 launch depthvlm_ros depthvlm.launch.py namespace:=front rviz:=true params_file:=/path/to/my.yaml
+
+Arguments: params_file (default: the package's config/depthvlm.yaml), image and camera_info (the camera
+topics the node's ``image`` / ``camera_info`` are remapped to), namespace, rviz (also start rviz2 with
+config/depthvlm.rviz), use_compressed (subscribe to ``<image>/compressed`` instead of ``<image>``),
+log_level. The Fast DDS large-data profile (config/fastdds_large_data.xml) is set for the launched
+processes unless FASTDDS_DEFAULT_PROFILES_FILE is already set.
+"""
+# ruff: noqa: I001  (ruff takes the repo's launch/ folder for the `launch` package and mis-sorts its imports)
+
+import os
+
+from ament_index_python.packages import get_package_share_directory
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument, SetEnvironmentVariable
+from launch.conditions import IfCondition
+from launch.substitutions import EnvironmentVariable, LaunchConfiguration
+from launch_ros.actions import Node
+from launch_ros.parameter_descriptions import ParameterValue
+
+
+def generate_launch_description():
+    share = get_package_share_directory('depthvlm_ros')
+    params_file = os.path.join(share, 'config/depthvlm.yaml')
+    fastdds_profile = os.path.join(share, 'config/fastdds_large_data.xml')
+    rviz_config = os.path.join(share, 'config/depthvlm.rviz')
+
+    image = LaunchConfiguration('image')
+    camera_info = LaunchConfiguration('camera_info')
+
+    return LaunchDescription([
+        DeclareLaunchArgument('params_file', default_value=params_file,
+                              description='node parameters (YAML, /**/depthvlm: ros__parameters: ...)'),
+        DeclareLaunchArgument('image', default_value='image',
+                              description='camera image topic (rectified, e.g. /camera/image_rect)'),
+        DeclareLaunchArgument('camera_info', default_value='camera_info',
+                              description='camera_info topic of that image'),
+        DeclareLaunchArgument('namespace', default_value='', description='namespace of the node and its topics'),
+        DeclareLaunchArgument('rviz', default_value='false', choices=['true', 'false'],
+                              description='also start rviz2 with config/depthvlm.rviz'),
+        DeclareLaunchArgument('use_compressed', default_value='false', choices=['true', 'false'],
+                              description='subscribe to <image>/compressed (JPEG/PNG) instead of <image>'),
+        DeclareLaunchArgument('log_level', default_value='info', description='node log level'),
+
+        # Large depth images / clouds need Fast DDS's 64 MiB shared-memory transport (see the XML).
+        SetEnvironmentVariable('FASTDDS_DEFAULT_PROFILES_FILE',
+                               EnvironmentVariable('FASTDDS_DEFAULT_PROFILES_FILE', default_value=fastdds_profile)),
+
+        Node(
+            package='depthvlm_ros',
+            executable='depthvlm_node',
+            name='depthvlm',
+            namespace=LaunchConfiguration('namespace'),
+            output='screen',
+            emulate_tty=True,
+            parameters=[
+                LaunchConfiguration('params_file'),
+                {'use_compressed': ParameterValue(LaunchConfiguration('use_compressed'), value_type=bool)},
+            ],
+            remappings=[
+                ('image', image),
+                ('image/compressed', [image, '/compressed']),
+                ('camera_info', camera_info),
+            ],
+            arguments=['--ros-args', '--log-level', LaunchConfiguration('log_level')],
+        ),
+
+        Node(
+            package='rviz2',
+            executable='rviz2',
+            name='rviz2',
+            namespace=LaunchConfiguration('namespace'),
+            arguments=['-d', rviz_config],
+            output='screen',
+            condition=IfCondition(LaunchConfiguration('rviz')),
+        ),
+    ])

@@ -1,0 +1,158 @@
+"""Message conversions, the organized cloud, stamp pairing and the parameter table (no running node)."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image as PILImage
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
+from std_msgs.msg import Header
+
+from depthvlm_ros.errors import InputError
+from depthvlm_ros.geometry import MAX_IMAGE_SIDE, Intrinsics, depth_to_points
+from depthvlm_ros.pointcloud import organized_cloud, pack_rgb, unpack_rgb
+from depthvlm_ros.ros import messages as M
+from depthvlm_ros.ros.flow import LatestSlot, StampSync
+from depthvlm_ros.ros.params import PARAMS, check_settings
+
+from conftest import REPO
+
+RGB = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("encoding", ["rgb8", "bgr8", "rgba8", "bgra8", "mono8"])
+def test_every_input_encoding_decodes_to_rgb_with_padded_rows(encoding):
+    channels = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "mono8": 1}[encoding]
+    pixels = {"rgb8": RGB, "bgr8": RGB[..., ::-1], "mono8": RGB[..., :1],
+              "rgba8": np.dstack([RGB, np.full((5, 7), 9, np.uint8)]),
+              "bgra8": np.dstack([RGB[..., ::-1], np.full((5, 7), 9, np.uint8)])}[encoding]
+    step = 7 * channels + 3
+    rows = np.zeros((5, step), np.uint8)
+    rows[:, : 7 * channels] = pixels.reshape(5, -1)
+    rgb = M.image_to_rgb(Image(height=5, width=7, encoding=encoding, step=step, data=rows.tobytes()))
+    expected = np.repeat(RGB[..., :1], 3, axis=-1) if encoding == "mono8" else RGB
+    np.testing.assert_array_equal(rgb, expected)
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"encoding": "16UC1"}, "unsupported encoding '16UC1'"),
+    ({"step": 20}, "step 20 < width 7 x 3"),
+    ({"data": bytes(10)}, "data has 10 bytes, expected step 21 x height 5"),
+    ({"width": 0, "step": 0, "data": b""}, "size 0x5 outside"),
+    ({"width": MAX_IMAGE_SIDE + 1}, f"outside 1..{MAX_IMAGE_SIDE}"),
+])
+def test_malformed_images_are_refused_with_the_reason(fields, message):
+    msg = M.rgb_to_image(RGB, Header())
+    for key, value in fields.items():
+        setattr(msg, key, value)
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        M.image_to_rgb(msg)
+
+
+def test_compressed_images_decode_and_bombs_are_refused_before_decoding():
+    for fmt in ("png", "jpeg"):
+        msg = M.rgb_to_compressed(RGB, Header(), fmt, quality=100)
+        rgb = M.compressed_to_rgb(msg)
+        assert rgb.shape == RGB.shape
+        if fmt == "png":
+            np.testing.assert_array_equal(rgb, RGB)
+    buf = io.BytesIO()
+    PILImage.new("L", (MAX_IMAGE_SIDE + 10, 2)).save(buf, "PNG")  # small file, too wide an image
+    with pytest.raises(InputError, match="outside"):
+        M.compressed_to_rgb(CompressedImage(format="png", data=buf.getvalue()))
+    with pytest.raises(InputError, match="cannot decode"):
+        M.compressed_to_rgb(CompressedImage(format="jpeg", data=b"\xff\xd8 not really"))
+
+
+def test_camera_info_prefers_p_scales_proportional_sizes_and_rejects_bad_k():
+    info = CameraInfo(width=640, height=480, k=[500.0, 0, 320, 0, 500, 240, 0, 0, 1],
+                      p=[480.0, 0, 318, 0, 0, 480, 238, 0, 0, 0, 1, 0])
+    k = M.camera_info_to_intrinsics(info, 640, 480)
+    assert (k.fx, k.cx, k.cy) == (480.0, 318.0, 238.0)
+    half = M.camera_info_to_intrinsics(info, 320, 240)
+    assert half.fx == 240.0 and half.cx == pytest.approx((318 + 0.5) / 2 - 0.5)
+    with pytest.raises(InputError, match="not proportional"):
+        M.camera_info_to_intrinsics(info, 640, 360)
+    info.p = [0.0] * 12
+    info.k = [math.nan] * 9
+    with pytest.raises(InputError, match="NaN"):
+        M.camera_info_to_intrinsics(info, 640, 480)
+    info.k = [0.0] * 9
+    with pytest.raises(InputError, match="positive"):
+        M.camera_info_to_intrinsics(info, 640, 480)
+    with pytest.raises(InputError, match="uncalibrated"):
+        M.camera_info_to_intrinsics(CameraInfo(), 640, 480)
+
+
+def test_published_camera_info_describes_the_depth_grid_exactly():
+    k = Intrinsics(fx=510.5, fy=509.0, cx=319.2, cy=241.7, width=640, height=480)
+    info = M.intrinsics_to_camera_info(k, Header(frame_id="cam"))
+    assert M.camera_info_to_intrinsics(info) == k
+    assert list(info.d) == [0.0] * 5 and info.header.frame_id == "cam"
+
+
+@pytest.mark.parametrize("encoding", ["32FC1", "16UC1"])
+def test_depth_images_follow_rep118(encoding):
+    depth = np.array([[0.5, np.nan, 2.25], [0.0, -1.0, 70.0]], np.float32)
+    msg = M.depth_to_image(depth, Header(), encoding)
+    assert msg.encoding == encoding and msg.step == 3 * (4 if encoding == "32FC1" else 2)
+    back = M.image_to_depth(msg)
+    assert back[0, 0] == pytest.approx(0.5) and back[0, 2] == pytest.approx(2.25)
+    invalid = np.isnan(back)
+    assert invalid[0, 1] and invalid[1, 0] and invalid[1, 1]
+    assert invalid[1, 2] == (encoding == "16UC1")  # 70 m does not fit in 16-bit millimetres: invalid, not 65.5 m
+
+
+def test_organized_cloud_is_the_back_projection_with_stride_range_and_colour():
+    k = Intrinsics.from_fx(64, 48, 50.0)
+    depth = np.random.default_rng(1).uniform(0.5, 6.0, (48, 64)).astype(np.float32)
+    depth[3, 5] = np.nan
+    rgb = np.random.default_rng(2).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    cloud = organized_cloud(depth, k, rgb, stride=2, max_range_m=4.0)
+    assert cloud.shape == (24, 32) and cloud.dtype.itemsize == 16
+    full = depth_to_points(depth, k)[::2, ::2]
+    xyz = np.stack([cloud["x"], cloud["y"], cloud["z"]], axis=-1)
+    keep = np.linalg.norm(full, axis=-1) <= 4.0
+    np.testing.assert_allclose(xyz[keep], full[keep], rtol=1e-6)
+    assert np.isnan(xyz[~keep]).all() and (~keep).sum() > 10
+    np.testing.assert_array_equal(unpack_rgb(cloud["rgb"]), rgb[::2, ::2])
+    assert pack_rgb(np.array([1, 2, 3], np.uint8)).view(np.uint32) == 0x010203
+    msg = M.cloud_to_msg(cloud, Header())
+    np.testing.assert_array_equal(M.msg_to_cloud(msg).view(np.uint8), cloud.view(np.uint8))
+
+
+def test_stamp_sync_pairs_either_order_and_stays_bounded():
+    sync: StampSync[str, str] = StampSync(tolerance_ns=0, max_pending_images=2)
+    assert sync.push_image(10, "img10") == []
+    assert sync.push_info(10, "info10") == [("img10", "info10")]
+    assert sync.push_image(10, "again") == [("again", "info10")]  # info first
+    assert sync.push_image(5, "old") == [("old", None)]  # an older stamp can never pair now
+    for stamp in (20, 21, 22):
+        decided = sync.push_image(stamp, f"img{stamp}")
+    assert decided == [("img20", None)]  # bounded: the oldest unpaired image is given up
+    assert sync.push_info(22, "info22") == [("img21", None), ("img22", "info22")]
+    near: StampSync[str, str] = StampSync(tolerance_ns=5)
+    near.push_info(100, "a")
+    near.push_info(108, "b")
+    assert near.push_image(106, "x") == [("x", "b")]  # the closest within tolerance
+
+
+def test_latest_slot_keeps_one_frame_and_counts_the_replaced():
+    slot: LatestSlot[int] = LatestSlot()
+    assert slot.put(1) is False
+    assert slot.put(2) is True
+    assert slot.take(0.0) == 2 and slot.take(0.0) is None
+    assert slot.dropped == 1
+
+
+def test_shipped_parameter_file_matches_the_declared_parameters():
+    data = yaml.safe_load((REPO / "config" / "depthvlm.yaml").read_text())
+    values = data["/**/depthvlm"]["ros__parameters"]
+    declared = {p.name: p.default for p in PARAMS if p.default != []}
+    assert values == declared
+    assert check_settings(values) is None
+    assert check_settings({**values, "max_depth_m": 1.0, "min_depth_m": 2.0}) is not None
