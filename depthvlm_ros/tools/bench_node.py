@@ -78,14 +78,14 @@ def run_bench(args: argparse.Namespace) -> dict:
             if status.name.endswith(": depth"):
                 diagnostics.append({kv.key: kv.value for kv in status.values})
 
-    client.create_subscription(Image, "depth/image", on_depth, reliable)
+    depth_sub = client.create_subscription(Image, "depth/image", on_depth, reliable)
     client.create_subscription(PointCloud2, "points", lambda _msg: None, reliable)
     client.create_subscription(DiagnosticArray, "/diagnostics", on_diag, 10)
     rgb = _camera_frame(width, height)
     k = Intrinsics.from_fx(width, height, args.fx)
     try:
         deadline = time.monotonic() + args.startup_timeout
-        while pub_image.get_subscription_count() == 0:
+        while pub_image.get_subscription_count() == 0 or depth_sub.get_publisher_count() == 0:
             if node.poll() is not None or time.monotonic() > deadline:
                 raise InputError(f"the node did not start: {node.stderr.read()[-2000:] if node.poll() else 'timeout'}")
             rclpy.spin_once(client, timeout_sec=0.1)
