@@ -15,6 +15,7 @@ NP_INC=$("$PY" -c 'import numpy; print(numpy.get_include())')
       -e "s#/opt/python/cp[0-9]+-cp[0-9]+/lib/python[0-9.]+/site-packages/numpy/_core/include#${NP_INC}#g" \
       -e "s#/opt/python/cp[0-9]+-cp[0-9]+/include/python[0-9.]+#${PY_INC}#g"
 BUILD=build/depthvlm_msgs
+mkdir -p build
 rm -rf "$BUILD"
 AMENT_PREFIX_PATH=$VENV CMAKE_PREFIX_PATH=$VENV PATH=$VENV/bin:$PATH \
   cmake -S msg/depthvlm_msgs -B "$BUILD" -DCMAKE_INSTALL_PREFIX="$VENV" -DBUILD_TESTING=OFF \
