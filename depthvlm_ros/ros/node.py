@@ -240,7 +240,7 @@ class DepthVLMNode(Node):
         s = self._settings
         folder, note = (s["model_path"], None) if s["model_path"] else default_model_dir()
         if note:
-            self.get_logger().warn(note)
+            self.get_logger().warning(note)
         model = DepthVLM.from_pretrained(folder, device=s["device"], dtype=s["precision"])
         if s["backend"] != "torch":
             paths = [p for p in s["engine_paths"] if p]
@@ -248,19 +248,31 @@ class DepthVLMNode(Node):
                 model, s["backend"], device=s["device"],
                 onnx=paths if s["backend"] == "onnxruntime" else (),
                 engines=paths if s["backend"] == "tensorrt" else (),
-                fallback=s["backend_fallback"], log=self.get_logger().warn,
+                fallback=s["backend_fallback"], log=self.get_logger().warning,
             )
         return model
 
     # -- input callbacks (never block) -------------------------------------------------------
 
     def _on_info(self, msg: CameraInfo) -> None:
+        try:
+            self._pair_info(msg)
+        except Exception as exc:  # an exception here would end the executor's spin: never let it out
+            self._record_error(f"camera_info callback: {exc.__class__.__name__}: {exc}")
+
+    def _on_image(self, msg: Image | CompressedImage) -> None:
+        try:
+            self._pair_image(msg)
+        except Exception as exc:
+            self._record_error(f"image callback: {exc.__class__.__name__}: {exc}")
+
+    def _pair_info(self, msg: CameraInfo) -> None:
         self._last_info_time = time.monotonic()
         with self._sync_lock:
             decided = self._sync.push_info(_stamp_ns(msg.header), msg)
         self._hand_over(decided)
 
-    def _on_image(self, msg: Image | CompressedImage) -> None:
+    def _pair_image(self, msg: Image | CompressedImage) -> None:
         self.input_rate.tick()
         with self._counter_lock:
             self.counters.frames_in += 1
@@ -278,7 +290,7 @@ class DepthVLMNode(Node):
             if info is None and not self._settings["fallback_fx"] > 0:
                 with self._counter_lock:
                     self.counters.unmatched += 1
-                self.get_logger().warn(
+                self.get_logger().warning(
                     "frames without matching camera_info are skipped (same stamp expected, or within "
                     "sync_tolerance_s; set fallback_fx to process them anyway)", throttle_duration_sec=5.0)
                 continue
@@ -426,7 +438,7 @@ class DepthVLMNode(Node):
             self.counters.query_errors += 1
             self.counters.last_error = f"spatial_query: {message}"
             self.counters.last_error_time = time.monotonic()
-        self.get_logger().warn(f"spatial_query refused: {message}", throttle_duration_sec=2.0)
+        self.get_logger().warning(f"spatial_query refused: {message}", throttle_duration_sec=2.0)
         response.success = False
         response.message = message
         return response
