@@ -57,20 +57,23 @@ def scene_image(width: int, height: int, fx: float, fy: float | None = None) -> 
 _ROS_DOMAINS = iter(range(20 + os.getpid() % 30, 102))
 
 
-@pytest.fixture
-def ros_env(private_cache: Path) -> dict[str, str]:
-    """Environment for ROS processes of one test: a private ROS_DOMAIN_ID, localhost discovery only,
-    the shipped Fast DDS large-data profile and the per-run model cache.
-
-    Each test gets its own domain, so processes a failed test left behind cannot answer the next.
-    """
+def ros_environment(cache: Path) -> dict[str, str]:
+    """Environment for ROS processes: a fresh private ROS_DOMAIN_ID, localhost discovery only,
+    the shipped Fast DDS large-data profile and the given model cache."""
     env = dict(os.environ)
     env.update({
         "ROS_DOMAIN_ID": str(next(_ROS_DOMAINS)),
         "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST",
         "FASTDDS_DEFAULT_PROFILES_FILE": str(REPO / "config" / "fastdds_large_data.xml"),
-        "DEPTHVLM_CACHE": str(private_cache),
+        "DEPTHVLM_CACHE": str(cache),
         "PYTHONUNBUFFERED": "1",
     })
     env.pop("ROS_LOCALHOST_ONLY", None)
     return env
+
+
+@pytest.fixture
+def ros_env(private_cache: Path) -> dict[str, str]:
+    """:func:`ros_environment` for one test: each test gets its own domain, so processes a failed
+    test left behind cannot answer the next."""
+    return ros_environment(private_cache)

@@ -108,16 +108,10 @@ def stamp_key(i: int, frame_id: str = "cam_optical") -> str:
 
 
 @pytest.fixture(scope="module")
-def module_env(tmp_path_factory, private_cache) -> dict[str, str]:
-    import os
+def module_env(private_cache) -> dict[str, str]:
+    from conftest import ros_environment
 
-    from conftest import _ROS_DOMAINS
-
-    env = dict(os.environ)
-    env.update({"ROS_DOMAIN_ID": str(next(_ROS_DOMAINS)), "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST",
-                "FASTDDS_DEFAULT_PROFILES_FILE": str(REPO / "config" / "fastdds_large_data.xml"),
-                "DEPTHVLM_CACHE": str(private_cache), "PYTHONUNBUFFERED": "1"})
-    return env
+    return ros_environment(private_cache)
 
 
 @pytest.fixture(scope="module")
