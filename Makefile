@@ -9,8 +9,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	$(PY) -m depthvlm_ros predict depthvlm_ros/data/sample_room.png \
-		--camera-info depthvlm_ros/data/sample_room.yaml --out $(DEMO_OUT)
+	$(PY) -m depthvlm_ros demo --out $(DEMO_OUT)
 
 test: setup
 	$(PY) -m ruff check depthvlm_ros test

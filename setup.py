@@ -49,6 +49,9 @@ setup(
             "ros-rcl-interfaces",
             "rosbags>=0.10",
         ],
+        # The trainer (`depthvlm train`): Accelerate runs it on CPU, one GPU or many (FSDP);
+        # TensorBoard receives its logs.
+        "train": ["accelerate>=1.0", "tensorboard>=2.14"],
         # Only to build msg/depthvlm_msgs with plain cmake (scripts/build_msgs.sh).
         "ros-build": [
             "ros-ament-cmake",

@@ -26,7 +26,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VENV/bin/python" -c "import depthvlm_ros, torch, rclpy, depthvlm_msgs.srv" 2>/dev/null; then
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VENV/bin/python" -c "import depthvlm_ros, torch, rclpy, accelerate, depthvlm_msgs.srv" 2>/dev/null; then
   exit 0  # up to date
 fi
 
@@ -37,7 +37,7 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   $PIP install "$TORCH_SPEC"
 fi
 echo "setup: installing depthvlm_ros and its Python dependencies into $VENV"
-$PIP install -e ".[dev,ros,ros-build]"
+$PIP install -e ".[dev,ros,ros-build,train]"
 echo "setup: building the depthvlm_msgs interfaces into $VENV"
 bash scripts/build_msgs.sh "$VENV"
 echo "$want" > "$STAMP"

@@ -53,12 +53,14 @@ def test_predict_writes_five_consistent_files_per_image(tmp_path, tiny_checkpoin
     np.testing.assert_allclose(np.sort(points[:, 2]), np.sort(depth.ravel()), rtol=1e-5)
 
 
-def test_default_model_is_used_and_announced(tmp_path):
+def test_default_model_is_the_shipped_depthvlm_tiny(tmp_path):
     run = depthvlm("predict", str(SAMPLE_IMAGE), "--fx", "300", "--out", str(tmp_path / "o"),
                    env={"DEPTHVLM_CACHE": str(tmp_path / "cache")})
     assert run.returncode == 0, run.stderr
-    assert "tiny initialised model" in run.stderr
-    assert (tmp_path / "cache" / "depthvlm-tiny-init-seed0-v2" / "model.safetensors").is_file()
+    assert "initialised" not in run.stderr  # a trained model: no warning
+    assert not (tmp_path / "cache").exists()  # nothing generated, nothing downloaded
+    summary = json.loads((tmp_path / "o" / "sample_room.json").read_text())
+    assert summary["model"] == "depthvlm-tiny"
     assert len(list((tmp_path / "o").iterdir())) == 5
 
 

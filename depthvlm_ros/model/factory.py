@@ -83,20 +83,27 @@ def tokenizer_corpus() -> list[str]:
     return lines
 
 
-def build_tokenizer(vocab_size: int = 1024) -> Any:
-    """A small byte-level BPE (no unknown tokens) + Qwen3-VL's special tokens + chat template."""
+def build_tokenizer(vocab_size: int = 1024, corpus: list[str] | None = None, split_digits: bool = False) -> Any:
+    """A small byte-level BPE (no unknown tokens) + Qwen3-VL's special tokens + chat template.
+
+    ``corpus``: the text to learn merges from (default :func:`tokenizer_corpus`). ``split_digits``
+    makes every digit its own token, as Qwen's tokenizer does (numbers are then read and written
+    digit by digit).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    bpe.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if split_digits else byte_level)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size - len(QWEN3_VL_SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    bpe.train_from_iterator(tokenizer_corpus(), trainer=trainer)
+    bpe.train_from_iterator(tokenizer_corpus() if corpus is None else corpus, trainer=trainer)
     bpe.add_special_tokens(list(QWEN3_VL_SPECIAL_TOKENS))
     return PreTrainedTokenizerFast(
         tokenizer_object=bpe,
@@ -155,6 +162,34 @@ def tiny_config(tokenizer: Any, **overrides: Any) -> Any:
     return config
 
 
+#: depthvlm-tiny's input limit: at most 320 x 240 pixels reach the model (70 image tokens at
+#: 4:3). Qwen's own ``max_pixels`` setting; larger canonical sizes take the canonical-camera route.
+TINY_MAX_PIXELS = 320 * 240
+
+
+def depthvlm_tiny_config(tokenizer: Any) -> Any:
+    """The shipped depthvlm-tiny: hidden 128 in the ViT (3 layers) and the LLM (4 layers), narrow DPT head."""
+    hidden = 128
+    text = {
+        "vocab_size": int(math.ceil(len(tokenizer) / 64) * 64), "hidden_size": hidden, "intermediate_size": 384,
+        "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+        "max_position_embeddings": 8192, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 5_000_000.0,
+                            "mrope_section": [8, 4, 4], "mrope_interleaved": True},
+    }
+    vision = {
+        "depth": 3, "hidden_size": hidden, "intermediate_size": 256, "num_heads": 4, "patch_size": 16,
+        "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": hidden,
+        "num_position_embeddings": 1024, "deepstack_visual_indexes": [0, 1, 2],
+    }
+    return tiny_config(tokenizer, text_config=text, vision_config=vision)
+
+
+def tiny_preprocessor() -> dict[str, Any]:
+    """depthvlm-tiny's preprocessor_config.json: Qwen3-VL's with ``max_pixels`` = :data:`TINY_MAX_PIXELS`."""
+    return {**QWEN3_VL_PREPROCESSOR, "size": {"shortest_edge": 32 * 32, "longest_edge": TINY_MAX_PIXELS}}
+
+
 def depthvlm_4b_config(vocab_size: int = 151936) -> Any:
     """DepthVLM-4B's dimensions (Qwen3-VL-4B-Instruct + the released DPT head), for benchmarks."""
     from transformers import Qwen3VLConfig
@@ -208,13 +243,18 @@ def init_weights(model: nn.Module, seed: int = 0, mean_depth_m: float = 2.0) -> 
         last.bias.fill_(math.log(math.expm1(mean_depth_m)))  # softplus^-1(mean depth)
 
 
-def write_checkpoint(model: nn.Module, tokenizer: Any, folder: str | Path) -> Path:
-    """Save a model in the published folder layout (safetensors, tied lm_head omitted)."""
+def write_checkpoint(model: nn.Module, tokenizer: Any, folder: str | Path,
+                     preprocessor: dict[str, Any] | None = None) -> Path:
+    """Save a model in the published folder layout (safetensors, tied lm_head omitted).
+
+    ``preprocessor``: image-processor settings (default Qwen3-VL's, :data:`QWEN3_VL_PREPROCESSOR`).
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(folder), safe_serialization=True)
     tokenizer.save_pretrained(str(folder))
-    (folder / "preprocessor_config.json").write_text(json.dumps(QWEN3_VL_PREPROCESSOR, indent=2) + "\n")
+    settings = QWEN3_VL_PREPROCESSOR if preprocessor is None else preprocessor
+    (folder / "preprocessor_config.json").write_text(json.dumps(settings, indent=2) + "\n")
     if not (folder / "chat_template.jinja").exists():
         (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     generation = {

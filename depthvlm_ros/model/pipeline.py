@@ -78,6 +78,63 @@ class Answer:
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
+def snapped_size(processor: ImageTextProcessor, width: int, height: int) -> tuple[int, int]:
+    """``width`` x ``height`` rounded to the processor's grid (32 px), ignoring its pixel limits."""
+    step = processor.patch_size * processor.merge_size
+    return max(step, round(width / step) * step), max(step, round(height / step) * step)
+
+
+def model_input_size(
+    processor: ImageTextProcessor, intrinsics: Intrinsics, canonical_fx: float = CANONICAL_FX,
+    match_fy: bool = False, max_side: int = 0, max_tokens: int = 0,
+) -> tuple[int, int]:
+    """(width, height) pixels at which the model sees this camera's images.
+
+    The canonical size snapped to 32 px, shrunk by the processor's ``max_pixels`` (a model's own
+    input limit, from its ``preprocessor_config.json``; the small built-in model uses it) and by
+    the caller's caps (``max_side`` px, ``max_tokens`` image tokens; 0 = none).
+    """
+    natural = processor.processed_size(*canonical_size(intrinsics, canonical_fx, match_fy))
+    return cap_model_size(*natural, max_side, max_tokens, processor.patch_size * processor.merge_size)
+
+
+@dataclass
+class ModelView:
+    """One image as the model will see it, the K of the model's grid, and the depth scale."""
+
+    image: np.ndarray  # RGB uint8 handed to the processor
+    intrinsics: Intrinsics  # K of the model's depth grid
+    scale: float  # metres = model output * scale (1 on the canonical route)
+
+
+def model_view(
+    processor: ImageTextProcessor, rgb: np.ndarray, intrinsics: Intrinsics, size: tuple[int, int],
+    canonical_fx: float = CANONICAL_FX, match_fy: bool = False,
+) -> ModelView:
+    """Resize one image for the model (what :meth:`DepthVLM.prepare` does per image; the trainer too).
+
+    If ``size`` is what the processor makes of the canonical size (snapped to 32 px, or enlarged
+    to its ``min_pixels``), this is the released protocol: resize so fx becomes ``canonical_fx``
+    and let the processor do the rest (depth scale 1). Any smaller size (the processor's
+    ``max_pixels``, a cap, a compiled backend's fixed size) resizes straight to ``size``; the
+    model then sees focal ``fx'`` and its output is multiplied by ``fx' / canonical_fx`` (the
+    canonical-camera transform), so depth stays metric where the stock pipeline would silently
+    shrink the image.
+    """
+    rgb = check_rgb(rgb)
+    canon = canonical_size(intrinsics, canonical_fx, match_fy)
+    natural = processor.processed_size(*canon)
+    snapped = snapped_size(processor, *canon)
+    if tuple(size) == natural and natural[0] * natural[1] >= snapped[0] * snapped[1]:
+        image, k = canonical_resize(rgb, intrinsics, canonical_fx, match_fy)
+        return ModelView(image, k.resized(*size), 1.0)
+    if (rgb.shape[1], rgb.shape[0]) != intrinsics.size:
+        raise InputError(f"image is {rgb.shape[1]}x{rgb.shape[0]} but intrinsics describe "
+                         f"{intrinsics.width}x{intrinsics.height}")
+    k = intrinsics.resized(*size)
+    return ModelView(resize_rgb(rgb, *size), k, k.fx / canonical_fx)
+
+
 class _StageClock:
     """Wall-clock per stage; synchronises CUDA so GPU work is charged to its stage."""
 
@@ -212,23 +269,16 @@ class DepthVLM:
         sizes = {canonical_size(k, canonical_fx, match_fy) for k in intrinsics}
         if len(sizes) != 1:
             raise InputError(f"a batch must reach the model at one size; canonical sizes {sorted(sizes)}")
-        natural = self.processor.processed_size(*sizes.pop())
-        target = cap_model_size(*natural, max_side, max_tokens, self.processor.patch_size * self.processor.merge_size)
-        fixed = (backend or self.backend).nearest_size(*target)
-        if fixed == natural:
-            canon = [canonical_resize(check_rgb(rgb), k, canonical_fx, match_fy) for rgb, k in zip(images, intrinsics)]
-            inputs = self.processor([img for img, _ in canon], user_text)
+        fixed = (backend or self.backend).nearest_size(*model_input_size(self.processor, intrinsics[0], canonical_fx,
+                                                                          match_fy, max_side, max_tokens))
+        views = [model_view(self.processor, rgb, k, fixed, canonical_fx, match_fy)
+                 for rgb, k in zip(images, intrinsics)]
+        inputs = self.processor([v.image for v in views], user_text)
+        if views[0].scale == 1.0:  # the canonical route: the processor's snap decides the grid
             _, gh, gw = (int(v) for v in inputs.image_grid_thw[0])
             width, height = gw * self.processor.patch_size, gh * self.processor.patch_size
-            return inputs, [k.resized(width, height) for _, k in canon], 1.0
-        model_k = [k.resized(*fixed) for k in intrinsics]
-        resized = []
-        for rgb, k in zip(images, intrinsics):
-            rgb = check_rgb(rgb)
-            if (rgb.shape[1], rgb.shape[0]) != k.size:
-                raise InputError(f"image is {rgb.shape[1]}x{rgb.shape[0]} but intrinsics describe {k.width}x{k.height}")
-            resized.append(resize_rgb(rgb, *fixed))
-        return self.processor(resized, user_text), model_k, model_k[0].fx / canonical_fx
+            return inputs, [k.resized(width, height) for k in intrinsics], 1.0
+        return inputs, [v.intrinsics for v in views], views[0].scale
 
     @torch.inference_mode()
     def predict_depth_batch(

@@ -80,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
             for stage, ms in {**result.timings_ms, "total": total}.items():
                 samples[name].setdefault(stage, []).append(ms)
     stats = {name: summarize(s) for name, s in samples.items()}
+    import resource
+
     report = {
         "model": model.name,
         "device": str(model.device),
@@ -90,7 +92,10 @@ def run(args: argparse.Namespace) -> int:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
-        "backends": {name: {"describe": backends[name].describe(), "stages": stats[name]} for name in backends},
+        "backends": {name: {"describe": backends[name].describe(), "stages": stats[name],
+                            "frames_per_s": 1000.0 / stats[name]["total"]["median_ms"]} for name in backends},
+        # Peak resident memory of this process (all backends loaded at once), MiB; Linux reports KiB.
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
     }
     if "torch" in stats:
         ref = stats["torch"]["total"]["median_ms"]
@@ -103,6 +108,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"{name:<13}{stage:<12}{s['median_ms']:>12.1f}{s['p90_ms']:>12.1f}")
     for name, ratio in report.get("speedup_vs_torch", {}).items():
         print(f"{name} is {ratio:.2f}x the speed of torch (median total)")
+    for name, entry in report["backends"].items():
+        print(f"{name}: {entry['frames_per_s']:.1f} frames/s (median total)")
+    print(f"peak RSS of this process: {report['peak_rss_mb']:.0f} MiB")
     text = json.dumps(report)
     print(text)
     if args.json:

@@ -30,7 +30,21 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from depthvlm_ros.tools import bench, bench_node, compile, eval_tool, node_tool, play, predict, query, record
+    from depthvlm_ros.tools import (
+        bench,
+        bench_node,
+        compile,
+        demo,
+        eval_qa,
+        eval_tool,
+        generate,
+        node_tool,
+        play,
+        predict,
+        query,
+        record,
+        train_tool,
+    )
     from depthvlm_ros.tools.common import add_intrinsics_args, add_model_args
 
     parser = argparse.ArgumentParser(prog="depthvlm", description="DepthVLM metric depth tools")
@@ -51,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_parser(sub)
     play.add_parser(sub)
     record.add_parser(sub)
+    generate.add_parser(sub)
+    train_tool.add_parser(sub)
+    eval_qa.add_parser(sub)
+    demo.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,91 @@
+"""Scoring spatial answers against the generator's truth (``qa.jsonl`` of ``depthvlm generate``).
+
+What a robot gets from ``~/spatial_query`` is scored, not the model's free text alone:
+
+- **grounding** (``where``, ``distance``, ``size`` questions): the answer's first point must fall
+  inside the named object's visible pixel box (a box: its centre must).
+- **distance** (``distance`` questions): the distance measured on the predicted depth map at the
+  answer's first place (:func:`~depthvlm_ros.spatial.answer_measurement`, what the node returns as
+  ``distance_m``) must be within :data:`DISTANCE_TOLERANCE` of the true distance.
+- **closer** / **at_pixel**: the first place's label must name the right thing.
+- The distance written in the answer's text is scored too (``text_distance``), for information.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from depthvlm_ros.geometry import Intrinsics
+from depthvlm_ros.spatial import answer_measurement, grounding_to_pixels, parse_grounding
+
+#: Relative error allowed for a distance answer (25 %).
+DISTANCE_TOLERANCE = 0.25
+_METRES_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(?:m\b|meters?|metres?)")
+
+
+@dataclass
+class QAScore:
+    """One answer's checks: None where a check does not apply to the question's kind."""
+
+    kind: str
+    grounded: bool | None = None
+    distance_ok: bool | None = None
+    distance_rel_err: float | None = None
+    label_ok: bool | None = None
+    text_distance_ok: bool | None = None
+
+
+def _inside(box_px: Sequence[float], u: float, v: float) -> bool:
+    u0, v0, u1, v1 = box_px
+    return u0 - 0.5 <= u <= u1 + 0.5 and v0 - 0.5 <= v <= v1 + 0.5
+
+
+def score_answer(record: Mapping[str, Any], answer: str, depth: np.ndarray, depth_k: Intrinsics) -> QAScore:
+    """Score one answer to a generated question, measuring on ``depth`` (metres, camera grid)."""
+    kind = str(record["qa_kind"])
+    truth = record["truth"]
+    width, height = (int(v) for v in record["original_rgb_size"])
+    score = QAScore(kind)
+    places = parse_grounding(answer)
+    first = places[0] if places else None
+    if kind in ("where", "distance", "size"):
+        box = truth["objects"][0]["box_px"]
+        if first is None:
+            score.grounded = False
+        else:
+            u0, v0, u1, v1 = grounding_to_pixels(first, width, height)
+            score.grounded = _inside(box, (u0 + u1) / 2, (v0 + v1) / 2)
+    if kind == "distance":
+        found = answer_measurement(answer, depth, depth_k, (width, height))
+        true = float(truth["distance_m"])
+        measured = found.measurement.distance_m if found is not None else math.nan
+        if math.isfinite(measured):
+            score.distance_rel_err = abs(measured - true) / true
+            score.distance_ok = score.distance_rel_err <= DISTANCE_TOLERANCE
+        else:
+            score.distance_ok = False
+        said = _METRES_RE.search(answer)
+        score.text_distance_ok = bool(said) and abs(float(said.group(1)) - true) / true <= DISTANCE_TOLERANCE
+    if kind in ("closer", "at_pixel"):
+        score.label_ok = first is not None and (first.label or "").strip().lower() == str(truth["label"]).lower()
+    return score
+
+
+def summarize(scores: Iterable[QAScore]) -> dict[str, Any]:
+    """Shares of passed checks (each over the answers it applies to), and counts per kind."""
+    scores = list(scores)
+    out: dict[str, Any] = {"answers": len(scores), "by_kind": {}}
+    for name in ("grounded", "distance_ok", "label_ok", "text_distance_ok"):
+        values = [getattr(s, name) for s in scores if getattr(s, name) is not None]
+        out[name] = {"rate": (sum(values) / len(values)) if values else None, "n": len(values)}
+    errors = [s.distance_rel_err for s in scores if s.distance_rel_err is not None]
+    out["distance_median_rel_err"] = float(np.median(errors)) if errors else None
+    for s in scores:
+        out["by_kind"][s.kind] = out["by_kind"].get(s.kind, 0) + 1
+    return out

@@ -1,0 +1,1 @@
+"""Procedural scenes with exact ground truth: ray-cast rooms and streets, labels, spatial QA."""

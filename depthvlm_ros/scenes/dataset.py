@@ -1,0 +1,152 @@
+"""Generated datasets on disk, in DepthVLM-Bench format.
+
+``write_dataset(out, ...)`` writes::
+
+    out/rgb/000000.png        RGB, uint8
+    out/depth/000000.png      z-depth, 16-bit millimetres, 0 = invalid (sky, beyond max depth)
+    out/depth.jsonl           one DepthVLM-Bench record per image (+ ``intrinsics``, ``kind``,
+                              ``objects``: the labels of every visible object)
+    out/qa.jsonl              spatial questions (``qa_kind``, ``question``, ``answer``, ``truth``)
+                              with the same ``image``/``depth_path``/size/focal fields
+    out/info.json             the arguments, for reproducibility
+
+Frame ``i`` of seed ``s`` depends only on ``(s, i)``: any subset, any worker count, same bytes.
+The evaluator reads it as ``--dataset NAME=out/depth.jsonl,out,out``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from depthvlm_ros.errors import InputError
+from depthvlm_ros.geometry import CANONICAL_FX, canonical_size, depth_to_16uc1
+from depthvlm_ros.scenes.layouts import nominal_fx, random_intrinsics, random_pose, random_scene
+from depthvlm_ros.scenes.qa import make_qa
+from depthvlm_ros.scenes.render import Rendering, Scene, render
+
+#: Sparse ground-truth points per record (the Bench's ``pixel_coords``/``depth`` lists).
+SPARSE_POINTS = 64
+#: Most frames one call writes.
+MAX_FRAMES = 1_000_000
+KINDS = ("indoor", "outdoor", "mixed")
+
+
+@dataclass(frozen=True)
+class FrameSpec:
+    """What to generate: scene kind, image size (pixels) and the focal-length range (pixels)."""
+
+    kind: str
+    width: int
+    height: int
+    fx_min: float
+    fx_max: float
+    qa_per_frame: int = 4
+
+    def check(self) -> None:
+        if self.kind not in KINDS:
+            raise InputError(f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if not (0 < self.fx_min <= self.fx_max):
+            raise InputError(f"need 0 < fx-min <= fx-max, got {self.fx_min:g}, {self.fx_max:g}")
+
+
+def default_fx_range(width: int) -> tuple[float, float]:
+    """0.5x-2x of the nominal focal length (60-degree horizontal field of view)."""
+    f = nominal_fx(width)
+    return 0.5 * f, 2.0 * f
+
+
+def generate_frame(seed: int, index: int, spec: FrameSpec) -> tuple[Scene, Rendering]:
+    """Scene + rendering of frame ``index`` (deterministic in ``(seed, index)``)."""
+    rng = np.random.default_rng([seed, index])
+    scene = random_scene(rng, spec.kind)
+    k = random_intrinsics(rng, spec.width, spec.height, spec.fx_min, spec.fx_max)
+    pose = random_pose(rng, scene)
+    return scene, render(scene, k, pose, noise_seed=int(rng.integers(2**31)))
+
+
+def _records(seed: int, index: int, spec: FrameSpec) -> tuple[Rendering, dict[str, Any], list[dict[str, Any]]]:
+    from depthvlm_ros.model.processing import DEPTH_PROMPT  # (imports torch: only where a record is made)
+
+    scene, view = generate_frame(seed, index, spec)
+    k = view.intrinsics
+    name = f"{index:06d}.png"
+    rng = np.random.default_rng([seed, index, 1])
+    rows, cols = np.nonzero(np.isfinite(view.depth))
+    pick = rng.choice(len(rows), size=min(SPARSE_POINTS, len(rows)), replace=False) if len(rows) else []
+    common = {
+        "image": f"rgb/{name}", "depth_path": f"depth/{name}", "depth_scale": 1000.0,
+        "original_rgb_size": [k.width, k.height], "original_depth_size": [k.width, k.height],
+        "original_fx": round(k.fx, 4), "canonical_fx": CANONICAL_FX,
+        "canonical_size": list(canonical_size(k)), "scene_id": f"{spec.kind}-{seed}-{index}",
+    }
+    record = {
+        **common,
+        "pixel_coords": [[int(cols[i]), int(rows[i])] for i in pick],
+        "depth": [round(float(view.depth[rows[i], cols[i]]), 4) for i in pick],
+        "depth_type": "z_depth", "prompt": DEPTH_PROMPT, "solution": "",
+        "kind": scene.kind, "intrinsics": {"fx": k.fx, "fy": k.fy, "cx": k.cx, "cy": k.cy},
+        "camera": {"height_m": round(view.pose.position[2], 4), "pitch_rad": round(view.pose.pitch, 4),
+                   "roll_rad": round(view.pose.roll, 4)},
+        "objects": [lab.to_dict() for lab in view.labels],
+    }
+    qa = [{**common, "scene_kind": scene.kind, "qa_kind": q["kind"], "question": q["question"],
+           "answer": q["answer"], "truth": q["truth"]} for q in make_qa(view, rng, spec.qa_per_frame)]
+    return view, record, qa
+
+
+def _write_one(job: tuple[Path, int, int, FrameSpec]) -> tuple[int, dict[str, Any], list[dict[str, Any]]]:
+    from PIL import Image
+
+    out, seed, index, spec = job
+    view, record, qa = _records(seed, index, spec)
+    Image.fromarray(view.rgb).save(out / record["image"], compress_level=1)
+    Image.fromarray(depth_to_16uc1(view.depth)).save(out / record["depth_path"], compress_level=1)
+    return index, record, qa
+
+
+def iter_written(out: Path, n: int, seed: int, spec: FrameSpec, workers: int = 1,
+                 start: int = 0) -> Iterator[tuple[int, dict[str, Any], list[dict[str, Any]]]]:
+    """Write frames ``start .. start+n-1`` (images only), yielding their records in index order."""
+    jobs = [(out, seed, i, spec) for i in range(start, start + n)]
+    if workers <= 1:
+        yield from map(_write_one, jobs)
+        return
+    with get_context("spawn").Pool(workers) as pool:
+        yield from pool.imap(_write_one, jobs, chunksize=8)
+
+
+def write_dataset(out: Path, n: int, seed: int, spec: FrameSpec, workers: int = 1,
+                  progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Generate ``n`` frames into ``out`` (see the module docstring); returns the info written."""
+    spec.check()
+    if not 1 <= n <= MAX_FRAMES:
+        raise InputError(f"--n must be in 1..{MAX_FRAMES}, got {n}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rgb").mkdir(exist_ok=True)
+    (out / "depth").mkdir(exist_ok=True)
+    start = time.perf_counter()
+    n_qa = 0
+    with open(out / "depth.jsonl", "w") as depth_file, open(out / "qa.jsonl", "w") as qa_file:
+        for _, record, qa in iter_written(out, n, seed, spec, workers):
+            depth_file.write(json.dumps(record) + "\n")
+            for q in qa:
+                qa_file.write(json.dumps(q) + "\n")
+            n_qa += len(qa)
+            if progress is not None:
+                progress(1)
+    info = {
+        "generator": "depthvlm_ros.scenes", "n": n, "seed": seed, "kind": spec.kind,
+        "size": [spec.width, spec.height], "fx_range": [spec.fx_min, spec.fx_max],
+        "qa_per_frame": spec.qa_per_frame, "qa_records": n_qa,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    (out / "info.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info

@@ -1,0 +1,66 @@
+"""``depthvlm eval-qa``: ask the model the generated spatial questions and score the answers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from depthvlm_ros.tools.common import add_model_args
+
+    p = sub.add_parser("eval-qa", help="score spatial answers on a generated set (grounding, distance)",
+                       description="Asks every question of DIR/qa.jsonl (from depthvlm generate) through the same "
+                                   "path as the node's ~/spatial_query: the answer's first place is measured on the "
+                                   "depth map of the same forward pass.")
+    p.add_argument("--data", type=Path, required=True, metavar="DIR", help="generated folder with qa.jsonl")
+    p.add_argument("--limit", type=int, metavar="N", help="first N questions only")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--json", type=Path, metavar="FILE", help="write the summary (and per-answer rows) here")
+    add_model_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+    from PIL import Image
+    from tqdm import tqdm
+
+    from depthvlm_ros.errors import InputError
+    from depthvlm_ros.evaluation.qa import DISTANCE_TOLERANCE, score_answer, summarize
+    from depthvlm_ros.tools.common import load_model
+    from depthvlm_ros.training.data import read_qa_samples, rgb_intrinsics_for
+
+    path = args.data / "qa.jsonl"
+    if not path.is_file():
+        raise InputError(f"{args.data}: no qa.jsonl (make one with depthvlm generate)")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    refs = read_qa_samples(path, args.data)
+    if args.limit is not None:
+        records, refs = records[: args.limit], refs[: args.limit]
+    model = load_model(args)
+    scores, rows = [], []
+    for record, ref in tqdm(list(zip(records, refs)), unit="question", file=sys.stderr, disable=None):
+        rgb = np.asarray(Image.open(ref.image).convert("RGB"))
+        k = rgb_intrinsics_for(ref, rgb.shape[1], rgb.shape[0])
+        answer = model.ask(rgb, k, ref.question, max_new_tokens=args.max_new_tokens)
+        score = score_answer(record, answer.text, answer.depth.depth, answer.depth.intrinsics)
+        scores.append(score)
+        rows.append({"question": ref.question, "answer": answer.text, "expected": ref.answer, **vars(score)})
+    summary = summarize(scores)
+    pct = lambda v: "n/a" if v is None else f"{100 * v:.1f} %"  # noqa: E731
+    print(f"{summary['answers']} answers from {model.name} on {args.data}")
+    print(f"  grounding point inside the object's box : {pct(summary['grounded']['rate'])} "
+          f"(n={summary['grounded']['n']}; target >= 80 %)")
+    print(f"  measured distance within {DISTANCE_TOLERANCE:.0%}           : "
+          f"{pct(summary['distance_ok']['rate'])} (n={summary['distance_ok']['n']}; target >= 70 %)")
+    print(f"  right label (closer / at pixel)        : {pct(summary['label_ok']['rate'])} "
+          f"(n={summary['label_ok']['n']})")
+    print(f"  distance in the answer's text within {DISTANCE_TOLERANCE:.0%}: "
+          f"{pct(summary['text_distance_ok']['rate'])}")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"summary": summary, "answers": rows}, indent=2) + "\n")
+    return 0

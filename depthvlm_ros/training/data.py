@@ -1,0 +1,199 @@
+"""Training samples from DepthVLM-Bench JSONL files: depth records and spatial QA records.
+
+A depth record (any Bench JSONL) gives an image, its z-depth and fx; a QA record (``qa.jsonl``
+from ``depthvlm generate``: the same fields plus ``question`` and ``answer``) adds a text target.
+Both go through the inference pipeline's own :func:`~depthvlm_ros.model.pipeline.model_view`,
+so the model trains on exactly the inputs it will see, and the depth target is in the model's
+units (metres / depth scale) on the model's grid.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from depthvlm_ros.errors import InputError
+from depthvlm_ros.evaluation.bench_data import BadRecord, iter_records, rgb_intrinsics
+from depthvlm_ros.geometry import resize_depth
+from depthvlm_ros.model.pipeline import model_input_size, model_view
+from depthvlm_ros.model.processing import DEPTH_PROMPT, ImageTextProcessor
+
+#: Label value that the LM loss ignores (prompt and image tokens).
+IGNORE_INDEX = -100
+#: Longest answer (characters) a QA record may have.
+MAX_ANSWER_CHARS = 512
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    """Where one sample lives: image and depth paths, fx, and the text (None = depth prompt only)."""
+
+    image: Path
+    depth: Path
+    depth_scale: float
+    rgb_size: tuple[int, int]
+    fx: float
+    question: str | None = None
+    answer: str | None = None
+
+
+def read_depth_samples(jsonl: Path, rgb_root: Path, depth_root: Path) -> list[SampleRef]:
+    """Every valid record of a Bench JSONL (bad records are skipped with a count in the error)."""
+    out, bad = [], 0
+    for record in iter_records(jsonl):
+        if isinstance(record, BadRecord):
+            bad += 1
+            continue
+        out.append(SampleRef(rgb_root / record.image, depth_root / record.depth_path, record.depth_scale,
+                             record.rgb_size, record.fx))
+    if not out:
+        raise InputError(f"{jsonl}: no usable records ({bad} bad)")
+    return out
+
+
+def read_qa_samples(jsonl: Path, root: Path) -> list[SampleRef]:
+    """QA records (``question``/``answer`` + the Bench image fields) of a generated dataset."""
+    out = []
+    with open(jsonl) as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+                question, answer = str(r["question"]), str(r["answer"])
+                size = (int(r["original_rgb_size"][0]), int(r["original_rgb_size"][1]))
+                ref = SampleRef(root / r["image"], root / r["depth_path"], float(r.get("depth_scale", 1000.0)),
+                                size, float(r["original_fx"]), question, answer)
+            except (ValueError, KeyError, TypeError, IndexError) as exc:
+                raise InputError(f"{jsonl}:{line_no}: not a QA record ({exc})") from None
+            if len(answer) > MAX_ANSWER_CHARS:
+                raise InputError(f"{jsonl}:{line_no}: answer longer than {MAX_ANSWER_CHARS} characters")
+            out.append(ref)
+    if not out:
+        raise InputError(f"{jsonl}: no QA records")
+    return out
+
+
+def read_dataset_folder(folder: Path, with_qa: bool) -> tuple[list[SampleRef], list[SampleRef]]:
+    """A ``depthvlm generate`` folder, or ``JSONL[,RGB_ROOT,DEPTH_ROOT]`` of any Bench dataset."""
+    text = str(folder)
+    if "," in text:
+        parts = text.split(",")
+        if len(parts) != 3:
+            raise InputError(f"--data {text!r}: use a generated folder or JSONL,RGB_ROOT,DEPTH_ROOT")
+        return read_depth_samples(Path(parts[0]), Path(parts[1]), Path(parts[2])), []
+    if not (folder / "depth.jsonl").is_file():
+        raise InputError(f"--data {folder}: no depth.jsonl (generate one with depthvlm generate)")
+    depth = read_depth_samples(folder / "depth.jsonl", folder, folder)
+    qa = read_qa_samples(folder / "qa.jsonl", folder) if with_qa and (folder / "qa.jsonl").is_file() else []
+    return depth, qa
+
+
+class SampleDataset(torch.utils.data.Dataset):
+    """Loads a sample: RGB, the model-grid depth target (model units) and the chat token ids."""
+
+    def __init__(self, refs: Sequence[SampleRef], processor: ImageTextProcessor, flip: bool = False,
+                 seed: int = 0) -> None:
+        self.refs = list(refs)
+        self.processor = processor
+        self.flip = flip
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        from PIL import Image
+
+        from depthvlm_ros.evaluation.bench_data import read_depth_file
+
+        ref = self.refs[index]
+        rgb = np.asarray(Image.open(ref.image).convert("RGB"))
+        gt = read_depth_file(ref.depth, ref.depth_scale)
+        k = rgb_intrinsics_for(ref, rgb.shape[1], rgb.shape[0])
+        if self.flip and ref.answer is None and np.random.default_rng([self.seed, self.epoch, index]).random() < 0.5:
+            rgb, gt = rgb[:, ::-1], gt[:, ::-1]  # mirror (depth prompts only: answers name left/right points)
+        size = model_input_size(self.processor, k)
+        view = model_view(self.processor, np.ascontiguousarray(rgb), k, size)
+        target = resize_depth(gt, *size) / np.float32(view.scale)
+        return {"image": view.image, "target": target, "question": ref.question, "answer": ref.answer}
+
+
+def rgb_intrinsics_for(ref: SampleRef, width: int, height: int) -> Any:
+    """The Bench convention's K (fy = fx, centred principal point) for a loaded image."""
+    from depthvlm_ros.evaluation.bench_data import BenchRecord
+
+    record = BenchRecord(0, "", "", ref.depth_scale, ref.rgb_size, ref.rgb_size, ref.fx, 1000.0,
+                         np.zeros((0, 2)), np.zeros(0))
+    return rgb_intrinsics(record, width, height)
+
+
+@dataclass
+class Batch:
+    """Samples of one image size: model inputs, LM labels (-100 = no loss) and depth targets."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    mm_token_type_ids: torch.Tensor
+    pixel_values: torch.Tensor
+    image_grid_thw: torch.Tensor
+    labels: torch.Tensor
+    depth_target: torch.Tensor  # (B, H, W) model units, NaN invalid
+    has_text: torch.Tensor  # (B,) bool: the sample has an answer (LM loss)
+
+
+class Collator:
+    """Builds :class:`Batch` es: one per image size in the list (usually one), right-padded text."""
+
+    def __init__(self, processor: ImageTextProcessor) -> None:
+        self.processor = processor
+        self.pad_id = int(processor.tokenizer.pad_token_id)
+
+    def one(self, sample: dict[str, Any]) -> tuple[Any, list[int], list[int]]:
+        p = self.processor
+        question = sample["question"] or DEPTH_PROMPT
+        inputs = p([sample["image"]], question)
+        n_tokens = int(inputs.image_grid_thw[0].prod()) // (p.merge_size ** 2)
+        prompt = p.token_ids(question, n_tokens)
+        if sample["answer"] is None:
+            return inputs, prompt, [IGNORE_INDEX] * len(prompt)
+        full = p.token_ids(question, n_tokens, sample["answer"])
+        if full[: len(prompt) - 3] != prompt[: len(prompt) - 3]:
+            raise InputError("chat template: the answer turn does not extend the prompt")
+        # Loss on the assistant's tokens only: everything after the generation prompt.
+        labels = [IGNORE_INDEX] * len(prompt) + full[len(prompt):]
+        return inputs, full, labels
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> list[Batch]:
+        groups: dict[tuple[int, ...], list[tuple[Any, list[int], list[int], np.ndarray, bool]]] = {}
+        for s in samples:
+            inputs, ids, labels = self.one(s)
+            key = tuple(int(v) for v in inputs.image_grid_thw[0])
+            groups.setdefault(key, []).append((inputs, ids, labels, s["target"], s["answer"] is not None))
+        batches = []
+        for items in groups.values():
+            length = max(len(ids) for _, ids, _, _, _ in items)
+            ids = torch.full((len(items), length), self.pad_id, dtype=torch.long)
+            labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
+            mask = torch.zeros((len(items), length), dtype=torch.long)
+            for i, (_, row, lab, _, _) in enumerate(items):
+                ids[i, : len(row)] = torch.tensor(row)
+                labels[i, : len(lab)] = torch.tensor(lab)
+                mask[i, : len(row)] = 1
+            batches.append(Batch(
+                input_ids=ids, attention_mask=mask,
+                mm_token_type_ids=(ids == self.processor.image_token_id).to(torch.int32),
+                pixel_values=torch.cat([it[0].pixel_values for it in items]),
+                image_grid_thw=torch.cat([it[0].image_grid_thw for it in items]),
+                labels=labels,
+                depth_target=torch.from_numpy(np.stack([it[3] for it in items])),
+                has_text=torch.tensor([it[4] for it in items]),
+            ))
+        return batches

@@ -1,0 +1,357 @@
+"""DepthVLM's two-stage training (plus a stage 0 for models that start from random weights).
+
+=======  ==========================================  =====================================
+stage    trains                                      loss
+=======  ==========================================  =====================================
+0        everything (vision tower too)               LM loss + w * SILog  (tiny models only:
+                                                     pretrains a VLM from random init)
+1        the depth head; the VLM is frozen           SILog (lambda 0.5)
+2        LLM + depth head + LM head; vision frozen   LM loss + w * SILog on mixed samples
+=======  ==========================================  =====================================
+
+``w`` is the config's ``depth_loss_weight``. Runs through Hugging Face Accelerate: the same
+command runs on one CPU, one GPU, or (``accelerate launch`` with an FSDP config) many GPUs.
+Checkpoints are DepthVLM folders (safetensors) plus ``optimizer.safetensors`` and
+``trainer_state.json``; ``--resume`` continues from the newest one in the output folder.
+Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from depthvlm_ros.errors import InputError
+from depthvlm_ros.model.modeling import DepthVLMForConditionalGeneration
+from depthvlm_ros.training.data import IGNORE_INDEX, Batch, Collator, SampleDataset, read_dataset_folder
+
+STAGES = (0, 1, 2)
+#: SILog's lambda (the paper's value): 0 = plain log-RMSE, 1 = fully scale-invariant.
+SILOG_LAMBDA = 0.5
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on (saved with every checkpoint)."""
+
+    stage: int
+    data: list[str]
+    out: str
+    init: str  # model folder to start from
+    steps: int = 1000
+    batch_size: int = 8
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    qa_fraction: float = 0.5  # share of QA samples in a stage 0/2 batch (when QA records exist)
+    seed: int = 0
+    save_every: int = 500
+    eval_every: int = 250
+    eval_data: str | None = None
+    eval_limit: int = 64
+    grad_clip: float = 1.0
+    flip: bool = True
+    workers: int = 1
+    log_every: int = 10
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    seconds: float = 0.0
+    last_eval: dict[str, float] = field(default_factory=dict)
+
+
+def silog_loss(pred: torch.Tensor, target: torch.Tensor, lam: float = SILOG_LAMBDA) -> torch.Tensor:
+    """Scale-invariant log loss, sqrt(mean(g^2) - lam * mean(g)^2), g = log pred - log target.
+
+    Per image over its valid target pixels (finite, > 0), then averaged over images that have
+    any. ``pred`` and ``target``: (B, H, W) in the same units.
+    """
+    valid = torch.isfinite(target) & (target > 0)
+    losses = []
+    for p, t, m in zip(pred, target, valid):
+        if int(m.sum()) < 2:
+            continue
+        g = torch.log(p[m].clamp_min(1e-6)) - torch.log(t[m])
+        losses.append(torch.sqrt((g.pow(2).mean() - lam * g.mean().pow(2)).clamp_min(1e-8)))
+    return torch.stack(losses).mean() if losses else pred.sum() * 0.0
+
+
+@torch.no_grad()
+def batch_delta1(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """Share of valid pixels with max(pred/gt, gt/pred) < 1.25 (model units: ratios are unit-free)."""
+    valid = torch.isfinite(target) & (target > 0)
+    if not bool(valid.any()):
+        return math.nan
+    ratio = torch.maximum(pred[valid] / target[valid], target[valid] / pred[valid].clamp_min(1e-6))
+    return float((ratio < 1.25).float().mean())
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy on the labelled (answer) tokens."""
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    shift_labels = labels[:, 1:].reshape(-1)
+    if not bool((shift_labels != IGNORE_INDEX).any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
+
+
+def set_trainable(model: DepthVLMForConditionalGeneration, stage: int) -> list[str]:
+    """Freeze/unfreeze by stage (see the module table); returns the trainable parameter names."""
+    if stage not in STAGES:
+        raise InputError(f"--stage must be 0, 1 or 2, got {stage}")
+    for name, p in model.named_parameters():
+        if stage == 0:
+            p.requires_grad_(True)
+        elif stage == 1:
+            p.requires_grad_(name.startswith("depth_head."))
+        else:
+            p.requires_grad_(not name.startswith("model.visual."))
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def forward_losses(model: DepthVLMForConditionalGeneration, batch: Batch, stage: int) -> dict[str, torch.Tensor]:
+    """One forward over a batch: depth (B, H, W) and the losses this stage uses."""
+    core = model
+    image_outputs = core.encode_images(batch.pixel_values, batch.image_grid_thw)
+    deepstack = list(image_outputs.deepstack_features)
+    hidden = core.run_language_model(batch.input_ids, batch.image_grid_thw, batch.mm_token_type_ids,
+                                     image_outputs, batch.attention_mask)
+    feats = core.gather_depth_features(batch.input_ids, batch.image_grid_thw, deepstack, hidden)
+    depth = core.predict_depth_map(feats)
+    out = {"depth": depth, "silog": silog_loss(depth, batch.depth_target)}
+    if stage != 1 and bool(batch.has_text.any()):
+        rows = batch.has_text
+        out["lm"] = lm_loss(core.lm_head(hidden[rows]), batch.labels[rows])
+    return out
+
+
+def _mixed_indices(n_depth: int, n_qa: int, qa_fraction: float, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Endless batches of indices into depth + QA samples (QA indices offset by ``n_depth``)."""
+    rng = random.Random(seed)
+    n_q = int(round(batch_size * qa_fraction)) if n_qa else 0
+    n_d = batch_size - n_q
+    depth_order: list[int] = []
+    qa_order: list[int] = []
+    while True:
+        if len(depth_order) < n_d:
+            depth_order += rng.sample(range(n_depth), n_depth)
+        if len(qa_order) < n_q:
+            qa_order += rng.sample(range(n_qa), n_qa)
+        batch = depth_order[:n_d] + [n_depth + i for i in qa_order[:n_q]]
+        del depth_order[:n_d], qa_order[:n_q]
+        yield batch
+
+
+class _BatchSampler(torch.utils.data.Sampler):
+    def __init__(self, n_depth: int, n_qa: int, cfg: TrainConfig, skip: int) -> None:
+        self.args = (n_depth, n_qa, cfg.qa_fraction, cfg.batch_size, cfg.seed)
+        self.total, self.skip = cfg.steps, skip
+
+    def __iter__(self) -> Iterator[list[int]]:
+        it = _mixed_indices(*self.args)
+        for i in range(self.total):
+            batch = next(it)
+            if i >= self.skip:
+                yield batch
+
+    def __len__(self) -> int:
+        return self.total - self.skip
+
+
+def _lr_factor(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# -- checkpoints: safetensors only -------------------------------------------------------------
+
+
+def save_checkpoint(folder: Path, model: DepthVLMForConditionalGeneration, processor: Any,
+                    optimizer: torch.optim.Optimizer | None, cfg: TrainConfig, state: TrainState) -> Path:
+    """A loadable DepthVLM folder (+ optimizer and trainer state when resumable)."""
+    from safetensors.torch import save_file
+
+    from depthvlm_ros.model.factory import write_checkpoint
+
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    source = Path(cfg.init)
+    preprocessor = json.loads((source / "preprocessor_config.json").read_text())
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        write_checkpoint(model, processor.tokenizer, staging, preprocessor)
+    finally:
+        hf_logging.enable_progress_bar()
+    if optimizer is not None:
+        names = {id(p): n for n, p in model.named_parameters()}
+        tensors: dict[str, torch.Tensor] = {}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                for key, value in optimizer.state.get(p, {}).items():
+                    tensors[f"{names[id(p)]}::{key}"] = value.detach().cpu().contiguous().reshape(value.shape)
+        save_file(tensors, str(staging / "optimizer.safetensors"))
+    (staging / "trainer_state.json").write_text(json.dumps({"config": asdict(cfg), "state": asdict(state)}, indent=2))
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)
+    return folder
+
+
+def load_optimizer_state(folder: Path, model: DepthVLMForConditionalGeneration,
+                         optimizer: torch.optim.Optimizer) -> None:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / "optimizer.safetensors"))
+    params = dict(model.named_parameters())
+    for key, value in tensors.items():
+        name, slot = key.split("::")
+        if name not in params:
+            raise InputError(f"{folder}: optimizer state for unknown parameter {name}")
+        optimizer.state[params[name]][slot] = value
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = sorted(out.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
+    return found[-1].parent if found else None
+
+
+# -- the loop ----------------------------------------------------------------------------------
+
+
+def evaluate(model: Any, processor: Any, folder: str, limit: int) -> dict[str, float]:
+    """δ1 and AbsRel (metres) of the model through the inference pipeline on a Bench set."""
+    from depthvlm_ros.model.pipeline import DepthVLM
+    from depthvlm_ros.training.data import rgb_intrinsics_for
+
+    refs, _ = read_dataset_folder(Path(folder), with_qa=False)
+    wrapper = DepthVLM(model, processor)
+    deltas, rels = [], []
+    from PIL import Image
+
+    from depthvlm_ros.evaluation.bench_data import read_depth_file
+
+    for ref in refs[:limit]:
+        rgb = np.asarray(Image.open(ref.image).convert("RGB"))
+        gt = read_depth_file(ref.depth, ref.depth_scale)
+        pred = wrapper.predict_depth(rgb, rgb_intrinsics_for(ref, rgb.shape[1], rgb.shape[0])).depth
+        ok = np.isfinite(gt) & (gt > 0) & np.isfinite(pred) & (pred > 0)
+        ratio = np.maximum(pred[ok] / gt[ok], gt[ok] / pred[ok])
+        deltas.append(float((ratio < 1.25).mean()))
+        rels.append(float((np.abs(pred[ok] - gt[ok]) / gt[ok]).mean()))
+    model.train()
+    return {"delta1": float(np.mean(deltas)), "abs_rel": float(np.mean(rels))}
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> Path:
+    """Run one stage; returns the final model folder (``out/final``)."""
+    from accelerate import Accelerator
+    from tqdm import tqdm
+
+    from depthvlm_ros.model.pipeline import DepthVLM
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start_from = latest_checkpoint(out) if resume else None
+    if resume and start_from is None:
+        raise InputError(f"--resume: no checkpoint in {out}")
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    loaded = DepthVLM.from_pretrained(start_from or cfg.init)
+    model, processor = loaded.model, loaded.processor
+    state = TrainState()
+    if start_from is not None:
+        state = TrainState(**json.loads((start_from / "trainer_state.json").read_text())["state"])
+
+    depth_refs, qa_refs = [], []
+    for spec in cfg.data:
+        d, q = read_dataset_folder(Path(spec), with_qa=cfg.stage != 1)
+        depth_refs += d
+        qa_refs += q
+    dataset = SampleDataset(depth_refs + qa_refs, processor, flip=cfg.flip, seed=cfg.seed)
+    sampler = _BatchSampler(len(depth_refs), len(qa_refs), cfg, skip=state.step)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=Collator(processor),
+                                         num_workers=cfg.workers, persistent_workers=cfg.workers > 0)
+
+    trainable = set_trainable(model, cfg.stage)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if start_from is not None:
+        load_optimizer_state(start_from, model, optimizer)
+    accelerator = Accelerator(log_with="tensorboard", project_dir=str(out))
+    accelerator.init_trackers("logs", config={k: v for k, v in asdict(cfg).items() if not isinstance(v, list)})
+    model, optimizer = accelerator.prepare(model, optimizer)
+    core = accelerator.unwrap_model(model)
+    core.train()
+    weight = float(getattr(core.config, "depth_loss_weight", 1.0))
+    accelerator.print(f"stage {cfg.stage}: {len(trainable)} trainable tensors "
+                      f"({sum(p.numel() for p in params) / 1e6:.2f} M parameters), "
+                      f"{len(depth_refs)} depth + {len(qa_refs)} QA samples, steps {state.step}->{cfg.steps}")
+    bar = tqdm(total=cfg.steps, initial=state.step, unit="step", disable=not accelerator.is_main_process)
+    began = time.perf_counter() - state.seconds
+    running: dict[str, float] = {}
+    for batches in loader:
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * _lr_factor(state.step, cfg)
+        total, parts, deltas = 0.0, {"silog": 0.0, "lm": 0.0}, []
+        n_samples = sum(len(b.input_ids) for b in batches)
+        for batch in batches:
+            batch = Batch(**{k: v.to(accelerator.device) for k, v in vars(batch).items()})
+            losses = forward_losses(core, batch, cfg.stage)
+            share = len(batch.input_ids) / n_samples
+            loss = (losses["silog"] if cfg.stage == 1 else weight * losses["silog"] + losses.get("lm", 0.0)) * share
+            accelerator.backward(loss)
+            total += float(loss.detach())
+            parts["silog"] += float(losses["silog"]) * share
+            parts["lm"] += float(losses.get("lm", torch.zeros(()))) * share
+            deltas.append(batch_delta1(losses["depth"].detach(), batch.depth_target))
+        if cfg.grad_clip > 0:
+            accelerator.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.seconds = time.perf_counter() - began
+        for key, value in (("loss", total), ("silog", parts["silog"]), ("lm", parts["lm"]),
+                           ("delta1", float(np.nanmean(deltas)))):
+            running[key] = value if key not in running else 0.9 * running[key] + 0.1 * value
+        bar.update(1)
+        bar.set_postfix(loss=f"{running['loss']:.3f}", silog=f"{running['silog']:.3f}", lm=f"{running['lm']:.3f}",
+                        d1=f"{running['delta1']:.3f}")
+        if state.step % cfg.log_every == 0:
+            logged = {f"train/{k}": v for k, v in running.items()}
+            accelerator.log(logged | {"train/lr": optimizer.param_groups[0]["lr"]}, step=state.step)
+        if cfg.eval_data and cfg.eval_every > 0 and (state.step % cfg.eval_every == 0 or state.step == cfg.steps):
+            core.eval()
+            state.last_eval = evaluate(core, processor, cfg.eval_data, cfg.eval_limit)
+            accelerator.log({f"eval/{k}": v for k, v in state.last_eval.items()}, step=state.step)
+            bar.write(f"step {state.step}: eval delta1 {state.last_eval['delta1']:.3f} "
+                      f"AbsRel {state.last_eval['abs_rel']:.3f}")
+        if accelerator.is_main_process and cfg.save_every > 0 and state.step % cfg.save_every == 0:
+            save_checkpoint(out / f"checkpoint-{state.step}", core, processor, optimizer, cfg, state)
+            for old in sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-2]:
+                shutil.rmtree(old, ignore_errors=True)  # keep the newest two
+    bar.close()
+    accelerator.end_training()
+    final = out / "final"
+    if accelerator.is_main_process:
+        core.eval()
+        save_checkpoint(final, core, processor, None, cfg, state)
+        (final / "trainer_state.json").unlink()
+        (out / "train_summary.json").write_text(json.dumps(
+            {"config": asdict(cfg), "state": asdict(state), "running": running}, indent=2) + "\n")
+    return final

@@ -1,0 +1,149 @@
+"""The trainer: losses, what each stage trains, LM labels, checkpoints that load and resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from depthvlm_ros.training.data import IGNORE_INDEX, Collator, SampleDataset, read_dataset_folder
+from depthvlm_ros.training.trainer import STAGES, batch_delta1, lm_loss, set_trainable, silog_loss
+
+SIZE = "128x96"  # small files; the tiny model sees them at 320x224 (its input limit)
+
+
+def depthvlm(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "depthvlm_ros", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("train-data") / "gen"
+    run = depthvlm("generate", "--out", str(out), "--n", "12", "--seed", "3", "--size", SIZE)
+    assert run.returncode == 0, run.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_init(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from depthvlm_ros.training.tiny import init_tiny_model
+
+    return init_tiny_model(tmp_path_factory.mktemp("tiny-init") / "init", seed=0)
+
+
+def test_silog_is_scale_invariant_by_half_and_ignores_invalid_pixels():
+    gt = torch.tensor([[[1.0, 2.0], [4.0, float("nan")]]])
+    assert float(silog_loss(gt.nan_to_num(1.0), gt)) == pytest.approx(0.0, abs=1e-3)
+    scaled = silog_loss(gt.nan_to_num(1.0) * 2.0, gt)  # g = ln 2 everywhere: sqrt((1 - 0.5)) * ln 2
+    assert float(scaled) == pytest.approx(math.sqrt(0.5) * math.log(2.0), rel=1e-4)
+    assert float(silog_loss(gt.nan_to_num(1.0) * 2.0, gt, lam=1.0)) == pytest.approx(0.0, abs=1e-3)
+    assert batch_delta1(torch.tensor([[1.0, 1.3]]), torch.tensor([[1.0, 1.0]])) == pytest.approx(0.5)
+
+
+def test_lm_loss_counts_only_labelled_tokens():
+    logits = torch.zeros(1, 4, 5)
+    logits[0, 2, 3] = 10.0  # position 2 predicts token 3 confidently
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 3]])
+    assert float(lm_loss(logits, labels)) < 1e-3
+    assert float(lm_loss(logits, torch.full((1, 4), IGNORE_INDEX))) == 0.0
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_stages_train_what_the_recipe_says(tiny_model, stage):
+    names = set(set_trainable(tiny_model.model, stage))
+    all_names = {n for n, _ in tiny_model.model.named_parameters()}
+    head = {n for n in all_names if n.startswith("depth_head.")}
+    vision = {n for n in all_names if n.startswith("model.visual.")}
+    if stage == 0:
+        assert names == all_names
+    elif stage == 1:
+        assert names == head
+    else:
+        assert names == all_names - vision and head <= names
+        assert any(n.startswith("model.language_model.") for n in names)
+    set_trainable(tiny_model.model, 0)
+
+
+def test_collator_labels_exactly_the_answer(tiny_init, generated):
+    from depthvlm_ros.model.pipeline import DepthVLM
+
+    model = DepthVLM.from_pretrained(tiny_init)
+    depth, qa = read_dataset_folder(generated, with_qa=True)
+    data = SampleDataset([depth[0], qa[0]], model.processor)
+    (batch,) = Collator(model.processor)([data[0], data[1]])
+    tok = model.processor.tokenizer
+    assert (batch.labels[0] == IGNORE_INDEX).all()  # depth prompt: no LM target
+    answer = tok.decode([t for t in batch.labels[1].tolist() if t != IGNORE_INDEX])
+    assert answer == qa[0].answer + "<|im_end|>"
+    # 128x96 at fx ~55-220 has a canonical size over the model's 320x240 limit: it reaches the
+    # model at 320x224 (the capped canonical size), like any camera would.
+    assert batch.depth_target.shape[1:] == (224, 320)
+    assert int(batch.attention_mask[0].sum()) < batch.input_ids.shape[1] == int(batch.attention_mask[1].sum())
+    # The depth target is in model units: metres / (fx' / 1000) on the model's grid.
+    ref = depth[0]
+    gt = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(ref.depth), dtype=np.float32) / 1000.0
+    fx_model = ref.fx * 320 / ref.rgb_size[0]
+    expected = np.nanmedian(np.where(gt > 0, gt, np.nan)) * 1000.0 / fx_model
+    assert float(batch.depth_target[0].nanmedian()) == pytest.approx(expected, rel=0.05)
+
+
+def test_train_stage0_saves_loadable_checkpoints_and_resumes(tmp_path, generated):
+    from safetensors.torch import load_file
+
+    from depthvlm_ros.model.pipeline import DepthVLM
+
+    out = tmp_path / "run"
+    common = ["--stage", "0", "--init-tiny", "--data", str(generated), "--out", str(out), "--batch-size", "2",
+              "--save-every", "2", "--eval-data", str(generated), "--eval-every", "2", "--eval-limit", "2",
+              "--workers", "0", "--warmup-steps", "1"]
+    first = depthvlm("train", *common, "--steps", "2")
+    assert first.returncode == 0, first.stderr
+    assert "eval delta1" in first.stdout + first.stderr
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["state"]["step"] == 2 and state["config"]["stage"] == 0
+    assert list((out / "logs").rglob("events.out.tfevents.*")), "no TensorBoard log"
+    optimizer = load_file(str(out / "checkpoint-2" / "optimizer.safetensors"))
+    assert any(k.endswith("::exp_avg") for k in optimizer)
+    final = DepthVLM.from_pretrained(out / "final")  # the strict loader accepts what training wrote
+    init = DepthVLM.from_pretrained(out / "init")
+    assert not torch.equal(final.model.depth_head.norm.weight, init.model.depth_head.norm.weight)
+
+    resumed = depthvlm("train", *common, "--steps", "4", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["state"]["step"] == 4
+    assert "steps 2->4" in resumed.stdout + resumed.stderr
+
+
+def test_stage1_changes_only_the_head_and_stage2_never_the_vision_tower(tmp_path, generated, tiny_init):
+    from safetensors.torch import load_file
+
+    before = load_file(str(tiny_init / "model.safetensors"))
+    for stage in (1, 2):
+        out = tmp_path / f"s{stage}"
+        run = depthvlm("train", "--stage", str(stage), "--init", str(tiny_init), "--data", str(generated),
+                       "--out", str(out), "--steps", "2", "--batch-size", "2", "--lr", "1e-2", "--workers", "0",
+                       "--warmup-steps", "1", "--save-every", "0")
+        assert run.returncode == 0, run.stderr
+        after = load_file(str(out / "final" / "model.safetensors"))
+        changed = {k for k in before if not torch.equal(before[k], after[k])}
+        assert changed, f"stage {stage} changed nothing"
+        if stage == 1:
+            assert all(k.startswith("depth_head.") for k in changed), sorted(changed)[:3]
+        else:
+            assert not any(k.startswith("model.visual.") for k in changed)
+            assert any(k.startswith("model.language_model.") for k in changed)
+
+
+def test_train_rejects_bad_arguments_in_one_line(tmp_path):
+    run = depthvlm("train", "--stage", "1", "--init", str(tmp_path / "missing"), "--data", str(tmp_path),
+                   "--out", str(tmp_path / "o"), "--steps", "1")
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1].startswith("depthvlm: error:")
