@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from depthvlm_ros.training.data import IGNORE_INDEX, Collator, SampleDataset, read_dataset_folder
 from depthvlm_ros.training.trainer import STAGES, batch_delta1, lm_loss, set_trainable, silog_loss
@@ -88,7 +89,7 @@ def test_collator_labels_exactly_the_answer(tiny_init, generated):
     assert int(batch.attention_mask[0].sum()) < batch.input_ids.shape[1] == int(batch.attention_mask[1].sum())
     # The depth target is in model units: metres / (fx' / 1000) on the model's grid.
     ref = depth[0]
-    gt = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(ref.depth), dtype=np.float32) / 1000.0
+    gt = np.asarray(Image.open(ref.depth), dtype=np.float32) / 1000.0
     fx_model = ref.fx * 320 / ref.rgb_size[0]
     expected = np.nanmedian(np.where(gt > 0, gt, np.nan)) * 1000.0 / fx_model
     assert float(batch.depth_target[0].nanmedian()) == pytest.approx(expected, rel=0.05)

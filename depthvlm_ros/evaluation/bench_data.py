@@ -441,13 +441,16 @@ def rgb_intrinsics(record: BenchRecord, width: int, height: int) -> Intrinsics:
     fy = fx and the principal point is the image centre (the benchmark's convention). An image
     whose aspect ratio differs from ``original_rgb_size`` raises InputError.
     """
-    if (width, height) != record.rgb_size and not same_aspect((width, height), record.rgb_size):
+    return bench_intrinsics(record.rgb_size, record.fx, width, height)
+
+
+def bench_intrinsics(rgb_size: tuple[int, int], fx: float, width: int, height: int) -> Intrinsics:
+    """:func:`rgb_intrinsics` from the two record fields it uses (``original_rgb_size``, ``original_fx``)."""
+    if (width, height) != rgb_size and not same_aspect((width, height), rgb_size):
         raise InputError(
-            f"RGB is {width}x{height} but original_rgb_size is {record.rgb_size[0]}x{record.rgb_size[1]} "
-            "(different aspect ratio)"
+            f"RGB is {width}x{height} but original_rgb_size is {rgb_size[0]}x{rgb_size[1]} (different aspect ratio)"
         )
-    fx = record.fx * width / record.rgb_size[0]
-    return Intrinsics.from_fx(width, height, fx)
+    return Intrinsics.from_fx(width, height, fx * width / rgb_size[0])
 
 
 # -- scoring one record -------------------------------------------------------------------------

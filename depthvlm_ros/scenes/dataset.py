@@ -112,10 +112,10 @@ def _write_one(job: tuple[Path, int, int, FrameSpec]) -> tuple[int, dict[str, An
     return index, record, qa
 
 
-def iter_written(out: Path, n: int, seed: int, spec: FrameSpec, workers: int = 1,
-                 start: int = 0) -> Iterator[tuple[int, dict[str, Any], list[dict[str, Any]]]]:
-    """Write frames ``start .. start+n-1`` (images only), yielding their records in index order."""
-    jobs = [(out, seed, i, spec) for i in range(start, start + n)]
+def iter_written(out: Path, n: int, seed: int, spec: FrameSpec,
+                 workers: int = 1) -> Iterator[tuple[int, dict[str, Any], list[dict[str, Any]]]]:
+    """Write frames ``0 .. n-1`` (images only), yielding their records in index order."""
+    jobs = [(out, seed, i, spec) for i in range(n)]
     if workers <= 1:
         yield from map(_write_one, jobs)
         return

@@ -265,7 +265,7 @@ def _background_colour(scene: Scene, code: np.ndarray, points: np.ndarray) -> tu
     surface codes with road pixels marked."""
     code = code.copy()
     rgb = np.empty((len(code), 3), dtype=np.float32)
-    x, y, z = points[:, 0], points[:, 1], points[:, 2]
+    x, y = points[:, 0], points[:, 1]
     tiles = ((np.floor(x / scene.tile_m) + np.floor(y / scene.tile_m)) % 2).astype(np.float32)
     for value, base in ((1, scene.floor_rgb), (2, scene.wall_rgb), (3, scene.ceiling_rgb), (4, scene.ground_rgb)):
         sel = code == value
@@ -273,7 +273,7 @@ def _background_colour(scene: Scene, code: np.ndarray, points: np.ndarray) -> tu
     floor = code == 1
     rgb[floor] *= (0.82 + 0.18 * tiles[floor])[:, None]
     wall = code == 2
-    rgb[wall] *= (0.80 + 0.10 * (z[wall] < 0.1).astype(np.float32) + 0.10 * (z[wall] > 0.1))[:, None]
+    rgb[wall] *= 0.9
     ground = code == 4
     if scene.road_half_width > 0:
         road = ground & (np.abs(y) < scene.road_half_width)

@@ -24,14 +24,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
-    from PIL import Image
     from tqdm import tqdm
 
     from depthvlm_ros.errors import InputError
     from depthvlm_ros.evaluation.qa import DISTANCE_TOLERANCE, score_answer, summarize
     from depthvlm_ros.tools.common import load_model
-    from depthvlm_ros.training.data import read_qa_samples, rgb_intrinsics_for
+    from depthvlm_ros.training.data import load_sample, read_qa_samples
 
     path = args.data / "qa.jsonl"
     if not path.is_file():
@@ -43,8 +41,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args)
     scores, rows = [], []
     for record, ref in tqdm(list(zip(records, refs)), unit="question", file=sys.stderr, disable=None):
-        rgb = np.asarray(Image.open(ref.image).convert("RGB"))
-        k = rgb_intrinsics_for(ref, rgb.shape[1], rgb.shape[0])
+        rgb, _, k = load_sample(ref)
         answer = model.ask(rgb, k, ref.question, max_new_tokens=args.max_new_tokens)
         score = score_answer(record, answer.text, answer.depth.depth, answer.depth.intrinsics)
         scores.append(score)

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from depthvlm_ros.errors import InputError
-from depthvlm_ros.evaluation.bench_data import BadRecord, iter_records, rgb_intrinsics
-from depthvlm_ros.geometry import resize_depth
+from depthvlm_ros.evaluation.bench_data import BadRecord, bench_intrinsics, iter_records, read_depth_file
+from depthvlm_ros.geometry import Intrinsics, resize_depth
 from depthvlm_ros.model.pipeline import model_input_size, model_view
 from depthvlm_ros.model.processing import DEPTH_PROMPT, ImageTextProcessor
 
@@ -104,35 +104,31 @@ class SampleDataset(torch.utils.data.Dataset):
         self.processor = processor
         self.flip = flip
         self.seed = seed
-        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.refs)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from PIL import Image
-
-        from depthvlm_ros.evaluation.bench_data import read_depth_file
-
         ref = self.refs[index]
-        rgb = np.asarray(Image.open(ref.image).convert("RGB"))
-        gt = read_depth_file(ref.depth, ref.depth_scale)
-        k = rgb_intrinsics_for(ref, rgb.shape[1], rgb.shape[0])
-        if self.flip and ref.answer is None and np.random.default_rng([self.seed, self.epoch, index]).random() < 0.5:
-            rgb, gt = rgb[:, ::-1], gt[:, ::-1]  # mirror (depth prompts only: answers name left/right points)
+        rgb, gt, k = load_sample(ref)
+        # Mirror (depth prompts only: answers name left/right points). The coin is seeded per
+        # sample, not per draw: half of the depth set is seen mirrored, always the same half.
+        # (Key [seed, 0, index]: the one depthvlm-tiny was trained with.)
+        if self.flip and ref.answer is None and np.random.default_rng([self.seed, 0, index]).random() < 0.5:
+            rgb, gt = rgb[:, ::-1], gt[:, ::-1]
         size = model_input_size(self.processor, k)
         view = model_view(self.processor, np.ascontiguousarray(rgb), k, size)
         target = resize_depth(gt, *size) / np.float32(view.scale)
         return {"image": view.image, "target": target, "question": ref.question, "answer": ref.answer}
 
 
-def rgb_intrinsics_for(ref: SampleRef, width: int, height: int) -> Any:
-    """The Bench convention's K (fy = fx, centred principal point) for a loaded image."""
-    from depthvlm_ros.evaluation.bench_data import BenchRecord
+def load_sample(ref: SampleRef) -> tuple[np.ndarray, np.ndarray, Intrinsics]:
+    """RGB uint8, z-depth (metres, NaN invalid) and the Bench convention's K of one sample."""
+    from PIL import Image
 
-    record = BenchRecord(0, "", "", ref.depth_scale, ref.rgb_size, ref.rgb_size, ref.fx, 1000.0,
-                         np.zeros((0, 2)), np.zeros(0))
-    return rgb_intrinsics(record, width, height)
+    rgb = np.asarray(Image.open(ref.image).convert("RGB"))
+    gt = read_depth_file(ref.depth, ref.depth_scale)
+    return rgb, gt, bench_intrinsics(ref.rgb_size, ref.fx, rgb.shape[1], rgb.shape[0])
 
 
 @dataclass

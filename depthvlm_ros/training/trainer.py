@@ -123,18 +123,21 @@ def set_trainable(model: DepthVLMForConditionalGeneration, stage: int) -> list[s
 
 
 def forward_losses(model: DepthVLMForConditionalGeneration, batch: Batch, stage: int) -> dict[str, torch.Tensor]:
-    """One forward over a batch: depth (B, H, W) and the losses this stage uses."""
-    core = model
-    image_outputs = core.encode_images(batch.pixel_values, batch.image_grid_thw)
+    """One forward over a batch: depth (B, H, W) and the losses this stage uses.
+
+    The stages of :meth:`forward_depth`, spelled out because the LM loss needs the same prefill's
+    last hidden state (one vision pass, one LLM pass for both losses).
+    """
+    image_outputs = model.encode_images(batch.pixel_values, batch.image_grid_thw)
     deepstack = list(image_outputs.deepstack_features)
-    hidden = core.run_language_model(batch.input_ids, batch.image_grid_thw, batch.mm_token_type_ids,
-                                     image_outputs, batch.attention_mask)
-    feats = core.gather_depth_features(batch.input_ids, batch.image_grid_thw, deepstack, hidden)
-    depth = core.predict_depth_map(feats)
+    hidden = model.run_language_model(batch.input_ids, batch.image_grid_thw, batch.mm_token_type_ids,
+                                      image_outputs, batch.attention_mask)
+    feats = model.gather_depth_features(batch.input_ids, batch.image_grid_thw, deepstack, hidden)
+    depth = model.predict_depth_map(feats)
     out = {"depth": depth, "silog": silog_loss(depth, batch.depth_target)}
     if stage != 1 and bool(batch.has_text.any()):
         rows = batch.has_text
-        out["lm"] = lm_loss(core.lm_head(hidden[rows]), batch.labels[rows])
+        out["lm"] = lm_loss(model.lm_head(hidden[rows]), batch.labels[rows])
     return out
 
 
@@ -235,27 +238,20 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def evaluate(model: Any, processor: Any, folder: str, limit: int) -> dict[str, float]:
-    """δ1 and AbsRel (metres) of the model through the inference pipeline on a Bench set."""
+    """δ1 and AbsRel (metres, the evaluator's dense scoring) through the inference pipeline."""
+    from depthvlm_ros.evaluation.metrics import mean_metrics, score_depths
     from depthvlm_ros.model.pipeline import DepthVLM
-    from depthvlm_ros.training.data import rgb_intrinsics_for
+    from depthvlm_ros.training.data import load_sample
 
     refs, _ = read_dataset_folder(Path(folder), with_qa=False)
     wrapper = DepthVLM(model, processor)
-    deltas, rels = [], []
-    from PIL import Image
-
-    from depthvlm_ros.evaluation.bench_data import read_depth_file
-
+    scores = []
     for ref in refs[:limit]:
-        rgb = np.asarray(Image.open(ref.image).convert("RGB"))
-        gt = read_depth_file(ref.depth, ref.depth_scale)
-        pred = wrapper.predict_depth(rgb, rgb_intrinsics_for(ref, rgb.shape[1], rgb.shape[0])).depth
-        ok = np.isfinite(gt) & (gt > 0) & np.isfinite(pred) & (pred > 0)
-        ratio = np.maximum(pred[ok] / gt[ok], gt[ok] / pred[ok])
-        deltas.append(float((ratio < 1.25).mean()))
-        rels.append(float((np.abs(pred[ok] - gt[ok]) / gt[ok]).mean()))
+        rgb, gt, k = load_sample(ref)
+        scores.append(score_depths(wrapper.predict_depth(rgb, k).depth, gt).metrics)
     model.train()
-    return {"delta1": float(np.mean(deltas)), "abs_rel": float(np.mean(rels))}
+    means = mean_metrics(scores) or {}
+    return {"delta1": float(means.get("delta1", math.nan)), "abs_rel": float(means.get("abs_rel", math.nan))}
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
