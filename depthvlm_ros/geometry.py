@@ -28,6 +28,14 @@ from depthvlm_ros.errors import InputError
 CANONICAL_FX = 1000.0
 #: Largest image side we accept from the outside, in pixels (bounds memory per frame).
 MAX_IMAGE_SIDE = 8192
+#: Default cap on image tokens (one per 32 x 32 px of model input) for the node and the tools. 1280
+#: keeps the released protocol for a 640x480 camera with fx >= 485 px (a horizontal field of view up
+#: to 67 degrees: RealSense D435, Kinect and Xtion class lenses need 800-1100 tokens) and bounds the
+#: 4B model's prefill per frame on a Jetson; wider lenses and larger images take the canonical-camera
+#: route at this size instead of asking for thousands of tokens (fx 300 px: 3300).
+DEFAULT_MAX_IMAGE_TOKENS = 1280
+#: Smallest focal length (pixels) of a camera we accept: below it no sane model input exists.
+MIN_FOCAL_PX = 1.0
 #: Largest depth a 16UC1 millimetre image can hold, in metres.
 MAX_DEPTH_16UC1_M = 65.535
 
@@ -183,17 +191,30 @@ def canonical_size(
     aspect ratio is kept and fy becomes ``fy * canonical_fx / fx``. With ``match_fy`` the height is
     scaled by ``canonical_fx / fy`` instead, so that both focal lengths become canonical (for
     cameras with non-square pixels; not what the paper did).
+
+    This is arithmetic only: a wide lens can give a size far beyond what any model takes (fx 10 px
+    on a 640 px image: 64000 px). Callers bound it before any pixel is resized
+    (:func:`check_focal`, the model's own ``max_pixels``, :func:`cap_model_size`);
+    :func:`canonical_resize`, which allocates the image, refuses sizes over :data:`MAX_IMAGE_SIDE`.
     """
+    check_focal(intrinsics)
     sx = canonical_fx / intrinsics.fx
     sy = canonical_fx / intrinsics.fy if match_fy else sx
-    width = max(1, int(round(intrinsics.width * sx)))
-    height = max(1, int(round(intrinsics.height * sy)))
-    if width > MAX_IMAGE_SIDE or height > MAX_IMAGE_SIDE:
+    return max(1, int(round(intrinsics.width * sx))), max(1, int(round(intrinsics.height * sy)))
+
+
+def check_focal(intrinsics: Intrinsics) -> Intrinsics:
+    """Refuse a camera no sane model input exists for: a focal length under :data:`MIN_FOCAL_PX`.
+
+    (NaN, infinite, non-positive values and image sizes beyond :data:`MAX_IMAGE_SIDE` are refused
+    when the :class:`Intrinsics` is made.) Returns ``intrinsics`` unchanged.
+    """
+    if intrinsics.fx < MIN_FOCAL_PX or intrinsics.fy < MIN_FOCAL_PX:
         raise InputError(
-            f"canonical size {width}x{height} (fx={intrinsics.fx:g} -> {canonical_fx:g}) exceeds "
-            f"{MAX_IMAGE_SIDE} pixels: the focal length is implausibly small for this image"
+            f"intrinsics: focal length fx={intrinsics.fx:g}, fy={intrinsics.fy:g} px is below {MIN_FOCAL_PX:g} px "
+            "(a field of view near 180 degrees): no model input describes this camera; check camera_info"
         )
-    return width, height
+    return intrinsics
 
 
 def cap_model_size(
@@ -253,6 +274,11 @@ def canonical_resize(
             f"{intrinsics.width}x{intrinsics.height}"
         )
     width, height = canonical_size(intrinsics, canonical_fx, match_fy)
+    if width > MAX_IMAGE_SIDE or height > MAX_IMAGE_SIDE:
+        raise InputError(
+            f"canonical size {width}x{height} (fx={intrinsics.fx:g} -> {canonical_fx:g}) exceeds "
+            f"{MAX_IMAGE_SIDE} pixels: resize to a bounded model size instead (cap_model_size)"
+        )
     return resize_rgb(rgb, width, height), intrinsics.resized(width, height)
 
 

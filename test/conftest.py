@@ -77,3 +77,20 @@ def ros_env(private_cache: Path) -> dict[str, str]:
     """:func:`ros_environment` for one test: each test gets its own domain, so processes a failed
     test left behind cannot answer the next."""
     return ros_environment(private_cache)
+
+
+def alter_onnx_weights(graph: Path, scale: float = 1.5, value: float | None = None) -> str:
+    """Change an exported graph's weights in place, as a bad conversion or a corrupted copy would: the
+    largest float initializer is multiplied by ``scale`` (or set to ``value``). Metadata (size, model
+    fingerprint) stays as it was, so only the graph's output can tell. Returns the initializer's name."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(graph))
+    floats = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
+    target = max(floats, key=lambda t: int(np.prod(t.dims)))
+    array = numpy_helper.to_array(target)
+    array = np.full_like(array, value) if value is not None else array * np.float32(scale)
+    target.CopyFrom(numpy_helper.from_array(array.astype(np.float32), target.name))
+    onnx.save(model, str(graph))
+    return target.name

@@ -1,8 +1,11 @@
-"""Peer processes for the node tests: a camera that publishes, a subscriber that records, a flood.
+"""Peer processes for the node tests: a camera that publishes, a subscriber that records, a diagnostics
+watcher and a service client.
 
-Run as ``python test/ros_peer.py publish|collect ...`` in the test's ROS environment (private
-ROS_DOMAIN_ID, localhost discovery, the shipped Fast DDS profile). Each peer is its own process, so
-the node is exercised over real Fast DDS exactly as a robot's software would use it.
+Run as ``python test/ros_peer.py publish|collect|watch|call ...`` in the test's ROS environment
+(private ROS_DOMAIN_ID, localhost discovery, the shipped Fast DDS profile). Each peer is its own
+process, so the node is exercised over real Fast DDS exactly as a robot's software would use it.
+Peers never wait a fixed time: they wait for matched endpoints, acknowledged messages, message
+counts and diagnostics values, each with a generous timeout that fails loudly (exit 1).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
+from rclpy.duration import Duration
 from rclpy.executors import ExternalShutdownException
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2
@@ -73,84 +77,200 @@ def encode_padded(rgb: np.ndarray, header: Header, pad: int) -> Image:
     return Image(header=header, height=h, width=w, encoding="rgb8", step=w * 3 + pad, data=rows.tobytes())
 
 
+#: Diagnostics counters that together say what became of every frame the node received.
+OUTCOMES = ("frames_processed", "errors", "frames_dropped", "frames_skipped_rate_limit", "frames_without_camera_info")
+BAD_KINDS = ("step", "size", "nan_k", "zero_k", "encoding", "aspect")
+
+
+def parse_condition(text: str):
+    """'KEY>=N' (also <=, >, <), 'KEY==V', 'KEY!=V' or 'KEY~TEXT' (contains) on a diagnostics status -> predicate.
+
+    V may name another key (``handled==frames_received``); ``handled`` is the sum of :data:`OUTCOMES`.
+    """
+    for op in (">=", "<=", "==", "!=", ">", "<", "~"):
+        if op in text:
+            key, value = text.split(op, 1)
+            break
+    else:
+        raise SystemExit(f"bad condition {text!r}")
+
+    def holds(status: dict) -> bool:
+        got = status.get(key)
+        if got is None:
+            return False
+        if op == "~":
+            return value in str(got)
+        want = status.get(value, value)  # the value may name another key: handled==frames_received
+        try:
+            a, b = float(got), float(want)
+        except ValueError:
+            a, b = str(got), str(want)
+        return {">=": a >= b, "<=": a <= b, "==": a == b, "!=": a != b, ">": a > b, "<": a < b}[op]
+
+    return holds
+
+
+class Diagnostics:
+    """The node's /diagnostics as seen by this peer: the latest ``<node>: depth`` status as a dict."""
+
+    def __init__(self, node) -> None:
+        self.node = node
+        self.latest: dict | None = None
+        self.count = 0
+        node.create_subscription(DiagnosticArray, "/diagnostics", self._on, 10)
+
+    def _on(self, msg: DiagnosticArray) -> None:
+        for status in msg.status:
+            if status.name.endswith(": depth"):
+                level = status.level
+                self.latest = {"level": int.from_bytes(level, "little") if isinstance(level, bytes) else int(level),
+                               "message": status.message, **{kv.key: kv.value for kv in status.values}}
+                self.latest["handled"] = str(handled(self.latest))
+                self.count += 1
+
+    def wait(self, predicate, timeout: float, what: str) -> dict:
+        """Spin until a status after now satisfies ``predicate``; exit 1 (with the last status) on timeout."""
+        seen = self.count
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            rclpy.spin_once(self.node, timeout_sec=0.05)
+            if self.count > seen and predicate(self.latest):
+                return self.latest
+        print(json.dumps({"timeout": what, "last": self.latest}), flush=True)
+        raise SystemExit(1)
+
+
+def handled(status: dict) -> int:
+    return sum(int(status.get(key, 0)) for key in OUTCOMES)
+
+
+def wait_matched(node, endpoints, timeout: float, what: str) -> None:
+    """Spin until every publisher has a subscriber / every subscription a publisher (this side's view)."""
+    def matched(e) -> bool:
+        count = e.get_subscription_count() if hasattr(e, "get_subscription_count") else e.get_publisher_count()
+        return count > 0
+
+    deadline = time.monotonic() + timeout
+    while not all(matched(e) for e in endpoints):
+        if time.monotonic() > deadline:
+            print(json.dumps({"timeout": f"matching {what}"}), flush=True)
+            raise SystemExit(1)
+        rclpy.spin_once(node, timeout_sec=0.05)
+
+
 def publish(args: argparse.Namespace) -> None:
-    """Publish ``--count`` frames (image + camera_info with one stamp) at ``--rate`` Hz."""
+    """Publish ``--count`` frames (image + camera_info with one stamp) at ``--rate`` Hz.
+
+    Starts once both publishers are matched. With ``--await`` each frame is published only after the
+    node's diagnostics account for the previous one (processed, refused, dropped or unmatched), so no
+    frame is replaced in the node's one-frame slot and every frame's outcome is known. Reliable
+    publishers wait until every subscriber acknowledged the last frame. ``--until`` conditions are
+    then waited for on the diagnostics.
+    """
     node = rclpy.create_node("test_camera")
     qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=args.depth,
                      reliability=ReliabilityPolicy.RELIABLE if args.reliable else ReliabilityPolicy.BEST_EFFORT)
     pub_image = node.create_publisher(Image, "image", qos)
     pub_info = node.create_publisher(CameraInfo, "camera_info", qos)
-    deadline = time.monotonic() + 10.0
-    while pub_image.get_subscription_count() == 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(args.settle)
-    k = Intrinsics.from_fx(args.width, args.height, args.fx)
-    info_k = Intrinsics.from_fx(args.info_width or args.width, args.info_height or args.height,
-                                args.fx * (args.info_width or args.width) / args.width)
-    frames: dict[int, np.ndarray] = {}  # frame i shows frame_rgb(i) (long runs cycle through 8)
+    diagnostics = Diagnostics(node) if (args.await_each or args.until) else None
+    wait_matched(node, [pub_image] if args.no_info else [pub_image, pub_info], 30.0, "the node's inputs")
+    status = first = diagnostics.wait(lambda _s: True, 30.0, "first diagnostics") if diagnostics else None
+    sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")] if args.sizes else [
+        (args.width, args.height)]
+    bad = args.bad.split(",") if args.bad else []
+    assert all(b in BAD_KINDS for b in bad), f"--bad takes {BAD_KINDS}"
+    frames: dict[tuple, np.ndarray] = {}  # frame i shows frame_rgb(i) (long runs cycle through 8)
+    tracked: dict[str, float] = {}  # --track: the largest value of a key in any status seen
     sent = []
     start = time.monotonic()
-    for i in range(args.start, args.start + args.count):
+    for n, i in enumerate(range(args.start, args.start + args.count)):
+        width, height = sizes[n % len(sizes)]
         header = Header(frame_id=args.frame_id)
         header.stamp.sec, header.stamp.nanosec = 1000 + i // 1000, (i % 1000) * 1_000_000
-        index = i if args.count <= 8 else i % 8
+        index = (i if args.count <= 8 else i % 8, width, height)
         if index not in frames:
-            frames[index] = frame_rgb(args.width, args.height, index)
-        image = encode(frames[index], args.encoding, header, args.pad)
-        if args.bad == "step":
+            frames[index] = frame_rgb(width, height, index[0])
+        kind = bad[n % len(bad)] if bad else None
+        image = encode(frames[index], "16UC1" if kind == "encoding" else args.encoding, header, args.pad)
+        if kind == "step":
             image.step = image.step - 1
-        elif args.bad == "size":
+        elif kind == "size":
             image.data = bytes(image.data[: len(image.data) // 2])
-        info = intrinsics_to_camera_info(info_k if args.info_width else k, header)
-        if args.bad == "nan_k":
+        k = Intrinsics.from_fx(width, height, args.fx)
+        info_k = Intrinsics.from_fx(args.info_width or width, args.info_height or height,
+                                    args.fx * (args.info_width or width) / width)
+        if kind == "aspect":
+            info_k = Intrinsics.from_fx(300, 300, args.fx)
+        info = intrinsics_to_camera_info(info_k if (args.info_width or kind == "aspect") else k, header)
+        if kind == "nan_k":
             info.k = [math.nan] * 9
             info.p = [0.0] * 12
-        elif args.bad == "zero_k":
+        elif kind == "zero_k":
             info.k = [0.0] * 9
             info.p = [0.0] * 12
-        if not args.no_info:
-            if args.info_first:
-                pub_info.publish(info)
-                pub_image.publish(image)
-            else:
-                pub_image.publish(image)
-                pub_info.publish(info)
+        before = handled(status) if args.await_each else 0
+        if args.no_info:
+            pub_image.publish(image)
+        elif args.info_first:
+            pub_info.publish(info)
+            pub_image.publish(image)
         else:
             pub_image.publish(image)
+            pub_info.publish(info)
         sent.append(i)
-        next_time = start + (i - args.start + 1) / args.rate
-        time.sleep(max(0.0, next_time - time.monotonic()))
-    time.sleep(args.linger)
-    print(json.dumps({"sent": len(sent), "seconds": time.monotonic() - start}), flush=True)
+        if args.await_each:
+            status = diagnostics.wait(lambda s, b=before: handled(s) > b, 60.0, f"frame {i} handled")
+            for key in args.track:
+                tracked[key] = max(tracked.get(key, -math.inf), float(status[key]))
+        else:
+            next_time = start + (n + 1) / args.rate
+            time.sleep(max(0.0, next_time - time.monotonic()))  # the camera's frame rate
+    if args.reliable:
+        for pub in (pub_image, pub_info):
+            pub.wait_for_all_acked(Duration(seconds=10))
+    for text in args.until:
+        status = diagnostics.wait(parse_condition(text), 60.0, text)
+    print(json.dumps({"sent": len(sent), "seconds": time.monotonic() - start, "first": first,
+                      "diagnostics": status, "max": tracked}), flush=True)
     node.destroy_node()
 
 
 def collect(args: argparse.Namespace) -> None:
-    """Subscribe to the node's outputs; save what arrived (arrays + metadata) to ``--out``."""
+    """Subscribe to the node's outputs; save what arrived (arrays + metadata) to ``--out``.
+
+    Prints ``ready`` once its subscriptions are matched. Ends when ``--count`` messages arrived on every
+    topic it subscribes to and every ``--until`` condition holds on a diagnostics status received after
+    that (or at ``--timeout``).
+    """
     node = rclpy.create_node("test_listener")
     got: dict[str, dict[str, object]] = {"depth": {}, "info": {}, "colored": {}, "points": {}}
     diagnostics: list[dict[str, object]] = []
     arrival: dict[str, float] = {}
+    seen = {topic: 0 for topic in (("depth", "info") if args.no_heavy else got)}  # messages per topic
 
     def key(header: Header) -> str:
         return f"{header.stamp.sec}.{header.stamp.nanosec:09d}|{header.frame_id}"
 
     def on_depth(msg: Image) -> None:
         arrival.setdefault(key(msg.header), time.monotonic())
+        seen["depth"] += 1
         if len(got["depth"]) < args.keep:
             got["depth"][key(msg.header)] = {"encoding": msg.encoding, "data": image_to_depth(msg),
                                              "step": msg.step, "width": msg.width, "height": msg.height}
 
     def on_info(msg: CameraInfo) -> None:
+        seen["info"] += 1
         if len(got["info"]) < args.keep:
             got["info"][key(msg.header)] = {"k": list(msg.k), "p": list(msg.p), "width": msg.width,
                                             "height": msg.height, "d": list(msg.d)}
 
     def on_colored(msg: Image) -> None:
+        seen["colored"] += 1
         if len(got["colored"]) < args.keep:
             got["colored"][key(msg.header)] = {"encoding": msg.encoding, "data": image_to_rgb(msg)}
 
     def on_points(msg: PointCloud2) -> None:
+        seen["points"] += 1
         if len(got["points"]) < args.keep:
             got["points"][key(msg.header)] = {
                 "height": msg.height, "width": msg.width, "point_step": msg.point_step, "row_step": msg.row_step,
@@ -159,28 +279,27 @@ def collect(args: argparse.Namespace) -> None:
                 "data": np.array(msg_to_cloud(msg)),
             }
 
-    def on_diagnostics(msg: DiagnosticArray) -> None:
-        for status in msg.status:
-            if status.name.endswith(": depth"):
-                diagnostics.append({"level": int.from_bytes(status.level, "little") if isinstance(status.level, bytes)
-                                    else int(status.level), "message": status.message,
-                                    **{kv.key: kv.value for kv in status.values}})
-
-    node.create_subscription(Image, "depth/image", on_depth, RELIABLE)
-    node.create_subscription(CameraInfo, "depth/camera_info", on_info, RELIABLE)
+    subs = [node.create_subscription(Image, "depth/image", on_depth, RELIABLE),
+            node.create_subscription(CameraInfo, "depth/camera_info", on_info, RELIABLE)]
     if not args.no_heavy:
-        node.create_subscription(Image, "depth/colored", on_colored, RELIABLE)
-        node.create_subscription(PointCloud2, "points", on_points, RELIABLE)
-    node.create_subscription(DiagnosticArray, "/diagnostics", on_diagnostics, 10)
+        subs.append(node.create_subscription(Image, "depth/colored", on_colored, RELIABLE))
+        subs.append(node.create_subscription(PointCloud2, "points", on_points, RELIABLE))
+    watch = Diagnostics(node)
+    wait_matched(node, subs, 30.0, "the node's outputs")
     print(json.dumps({"ready": True}), flush=True)
+    conditions = [parse_condition(text) for text in args.until]
     deadline = time.monotonic() + args.timeout
-    while time.monotonic() < deadline and len(arrival) < args.count:
-        rclpy.spin_once(node, timeout_sec=0.1)
-    end = time.monotonic() + args.after
-    while time.monotonic() < end:
-        rclpy.spin_once(node, timeout_sec=0.1)
+    last = -1
+    while time.monotonic() < deadline:
+        rclpy.spin_once(node, timeout_sec=0.05)
+        if watch.count != last and watch.latest is not None:
+            last = watch.count
+            diagnostics.append(watch.latest)
+            if min(seen.values()) >= args.count and all(c(watch.latest) for c in conditions):
+                break
     arrays = {}
-    meta: dict[str, object] = {"diagnostics": diagnostics, "depth_count": len(arrival)}
+    meta: dict[str, object] = {"diagnostics": diagnostics, "depth_count": len(arrival),
+                               "arrivals": sorted(arrival.values())}  # time.monotonic(): one clock for all processes
     for topic, items in got.items():
         meta[topic] = {}
         for k, item in items.items():
@@ -194,8 +313,20 @@ def collect(args: argparse.Namespace) -> None:
     node.destroy_node()
 
 
+def watch(args: argparse.Namespace) -> None:
+    """Exit 0 with the first diagnostics status (from now on) on which every ``--until`` condition holds."""
+    node = rclpy.create_node("test_watch")
+    conditions = [parse_condition(text) for text in args.until]
+    status = Diagnostics(node).wait(lambda s: all(c(s) for c in conditions), args.timeout, " and ".join(args.until))
+    print(json.dumps(status), flush=True)
+    node.destroy_node()
+
+
 def call(args: argparse.Namespace) -> None:
-    """Call one of the node's services with a JSON request; print the response as JSON."""
+    """Call one of the node's services with a JSON request; print the response as JSON.
+
+    ``--repeat N`` sends N identical requests at once and prints a list, in the order they completed.
+    """
     from depthvlm_msgs.srv import DepthAt, SpatialQuery
     from rcl_interfaces.msg import Parameter as ParameterMsg
     from rcl_interfaces.srv import SetParameters
@@ -212,22 +343,30 @@ def call(args: argparse.Namespace) -> None:
         srv_type = {"spatial_query": SpatialQuery, "depth_at": DepthAt}[args.service]
         req = srv_type.Request(**request)
     client = node.create_client(srv_type, f"/depthvlm/{args.service}")
-    assert client.wait_for_service(timeout_sec=20.0), "service not available"
-    future = client.call_async(req)
-    rclpy.spin_until_future_complete(node, future, timeout_sec=args.timeout)
-    res = future.result()
-    if args.service == "set_parameters":
-        out = {"results": [{"successful": r.successful, "reason": r.reason} for r in res.results]}
-    elif args.service == "depth_at":
-        out = {"success": res.success, "message": res.message, "depth_m": [float(d) for d in res.depth_m],
-               "points": [[p.x, p.y, p.z] for p in res.points], "frame_id": res.header.frame_id,
-               "stamp": [res.header.stamp.sec, res.header.stamp.nanosec]}
-    else:
+    assert client.wait_for_service(timeout_sec=30.0), "service not available"
+    futures = [client.call_async(req) for _ in range(args.repeat)]
+    done: list[tuple[int, float]] = []
+    start = time.monotonic()
+    deadline = start + args.timeout
+    while len(done) < len(futures) and time.monotonic() < deadline:
+        rclpy.spin_once(node, timeout_sec=0.05)
+        done += [(i, time.monotonic()) for i, f in enumerate(futures) if f.done() and i not in dict(done)]
+    assert len(done) == len(futures), f"{len(futures) - len(done)} of {len(futures)} calls got no response"
+
+    def response(res) -> dict:
+        if args.service == "set_parameters":
+            return {"results": [{"successful": r.successful, "reason": r.reason} for r in res.results]}
+        if args.service == "depth_at":
+            return {"success": res.success, "message": res.message, "depth_m": [float(d) for d in res.depth_m],
+                    "points": [[p.x, p.y, p.z] for p in res.points], "frame_id": res.header.frame_id,
+                    "stamp": [res.header.stamp.sec, res.header.stamp.nanosec]}
         p = res.point.point
-        out = {"success": res.success, "answer": res.answer, "message": res.message,
-               "distance_m": float(res.distance_m), "point": [p.x, p.y, p.z],
-               "frame_id": res.point.header.frame_id, "region_px": [float(v) for v in res.region_px]}
-    print(json.dumps(out, allow_nan=True), flush=True)
+        return {"success": res.success, "answer": res.answer, "message": res.message,
+                "distance_m": float(res.distance_m), "point": [p.x, p.y, p.z],
+                "frame_id": res.point.header.frame_id, "region_px": [float(v) for v in res.region_px]}
+
+    results = [{**response(futures[i].result()), "completed_at": t} for i, t in done]  # time.monotonic()
+    print(json.dumps(results if args.repeat > 1 else results[0], allow_nan=True), flush=True)
     node.destroy_node()
 
 
@@ -237,6 +376,7 @@ def main() -> None:
     p = sub.add_parser("publish")
     p.add_argument("--width", type=int, default=320)
     p.add_argument("--height", type=int, default=240)
+    p.add_argument("--sizes", help="WxH,WxH,...: frame n has the n-th size (cycling), all at --fx")
     p.add_argument("--fx", type=float, default=300.0)
     p.add_argument("--rate", type=float, default=5.0)
     p.add_argument("--count", type=int, default=5)
@@ -244,30 +384,36 @@ def main() -> None:
     p.add_argument("--encoding", default="rgb8")
     p.add_argument("--pad", type=int, default=0)
     p.add_argument("--frame-id", default="cam_optical")
-    p.add_argument("--bad", choices=["step", "size", "nan_k", "zero_k"])
+    p.add_argument("--bad", help=f"comma list of {','.join(BAD_KINDS)}: frame n is broken the n-th way (cycling)")
     p.add_argument("--info-width", type=int, default=0)
     p.add_argument("--info-height", type=int, default=0)
     p.add_argument("--no-info", action="store_true")
     p.add_argument("--info-first", action="store_true")
     p.add_argument("--reliable", action="store_true")
+    p.add_argument("--await", dest="await_each", action="store_true",
+                   help="publish each frame once the node accounted for the previous one (needs --reliable)")
+    p.add_argument("--until", action="append", default=[], help="then wait for this diagnostics condition")
+    p.add_argument("--track", action="append", default=[], help="with --await: report the largest value of KEY")
     p.add_argument("--depth", type=int, default=5)
-    p.add_argument("--settle", type=float, default=1.0)
-    p.add_argument("--linger", type=float, default=0.5)
     c = sub.add_parser("collect")
     c.add_argument("--out", type=Path, required=True)
     c.add_argument("--count", type=int, default=5)
     c.add_argument("--keep", type=int, default=5)
     c.add_argument("--timeout", type=float, default=60.0)
-    c.add_argument("--after", type=float, default=1.0, help="keep listening this long after --count")
+    c.add_argument("--until", action="append", default=[], help="also wait for this diagnostics condition")
     c.add_argument("--no-heavy", action="store_true", help="do not subscribe to depth/colored and points")
+    w = sub.add_parser("watch")
+    w.add_argument("--until", action="append", default=[], required=True)
+    w.add_argument("--timeout", type=float, default=60.0)
     q = sub.add_parser("call")
     q.add_argument("service", choices=["spatial_query", "depth_at", "set_parameters"])
     q.add_argument("request", help="JSON object: request fields (set_parameters: name -> value)")
+    q.add_argument("--repeat", type=int, default=1, help="send this many identical requests at once")
     q.add_argument("--timeout", type=float, default=60.0)
     args = parser.parse_args()
     rclpy.init()
     try:
-        {"publish": publish, "collect": collect, "call": call}[args.cmd](args)
+        {"publish": publish, "collect": collect, "watch": watch, "call": call}[args.cmd](args)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,11 +17,12 @@ import torch
 from depthvlm_ros.backends import BackendError, TorchBackend, create_backend
 from depthvlm_ros.backends.onnx_export import export_onnx, max_relative_error, read_metadata
 from depthvlm_ros.backends.onnxruntime_backend import OnnxRuntimeBackend
+from depthvlm_ros.backends.probe import TOLERANCE, probe_path, read_probe
 from depthvlm_ros.backends.tensorrt_backend import check_sidecar
 from depthvlm_ros.geometry import Intrinsics
 from depthvlm_ros.model.checkpoint import model_fingerprint
 
-from conftest import SAMPLE_CAMERA, SAMPLE_IMAGE, scene_image
+from conftest import SAMPLE_CAMERA, SAMPLE_IMAGE, alter_onnx_weights, scene_image
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 HAS_CUDA = torch.cuda.is_available()
@@ -166,7 +168,9 @@ def test_cli_bench_measures_backends_side_by_side(tiny_checkpoint, exports):
     report = json.loads(run.stdout.strip().splitlines()[-1])
     assert set(report["backends"]) == {"torch", "onnxruntime"}
     assert set(report["backends"]["onnxruntime"]["stages"]) == {"preprocess", "model", "postprocess", "total"}
-    assert report["speedup_vs_torch"]["onnxruntime"] > 0
+    medians = {name: b["stages"]["total"]["median_ms"] for name, b in report["backends"].items()}
+    assert report["speedup_vs_torch"]["onnxruntime"] == pytest.approx(medians["torch"] / medians["onnxruntime"],
+                                                                      rel=1e-3)
 
 
 def test_cli_compiled_path_errors_are_one_line(tmp_path, tiny_checkpoint):
@@ -240,6 +244,7 @@ def test_export_without_a_fingerprint_is_refused_when_one_is_expected(exports, t
             prop.value = ""
     anonymous = tmp_path / "anonymous.onnx"
     onnx.save(proto, str(anonymous))
+    shutil.copyfile(probe_path(exports[(320, 256)].path), probe_path(anonymous))
     with pytest.raises(BackendError, match="other weights"):
         OnnxRuntimeBackend([anonymous], expected_fingerprint="0123456789abcdef")
     assert OnnxRuntimeBackend([anonymous]).sizes() == [(320, 256)]  # fine when nothing is expected
@@ -247,3 +252,101 @@ def test_export_without_a_fingerprint_is_refused_when_one_is_expected(exports, t
     corrupt.write_bytes(b"\x08\x07garbage")
     with pytest.raises(BackendError, match="not a readable ONNX file|not a depthvlm export"):
         OnnxRuntimeBackend([corrupt])
+
+
+def copy_export(report, folder: Path) -> Path:
+    """An export's graph and probe copied into ``folder`` (to damage without touching the fixture)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    graph = folder / Path(report.path).name
+    shutil.copyfile(report.path, graph)
+    shutil.copyfile(probe_path(report.path), probe_path(graph))
+    return graph
+
+
+def test_export_stores_a_probe_that_the_backend_reproduces(exports, tiny_model):
+    report = exports[(320, 256)]
+    probe = read_probe(report.path, "unused")
+    assert probe.size == "320x256" and probe.depth.shape == (1, 256, 320)
+    inputs = tiny_model.processor([np.zeros((256, 320, 3), np.uint8)], "x")
+    assert probe.pixel_values.shape == tuple(inputs.pixel_values.shape)
+    backend = OnnxRuntimeBackend([report.path])  # loading runs the probe
+    session = backend._session((320, 256))
+    got = backend._run(session, probe.pixel_values, [probe.pixel_values.shape[0]])
+    assert max_relative_error(got, probe.depth) < TOLERANCE["fp32"]
+
+
+def test_a_graph_altered_after_export_is_refused_and_fallback_serves_pytorch(exports, tiny_model, tmp_path):
+    graph = copy_export(exports[(320, 256)], tmp_path / "scaled")
+    alter_onnx_weights(graph, scale=1.5)
+    with pytest.raises(BackendError) as err:
+        OnnxRuntimeBackend([graph])
+    assert "differs from its PyTorch reference" in str(err.value)
+    assert f"depthvlm export --model DIR --size 320x256 --out {graph}" in str(err.value)  # how to fix it
+    nan_graph = copy_export(exports[(320, 256)], tmp_path / "nan")
+    alter_onnx_weights(nan_graph, value=float("nan"))
+    with pytest.raises(BackendError, match="NaN/Inf"):
+        OnnxRuntimeBackend([nan_graph])
+    no_probe = copy_export(exports[(320, 256)], tmp_path / "bare")
+    probe_path(no_probe).unlink()
+    with pytest.raises(BackendError, match="has no probe"):
+        OnnxRuntimeBackend([no_probe])
+    messages: list[str] = []
+    chosen = create_backend(tiny_model, "onnxruntime", onnx=[graph], fallback=True, log=messages.append)
+    assert isinstance(chosen, TorchBackend) and "differs from its PyTorch reference" in chosen.fallback_reason
+    assert len(messages) == 1 and "falling back to torch" in messages[0]
+
+
+def test_held_sizes_are_bounded_and_background_sizes_never_block(exports, tiny_model):
+    """Foreground: a missing size is made on the call that needs it; at most max_sizes are held. Background:
+    the call gets SizeNotReadyError (PyTorch serves) and later the size, made by the worker thread."""
+    from depthvlm_ros.backends import SizeNotReadyError
+
+    graphs = {size: Path(report.path) for size, report in exports.items()}
+    made: list[tuple[int, int]] = []
+
+    def exporter(width: int, height: int, replace: bool = False) -> Path:
+        made.append((width, height))
+        return graphs[(width, height)]
+
+    fore = OnnxRuntimeBackend(exporter=exporter, max_sizes=1)
+    k = Intrinsics.from_fx(320, 240, 1000.0)
+    portrait = Intrinsics.from_fx(240, 320, 1000.0)
+    tiny_model.backend = fore
+    try:
+        tiny_model.predict_depth(scene_image(320, 240, 1000.0), k)
+        result = tiny_model.predict_depth(scene_image(240, 320, 1000.0), portrait)
+        assert result.backend == "onnxruntime" and fore.held_sizes() == [(256, 320)] and made == list(graphs)
+
+        back = OnnxRuntimeBackend(exporter=exporter, max_sizes=1, background=True, log=lambda _: None)
+        with pytest.raises(SizeNotReadyError):
+            back.nearest_size(320, 256)
+        tiny_model.backend = back
+        assert tiny_model.predict_depth(scene_image(320, 240, 1000.0), k).backend == "torch"  # PyTorch stands in
+        assert back.wait_for_size((320, 256), timeout_s=60), back.describe()  # the worker made it
+        assert back.held_sizes() == [(320, 256)]
+        assert tiny_model.predict_depth(scene_image(320, 240, 1000.0), k).backend == "onnxruntime"
+        back.close()
+    finally:
+        tiny_model.backend = TorchBackend(tiny_model.model)
+
+
+def test_export_cache_keeps_the_most_recently_used_graphs(tmp_path, monkeypatch):
+    from depthvlm_ros.backends.export_cache import prune_export_cache
+
+    root = tmp_path / "exports"
+    graphs = []
+    for i in range(5):
+        graph = root / f"model-{i % 2}" / f"depth_{i}_fp32.onnx"
+        graph.parent.mkdir(parents=True, exist_ok=True)
+        graph.write_bytes(b"x" * 1000)
+        probe_path(graph).write_bytes(b"p" * 100)
+        os.utime(graph, (1000 + i, 1000 + i))  # graph i was used at time 1000 + i
+        graphs.append(graph)
+    monkeypatch.setenv("DEPTHVLM_EXPORT_CACHE_MAX_GRAPHS", "3")
+    removed = prune_export_cache(root, keep=graphs[0])  # the one just made always stays
+    assert sorted(removed) == sorted(graphs[1:3])
+    assert [g.is_file() for g in graphs] == [True, False, False, True, True]
+    assert not probe_path(graphs[1]).exists()  # its companions go with it
+    monkeypatch.setenv("DEPTHVLM_EXPORT_CACHE_MAX_GB", str(2200 / 1e9))  # room for two graphs and their probes
+    prune_export_cache(root)
+    assert [g.is_file() for g in graphs] == [False, False, False, True, True]

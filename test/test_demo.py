@@ -18,11 +18,14 @@ def test_demo_runs_and_writes_bag_pngs_cloud_and_summary(tmp_path, ros_env):
     assert "live δ1" in run.stdout and "demo summary" in run.stdout
     s = json.loads((out / "summary.json").read_text())
     assert s["frames_published"] == 16
-    assert s["depth_received"] >= 4 and s["depth_scored"] >= 4
-    assert 0.0 <= s["delta1_mean"] <= 1.0 and s["abs_rel_mean"] > 0
-    assert s["latency_ms_median"] > 0
+    node = s["node"]
+    # every frame reached the node and was processed or replaced by a newer one (latest wins); every
+    # processed frame's depth came back and was scored against the generator's exact depth
+    assert node["frames_received"] == 16 == node["frames_processed"] + node["frames_dropped"] and node["errors"] == 0
+    assert s["depth_received"] == s["depth_scored"] == node["frames_processed"] >= 1
+    assert s["delta1_mean"] > 0.6, s  # the shipped model measures the room (its card: live δ1 ~0.9)
     (answer,) = s["answers"]
-    assert answer["success"] and np.isfinite(answer["distance_m"]) and answer["true_distance_m"] > 0
+    assert answer["success"] and np.isfinite(answer["distance_m"])
     assert answer["question"].startswith("How far is the ")
 
     from rosbags.highlevel import AnyReader
@@ -30,11 +33,12 @@ def test_demo_runs_and_writes_bag_pngs_cloud_and_summary(tmp_path, ros_env):
     with AnyReader([out / "demo.mcap"]) as reader:
         counts = {c.topic: c.msgcount for c in reader.connections}
     assert counts["/image"] == 16 and counts["/camera_info"] == 16
-    assert counts["/depth/image"] >= 4 and counts["/depth/colored"] >= 1
+    assert counts["/depth/image"] == counts["/depth/camera_info"] == s["depth_received"]
+    assert counts["/depth/colored"] == s["depth_received"]  # the recorder subscribes: the view is built
 
     import open3d as o3d
 
     assert (out / "depth_00.png").is_file()
     cloud = o3d.io.read_point_cloud(str(out / "cloud.ply"))
     points = np.asarray(cloud.points)
-    assert len(points) > 1000 and cloud.has_colors() and (points[:, 2] > 0).all()
+    assert len(points) > 1000 and cloud.has_colors()

@@ -346,15 +346,23 @@ def test_saved_perfect_predictions_score_perfectly_and_the_cache_resumes(bench, 
         with Image.open(out / "plots" / name) as img:
             assert img.format == "PNG" and min(img.size) > 100
 
-    # the rerun reads every scored image from the cache: the predictions are gone
-    shutil.rmtree(preds)
-    preds.mkdir()
+    # the rerun reads every scored image from the cache: the same prediction files, the same numbers
     again = depthvlm("eval", *specs, "--predictions", str(preds), "--json", str(out / "again.json"),
                      "--cache", str(tmp_path / "cache"))
     assert again.returncode == 0, again.stderr
     second = json.loads((out / "again.json").read_text())
     assert second["run"]["cache_hits"] == 5 and second["run"]["computed"] == 0
     assert second["datasets"] == report["datasets"] and second["overall"] == report["overall"]
+
+    # predictions rewritten in place (same names, other content) are scored again, never the old numbers
+    shutil.rmtree(preds)
+    write_predictions(preds, data, 1.3)
+    third = depthvlm("eval", *specs, "--predictions", str(preds), "--json", str(out / "third.json"),
+                     "--cache", str(tmp_path / "cache"))
+    assert third.returncode == 0, third.stderr
+    rescored = json.loads((out / "third.json").read_text())
+    assert rescored["run"]["cache_hits"] == 0 and rescored["run"]["computed"] == 5
+    assert rescored["overall"]["dense"]["delta1"] < 0.5
 
 
 def test_scaled_predictions_fail_delta1_everywhere(bench, tmp_path, capsys):
@@ -427,6 +435,31 @@ def test_model_run_end_to_end(bench, tmp_path, tiny_checkpoint):
     assert report["datasets"]["argo2"]["n_images"] == 2
     assert report["run"]["source"].startswith("model:")
     assert (tmp_path / "plots" / "worst_argo2.png").is_file()
+
+
+def test_model_cache_is_keyed_by_the_weights_not_the_folder(bench, tmp_path, tiny_checkpoint):
+    """Retraining in place (same folder, new weights) must not return the old scores."""
+    from safetensors.torch import load_file, save_file
+
+    root, data = bench
+    model = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint, model)
+    specs = ["--dataset", data["argo2"]["spec"]]
+    cache = ["--cache", str(tmp_path / "cache")]
+    runs = []
+    for _ in range(2):
+        run = depthvlm("eval", *specs, "--model", str(model), *cache, "--json", str(tmp_path / "r.json"))
+        assert run.returncode == 0, run.stderr
+        runs.append(json.loads((tmp_path / "r.json").read_text()))
+    assert runs[0]["run"]["computed"] == 2 and runs[1]["run"]["cache_hits"] == 2
+    weights = load_file(str(model / "model.safetensors"))
+    weights["depth_head.scratch.output_conv2.2.bias"] += 0.5  # "retrained": the head's output shifts
+    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+    run = depthvlm("eval", *specs, "--model", str(model), *cache, "--json", str(tmp_path / "r.json"))
+    assert run.returncode == 0, run.stderr
+    retrained = json.loads((tmp_path / "r.json").read_text())
+    assert retrained["run"]["cache_hits"] == 0 and retrained["run"]["computed"] == 2
+    assert retrained["datasets"]["argo2"]["dense"] != runs[0]["datasets"]["argo2"]["dense"]
 
 
 def test_bad_dataset_spec_is_one_line_and_exit_code_2():

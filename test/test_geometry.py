@@ -86,8 +86,13 @@ def test_canonical_size_follows_the_benchmark_rounding():
     aniso = Intrinsics.from_fx(640, 480, 500.0, fy=400.0)
     assert canonical_size(aniso) == (1280, 960)
     assert canonical_size(aniso, match_fy=True) == (1280, 1200)
-    with pytest.raises(InputError, match="implausibly small"):
-        canonical_size(Intrinsics.from_fx(640, 480, 10.0))
+    # A wide lens's canonical size is only arithmetic (nothing is resized to it) ...
+    assert canonical_size(Intrinsics.from_fx(640, 480, 10.0)) == (64000, 48000)
+    # ... the function that would allocate it refuses, and a camera under 1 px focal length has no sane input.
+    with pytest.raises(InputError, match="exceeds 8192"):
+        canonical_resize(np.zeros((480, 640, 3), np.uint8), Intrinsics.from_fx(640, 480, 10.0))
+    with pytest.raises(InputError, match="below 1 px"):
+        canonical_size(Intrinsics.from_fx(640, 480, 0.5))
 
 
 def test_canonical_resize_returns_image_and_k_with_fx_1000():

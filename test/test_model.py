@@ -181,6 +181,43 @@ def test_ask_answers_and_its_depth_is_the_depth_paths(tiny_model):
     assert "generate" in answer.timings_ms
 
 
+def test_ask_stops_when_asked_and_says_so(tiny_model):
+    """``should_stop`` ends generation within one token (how the node stops an answer on SIGTERM)."""
+    k = Intrinsics.from_fx(320, 240, 500.0)
+    rgb = scene_image(320, 240, 500.0)
+    calls = []
+
+    def stop_after_three() -> bool:
+        calls.append(1)
+        return len(calls) >= 3
+
+    answer = tiny_model.ask(rgb, k, "How far is the red ball?", max_new_tokens=200, should_stop=stop_after_three)
+    assert answer.stopped and answer.num_tokens == 3
+    free = tiny_model.ask(rgb, k, "How far is the red ball?", max_new_tokens=5, should_stop=lambda: False)
+    assert not free.stopped and free.num_tokens == 5
+
+
+def test_model_input_is_bounded_whatever_the_lens(tiny_model):
+    """A wide lens asks for a canonical size of 64000 x 48000 px: it is served at the capped size on the
+    canonical-camera route (depth x fx'/1000), never resized to that; under 1 px focal length is refused."""
+    from depthvlm_ros.geometry import DEFAULT_MAX_IMAGE_TOKENS
+
+    wide = Intrinsics.from_fx(640, 480, 10.0)
+    rgb = scene_image(640, 480, 10.0)
+    capped = tiny_model.predict_depth(rgb, wide, max_tokens=DEFAULT_MAX_IMAGE_TOKENS)
+    w, h = capped.intrinsics_model.size
+    assert (w // 32) * (h // 32) <= DEFAULT_MAX_IMAGE_TOKENS and w / h == pytest.approx(4 / 3, rel=0.05)
+    assert capped.intrinsics_model.fx == pytest.approx(10.0 * w / 640)  # the model saw focal fx', not 1000
+    assert capped.depth.shape == (480, 640) and np.isfinite(capped.depth).all()
+    # Without the node's cap, the model's own max_pixels (16.7 M px for the released processor) still bounds it.
+    from depthvlm_ros.model.pipeline import model_input_size
+
+    own_w, own_h = model_input_size(tiny_model.processor, wide)
+    assert own_w * own_h <= 16777216 and own_w / own_h == pytest.approx(4 / 3, rel=0.05)
+    with pytest.raises(InputError, match="below 1 px"):
+        tiny_model.predict_depth(rgb, Intrinsics.from_fx(640, 480, 0.5))
+
+
 @pytest.mark.parametrize(("question", "message"), [("", "empty"), ("   ", "empty"), ("x" * 1001, "limit is 1000")])
 def test_ask_rejects_bad_questions(tiny_model, question, message):
     k = Intrinsics.from_fx(64, 64, 100.0)

@@ -16,7 +16,7 @@ from depthvlm_ros.errors import InputError
 from depthvlm_ros.geometry import MAX_IMAGE_SIDE, Intrinsics, depth_to_points
 from depthvlm_ros.pointcloud import organized_cloud, pack_rgb, unpack_rgb
 from depthvlm_ros.ros import messages as M
-from depthvlm_ros.ros.flow import LatestSlot, StampSync
+from depthvlm_ros.ros.flow import KindThrottle, LatestSlot, QuestionGate, StampSync, error_kind
 from depthvlm_ros.ros.params import PARAMS, check_settings
 
 from conftest import REPO
@@ -141,12 +141,64 @@ def test_stamp_sync_pairs_either_order_and_stays_bounded():
     assert near.push_image(106, "x") == [("x", "b")]  # the closest within tolerance
 
 
+def test_stamp_sync_forgets_camera_infos_when_time_goes_back():
+    """A camera restarted with an earlier clock (or a looping bag) pairs again at once."""
+    sync: StampSync[str, str] = StampSync()
+    sync.push_info(1000, "old")
+    assert sync.push_image(1000, "a") == [("a", "old")]
+    assert sync.push_info(10, "new") == []  # earlier than every info held: they are forgotten
+    assert sync.push_image(10, "b") == [("b", "new")]
+    assert sync.push_image(11, "c") == [] and sync.pending == 1  # waits for its info, not refused as too old
+
+
 def test_latest_slot_keeps_one_frame_and_counts_the_replaced():
     slot: LatestSlot[int] = LatestSlot()
     assert slot.put(1) is False
     assert slot.put(2) is True
-    assert slot.take(0.0) == 2 and slot.take(0.0) is None
+    assert slot.pending()
+    assert slot.take(0.0) == 2 and slot.pending()  # taken, not done yet: still the worker's
+    slot.done()
+    assert not slot.pending() and slot.take(0.0) is None
     assert slot.dropped == 1
+
+
+def test_question_gate_admits_one_lets_one_wait_and_refuses_the_rest_at_once():
+    import threading
+
+    frame_waiting = [False]
+    gate = QuestionGate(max_waiting=1, depth_waiting=lambda: frame_waiting[0])
+    assert gate.enter(timeout_s=1.0) is None and gate.active
+    admitted = threading.Event()
+    second = threading.Thread(target=lambda: gate.enter(timeout_s=30.0) is None and admitted.set())
+    second.start()
+    while gate.waiting == 0:  # the second question is queued (a thread start, not a fixed wait)
+        second.join(0.001)
+    refused = gate.enter(timeout_s=30.0)  # a third: nobody else may wait, so "busy" at once
+    assert refused is not None and refused.startswith("busy")
+    frame_waiting[0] = True  # a depth frame waits for the model when the first question ends
+    gate.leave()
+    assert gate.waiting == 1 and not gate.active and not admitted.is_set()  # it waits for depth's turn ...
+    gate.depth_served()
+    assert admitted.wait(5.0)  # ... and goes once a frame was served
+    second.join()
+    frame_waiting[0] = False
+    gate.leave()
+    assert gate.enter(timeout_s=1.0) is None  # nothing waiting for depth: the next goes at once
+    assert gate.enter(timeout_s=0.05).startswith("busy: no turn within")  # a wait has a timeout too
+    gate.leave()
+
+
+def test_log_throttle_is_per_kind():
+    now = [0.0]
+    throttle = KindThrottle(period_s=5.0, max_kinds=2, clock=lambda: now[0])
+    step = error_kind("image: step 959 < width 320")
+    assert step == error_kind("image: step 10 < width 12")  # numbers do not make a new kind
+    assert throttle.allow(step) and throttle.allow(error_kind("camera_info: K has NaN"))  # independent kinds
+    assert not throttle.allow(step)
+    now[0] = 5.0
+    assert throttle.allow(step)
+    throttle.allow("third kind")  # bounded: the least recently seen kind is forgotten
+    assert throttle.allow(error_kind("camera_info: K has NaN"))
 
 
 def test_shipped_parameter_file_matches_the_declared_parameters():

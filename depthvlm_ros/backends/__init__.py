@@ -11,9 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from depthvlm_ros.backends.base import BACKENDS, BackendError, DepthBackend
+from depthvlm_ros.backends.base import BACKENDS, BackendError, DepthBackend, SizeNotReadyError
+from depthvlm_ros.backends.export_cache import export_cache_path
 
-__all__ = ["BACKENDS", "BackendError", "DepthBackend", "TorchBackend", "create_backend", "export_cache_path"]
+__all__ = ["BACKENDS", "BackendError", "DepthBackend", "SizeNotReadyError", "TorchBackend", "create_backend",
+           "export_cache_path"]
 
 
 def __getattr__(name: str) -> object:
@@ -25,41 +27,29 @@ def __getattr__(name: str) -> object:
     raise AttributeError(name)
 
 
-def export_cache_path(vlm: object, width: int, height: int, dtype: str = "fp32") -> Path:
-    """Where an on-demand ONNX export of ``vlm`` at one size is kept (per model fingerprint)."""
-    from depthvlm_ros.model.checkpoint import model_fingerprint
-    from depthvlm_ros.model.default import cache_dir
-
-    tag = model_fingerprint(vlm.folder) if vlm.folder is not None else vlm.name
-    return cache_dir() / "exports" / f"{vlm.name}-{tag}" / f"depth_{width}x{height}_{dtype}.onnx"
-
-
-def _onnxruntime(vlm: object, device: str, onnx: Sequence[Path], export_missing: bool,
-                 log: Callable[[str], None]) -> DepthBackend:
-    from depthvlm_ros.backends.onnx_export import export_onnx
+def _onnxruntime(vlm: object, device: str, onnx: Sequence[Path], export_missing: bool, max_sizes: int,
+                 background: bool, idle_s: float, log: Callable[[str], None]) -> DepthBackend:
+    from depthvlm_ros.backends.export_cache import InProcessExporter, SubprocessExporter
     from depthvlm_ros.backends.onnxruntime_backend import OnnxRuntimeBackend
     from depthvlm_ros.model.checkpoint import model_fingerprint
 
-    def exporter(width: int, height: int) -> Path:
-        path = export_cache_path(vlm, width, height)
-        if not path.is_file():
-            log(f"exporting the depth path at {width}x{height} for ONNX Runtime (once) -> {path}")
-            export_onnx(vlm, width, height, path, check_images=1, progress=log)
-        return path
-
+    exporter = None
+    if export_missing or not onnx:
+        exporter = SubprocessExporter(vlm, log=log) if background else InProcessExporter(vlm, log=log)
     fingerprint = model_fingerprint(vlm.folder) if vlm.folder is not None else None
-    return OnnxRuntimeBackend(onnx, device=device, expected_fingerprint=fingerprint,
-                              exporter=exporter if export_missing or not onnx else None)
+    return OnnxRuntimeBackend(onnx, device=device, expected_fingerprint=fingerprint, exporter=exporter,
+                              max_sizes=max_sizes, background=background and exporter is not None, log=log,
+                              idle_before_replaced_s=idle_s)
 
 
-def _tensorrt(vlm: object, engines: Sequence[Path], device: str) -> DepthBackend:
+def _tensorrt(vlm: object, engines: Sequence[Path], device: str, max_sizes: int) -> DepthBackend:
     from depthvlm_ros.backends.tensorrt_backend import TensorRTBackend
     from depthvlm_ros.model.checkpoint import model_fingerprint
 
     if not engines:
         raise BackendError("tensorrt needs --engine FILE (build one with depthvlm build-engine)")
     fingerprint = model_fingerprint(vlm.folder) if vlm.folder is not None else None
-    return TensorRTBackend(engines, expected_fingerprint=fingerprint, device=device)
+    return TensorRTBackend(engines, expected_fingerprint=fingerprint, device=device, max_engines=max_sizes)
 
 
 def create_backend(
@@ -72,27 +62,40 @@ def create_backend(
     compile: bool = False,
     fallback: bool = False,
     log: Callable[[str], None] = print,
+    max_sizes: int = 4,
+    background: bool = False,
+    idle_before_replaced_s: float = 30.0,
 ) -> DepthBackend:
     """A backend for ``vlm`` (a loaded :class:`DepthVLM`) by name; see the module docstring.
 
     ``onnx``: exported graphs for onnxruntime; without any, sizes are exported on first use into
-    the cache (``export_missing`` also allows that next to given files). ``engines``: TensorRT
-    engine files with their sidecars. ``compile``: torch.compile for the torch backend.
+    the cache (``export_missing`` also allows that next to given files): in the caller's thread, or
+    with ``background`` in a separate process while the nearest held size (or PyTorch) serves; a
+    full set of held sizes is changed only by replacing one unused for ``idle_before_replaced_s``.
+    ``engines``: TensorRT engine files with their sidecars. ``max_sizes``: compiled sizes held at
+    once. ``compile``: torch.compile for the torch backend. A backend chosen by fallback carries
+    the reason in ``fallback_reason`` (shown in the node's diagnostics).
     """
     if name not in BACKENDS:
         raise BackendError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
     order = [name] + ([b for b in BACKENDS[BACKENDS.index(name) + 1 :]] if fallback else [])
+    reason = ""
     for candidate in order:
         try:
             if candidate == "torch":
                 from depthvlm_ros.backends.torch_backend import TorchBackend
 
-                return TorchBackend(vlm.model, compile=compile)
-            if candidate == "onnxruntime":
-                return _onnxruntime(vlm, device, [Path(p) for p in onnx], export_missing, log)
-            return _tensorrt(vlm, [Path(p) for p in engines], device)
+                backend: DepthBackend = TorchBackend(vlm.model, compile=compile)
+            elif candidate == "onnxruntime":
+                backend = _onnxruntime(vlm, device, [Path(p) for p in onnx], export_missing, max_sizes, background,
+                                       idle_before_replaced_s, log)
+            else:
+                backend = _tensorrt(vlm, [Path(p) for p in engines], device, max_sizes)
+            backend.fallback_reason = reason
+            return backend
         except BackendError as exc:
             if candidate == order[-1]:
                 raise
+            reason = f"{candidate} refused: {exc}"
             log(f"backend {candidate} unavailable ({exc}); falling back to {order[order.index(candidate) + 1]}")
     raise AssertionError("unreachable")

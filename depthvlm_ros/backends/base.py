@@ -6,7 +6,8 @@ image processor) and postprocessing (back to the camera grid) are shared, in
 :class:`depthvlm_ros.model.pipeline.DepthVLM`. Answers (``ask``) always run on PyTorch.
 
 Implementations: ``torch`` (reference; any size), ``onnxruntime`` and ``tensorrt`` (compiled for
-fixed sizes; a small cache of sessions/engines keyed by size).
+fixed sizes; a bounded set of sessions/engines keyed by size, each proven by its probe when loaded:
+:mod:`depthvlm_ros.backends.probe`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,19 @@ class BackendError(InputError):
     """A backend that cannot run here or refuses its artefact (the message says how to fix it)."""
 
 
+class SizeNotReadyError(BackendError):
+    """A compiled backend holds no size for this input yet (one is being made in the background);
+    the caller runs the reference (PyTorch) meanwhile."""
+
+
+def nearest(sizes: list[tuple[int, int]], width: int, height: int) -> tuple[int, int]:
+    """Of ``sizes`` (non-empty), the one closest to ``width`` x ``height`` in aspect ratio, then in area."""
+    if (width, height) in sizes:
+        return width, height
+    aspect, area = width / height, width * height
+    return min(sizes, key=lambda s: (round(abs(np.log((s[0] / s[1]) / aspect)), 3), abs(s[0] * s[1] - area)))
+
+
 @contextlib.contextmanager
 def _no_stage(_name: str) -> Iterator[None]:
     yield
@@ -40,6 +54,8 @@ class DepthBackend(abc.ABC):
 
     #: Short name: torch, onnxruntime, tensorrt.
     name: str = ""
+    #: Why this backend serves instead of the one asked for ("" when it is the one asked for).
+    fallback_reason: str = ""
 
     @abc.abstractmethod
     def sizes(self) -> list[tuple[int, int]] | None:
@@ -60,9 +76,19 @@ class DepthBackend(abc.ABC):
     def nearest_size(self, width: int, height: int) -> tuple[int, int]:
         """The size this backend runs that is closest in aspect ratio, then in area."""
         sizes = self.sizes()
-        if sizes is None or (width, height) in sizes:
+        if sizes is None:
             return width, height
         if not sizes:
             raise BackendError(f"{self.name}: no compiled sizes available")
-        aspect, area = width / height, width * height
-        return min(sizes, key=lambda s: (round(abs(np.log((s[0] / s[1]) / aspect)), 3), abs(s[0] * s[1] - area)))
+        return nearest(sizes, width, height)
+
+    def precision(self) -> str:
+        """What the depth path computes in: fp32, fp16, bf16 ("+"-joined when artifacts differ)."""
+        return "fp32"
+
+    def held_sizes(self) -> list[tuple[int, int]]:
+        """Compiled sizes loaded right now (sessions, engines); empty for backends that compile nothing."""
+        return []
+
+    def close(self) -> None:  # noqa: B027 (most backends hold nothing to stop)
+        """Stop background work and free what the backend holds (it is not used afterwards)."""

@@ -1,25 +1,52 @@
-"""ONNX Runtime backend: the exported depth graph on CPU or CUDA, one session per model size."""
+"""ONNX Runtime backend: exported depth graphs on CPU or CUDA, a bounded set of sessions keyed by size."""
 
 from __future__ import annotations
 
 import collections
+import ctypes
 import os
+import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from depthvlm_ros.backends.base import BackendError, DepthBackend, Stage, _no_stage
+from depthvlm_ros.backends.base import BackendError, DepthBackend, SizeNotReadyError, Stage, _no_stage, nearest
 from depthvlm_ros.backends.onnx_export import INPUT_NAME, export_size, read_metadata
+from depthvlm_ros.backends.probe import check_probe, read_probe
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+#: Sizes whose making failed, remembered so they are not tried on every frame (bounded).
+MAX_FAILED = 64
+#: In the background, a full set of held sizes makes room for a newly wanted size only by replacing
+#: one unused for this long: sizes in use are never swapped out, so cameras of more sizes than can be
+#: held never make the worker load sessions over and over.
+IDLE_BEFORE_REPLACED_S = 30.0
+
+Size = tuple[int, int]
+#: ``exporter(width, height, replace) -> path``: an exported graph of that model-grid size (from a cache,
+#: or made now); ``replace=True`` makes it again even when a cached file exists.
+Exporter = Callable[[int, int, bool], Path]
 
 
 class OnnxRuntimeBackend(DepthBackend):
-    """Sessions for exported graphs keyed by model-grid size (at most ``max_sessions`` kept).
+    """Sessions for exported graphs keyed by model-grid size; at most ``max_sizes`` are held (least
+    recently used goes first).
 
-    ``exporter(width, height) -> path``, when given, exports a missing size on first use (slow
-    once; the file is kept), so a node with a new camera size still runs the compiled path.
+    Where graphs come from:
+
+    - ``onnx_paths``: graphs given at start, a fixed set (more than ``max_sizes`` is refused);
+    - ``exporter``: makes a missing size (export, or the on-disk cache). In the foreground (the
+      tools) the call that needs a size waits for it. In the background (``background=True``, the
+      node), :meth:`nearest_size` asks a worker thread for the size and answers with the nearest size
+      already held meanwhile (:class:`SizeNotReadyError` while none is held: the caller runs PyTorch), so
+      an export never runs on the frame path. The worker makes one size at a time; a newer request
+      replaces an older one still waiting; a size that failed is not tried again. Once ``max_sizes``
+      are held, a new size is made only to replace one unused for ``idle_before_replaced_s``.
+
+    Every graph proves its output before it serves: its probe runs when its session is made, and a
+    graph whose output is NaN/Inf or off its PyTorch reference is refused with the re-export command.
     """
 
     name = "onnxruntime"
@@ -30,9 +57,13 @@ class OnnxRuntimeBackend(DepthBackend):
         providers: Sequence[str] | None = None,
         device: str = "cpu",
         expected_fingerprint: str | None = None,
-        exporter: Callable[[int, int], Path] | None = None,
+        exporter: Exporter | None = None,
         threads: int | None = None,
-        max_sessions: int = 4,
+        max_sizes: int = 4,
+        background: bool = False,
+        verify: bool = True,
+        log: Callable[[str], None] = print,
+        idle_before_replaced_s: float = IDLE_BEFORE_REPLACED_S,
     ) -> None:
         try:
             import onnxruntime as ort
@@ -44,51 +75,70 @@ class OnnxRuntimeBackend(DepthBackend):
         if requested[0] not in available:
             have = ", ".join(sorted(available))
             raise BackendError(f"onnxruntime has no {requested[0]} here (available: {have})")
+        if max_sizes < 1:
+            raise BackendError(f"max_sizes must be at least 1, got {max_sizes}")
+        if len(onnx_paths) > max_sizes:
+            raise BackendError(f"{len(onnx_paths)} ONNX graphs given; at most {max_sizes} are held "
+                               "(raise max_compiled_sizes)")
+        if background and exporter is None:
+            raise BackendError("background needs an exporter")
         self.providers = [p for p in requested if p in available]
         self.expected_fingerprint = expected_fingerprint
         self.exporter = exporter
         self.threads = threads or len(os.sched_getaffinity(0))
-        self.max_sessions = max_sessions
+        self.max_sizes = max_sizes
+        self.background = background
+        self.verify = verify
+        self.log = log
+        self.idle_before_replaced_s = idle_before_replaced_s
         self.vision_patch = 16  # pixels per vision patch (Qwen3-VL); read from each export's metadata
-        self._paths: dict[tuple[int, int], Path] = {}
-        self._sessions: collections.OrderedDict[tuple[int, int], object] = collections.OrderedDict()
+        self._given: dict[Size, Path] = {}
+        self._dtypes = {"fp32"} if exporter is not None else set()  # on-demand exports are fp32
+        self._sessions: collections.OrderedDict[Size, object] = collections.OrderedDict()  # least recently used first
+        self._used: dict[Size, float] = {}  # held size -> time.monotonic() of its last use
+        self._failed: collections.OrderedDict[Size, str] = collections.OrderedDict()
+        self._lock = threading.Condition()
+        self._wanted: Size | None = None
+        self._making: Size | None = None
+        self._closed = False
         for path in onnx_paths:
             self.add(path)
+        if background:
+            threading.Thread(target=self._make_loop, name="depthvlm-onnx-sizes", daemon=True).start()
 
-    def add(self, path: str | Path) -> tuple[int, int]:
-        """Register an exported graph; its size comes from its metadata. Refuses other weights."""
+    # -- loading ------------------------------------------------------------------------------
+
+    def load(self, path: str | Path) -> tuple[Size, object]:
+        """Open an exported graph: check its metadata and model, make its session, run its probe."""
         path = Path(path)
         if not path.is_file():
             raise BackendError(f"{path}: no such ONNX file (make one with: depthvlm export --size WxH)")
         meta = read_metadata(path)
         size = export_size(meta, path)
         fingerprint = meta.get("depthvlm.model_fingerprint", "")
+        rebuild = f"re-export it: depthvlm export --model DIR --size {size[0]}x{size[1]} --out {path}"
         if self.expected_fingerprint and fingerprint != self.expected_fingerprint:
             raise BackendError(
                 f"{path} was exported from other weights (model {fingerprint or 'unknown'}, this model "
-                f"{self.expected_fingerprint}); re-export it: depthvlm export --model DIR "
-                f"--size {meta['depthvlm.size']}"
+                f"{self.expected_fingerprint}); {rebuild}"
             )
         self.vision_patch = int(meta.get("depthvlm.vision_patch", self.vision_patch))
-        self._paths[size] = path
+        self._dtypes.add(meta.get("depthvlm.dtype", "fp32"))
+        session = self._new_session(path)
+        if self.verify:
+            probe = read_probe(path, rebuild)
+            got = self._run(session, probe.pixel_values, [probe.pixel_values.shape[0]])
+            check_probe(path, got, probe, meta.get("depthvlm.dtype", "fp32"), rebuild)
+        return size, session
+
+    def add(self, path: str | Path) -> Size:
+        """Load a graph (see :meth:`load`) and hold it; refuses other weights and failed probes."""
+        size, session = self.load(path)
+        self._given[size] = Path(path)
+        self._hold(size, session)
         return size
 
-    def sizes(self) -> list[tuple[int, int]] | None:
-        return None if self.exporter is not None else sorted(self._paths)
-
-    def describe(self) -> str:
-        sizes = ", ".join(f"{w}x{h}" for w, h in sorted(self._paths)) or "none yet"
-        return f"onnxruntime ({self.providers[0]}, sizes {sizes})"
-
-    def _session(self, size: tuple[int, int]):
-        if size in self._sessions:
-            self._sessions.move_to_end(size)
-            return self._sessions[size]
-        if size not in self._paths:
-            if self.exporter is None:
-                have = ", ".join(f"{w}x{h}" for w, h in sorted(self._paths)) or "none"
-                raise BackendError(f"no ONNX graph for {size[0]}x{size[1]} (have: {have})")
-            self.add(self.exporter(*size))
+    def _new_session(self, path: Path) -> object:
         options = self._ort.SessionOptions()
         options.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = self.threads
@@ -96,22 +146,162 @@ class OnnxRuntimeBackend(DepthBackend):
         # No busy-waiting between runs: spinning workers would steal the cores from the rest of the
         # process (ROS callbacks, postprocessing, the torch model answering questions).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = self._ort.InferenceSession(str(self._paths[size]), options, providers=self.providers)
-        self._sessions[size] = session
-        while len(self._sessions) > self.max_sessions:
-            self._sessions.popitem(last=False)
+        # No CPU memory arena: a held session then costs its weights, not the peak activations of its
+        # last run kept forever (~20 MB per session for the tiny models at 320 px; same speed, measured).
+        options.enable_cpu_mem_arena = False
+        try:
+            return self._ort.InferenceSession(str(path), options, providers=self.providers)
+        except Exception as exc:  # onnxruntime raises its own error types (a truncated or corrupt graph)
+            raise BackendError(f"{path}: ONNX Runtime cannot load it ({exc.__class__.__name__}); "
+                               "re-export it") from None
+
+    def _hold(self, size: Size, session: object) -> None:
+        with self._lock:
+            self._sessions[size] = session
+            self._touch(size)
+            evicted = False
+            while len(self._sessions) > self.max_sizes:
+                old, _ = self._sessions.popitem(last=False)
+                self._used.pop(old, None)
+                evicted = True
+            self._lock.notify_all()
+        if evicted:
+            _return_freed_memory()
+
+    def _touch(self, size: Size) -> None:
+        """Mark a held size as just used (called with the lock held)."""
+        self._sessions.move_to_end(size)
+        self._used[size] = time.monotonic()
+
+    def wait_for_size(self, size: Size, timeout_s: float) -> bool:
+        """Until ``size`` is held (True), or it failed, or ``timeout_s`` passed (False)."""
+        with self._lock:
+            return self._lock.wait_for(lambda: size in self._sessions or size in self._failed, timeout_s) and \
+                size in self._sessions
+
+    def _make(self, size: Size) -> object:
+        """A session for ``size``: a given graph, else the exporter's (made again once if refused)."""
+        if size in self._given:
+            return self.load(self._given[size])[1]
+        if self.exporter is None:
+            have = ", ".join(f"{w}x{h}" for w, h in sorted(self._given)) or "none"
+            raise BackendError(f"no ONNX graph for {size[0]}x{size[1]} (have: {have})")
+        path = self.exporter(*size, False)
+        try:
+            return self.load(path)[1]
+        except BackendError as exc:  # a cached graph refused (an older version's, a changed runtime)
+            self.log(f"{exc}: exporting {size[0]}x{size[1]} again")
+            return self.load(self.exporter(*size, True))[1]
+
+    # -- background sizes ---------------------------------------------------------------------
+
+    def _make_loop(self) -> None:
+        while True:
+            with self._lock:
+                self._lock.wait_for(lambda: self._wanted is not None or self._closed)
+                if self._closed:
+                    return
+                size, self._wanted, self._making = self._wanted, None, self._wanted
+            try:
+                session = self._make(size)
+            except Exception as exc:  # a failed export or a refused graph: that size stays unavailable
+                with self._lock:
+                    self._failed[size] = str(exc)
+                    while len(self._failed) > MAX_FAILED:
+                        self._failed.popitem(last=False)
+                    self._lock.notify_all()
+                self.log(f"onnxruntime: size {size[0]}x{size[1]} unavailable: {exc}")
+            else:
+                self._hold(size, session)
+                self.log(f"onnxruntime: size {size[0]}x{size[1]} ready")
+            finally:
+                with self._lock:
+                    self._making = None
+
+    def _request(self, size: Size) -> None:
+        """Ask the worker for ``size`` (latest wins) if there is room for it; called with the lock held."""
+        if size in self._failed or size == self._making or self._closed:
+            return
+        if len(self._sessions) >= self.max_sizes:
+            oldest = next(iter(self._sessions))  # least recently used
+            if time.monotonic() - self._used.get(oldest, 0.0) < self.idle_before_replaced_s:
+                return  # every held size is in use: the nearest one serves
+        self._wanted = size
+        self._lock.notify_all()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._sessions.clear()
+            self._lock.notify_all()
+        cancel = getattr(self.exporter, "cancel", None)
+        if cancel is not None:
+            cancel()
+
+    # -- the interface ------------------------------------------------------------------------
+
+    def sizes(self) -> list[Size] | None:
+        if self.exporter is None:
+            return sorted(self._given)
+        return self.held_sizes() if self.background else None
+
+    def precision(self) -> str:
+        return "+".join(sorted(self._dtypes)) or "fp32"
+
+    def held_sizes(self) -> list[Size]:
+        with self._lock:
+            return sorted(self._sessions)
+
+    def nearest_size(self, width: int, height: int) -> Size:
+        if not self.background:
+            return super().nearest_size(width, height)
+        with self._lock:
+            if (width, height) not in self._sessions:
+                self._request((width, height))
+            if not self._sessions:
+                raise SizeNotReadyError(f"onnxruntime: no size held yet ({width}x{height} is being made)")
+            size = nearest(list(self._sessions), width, height)
+            self._touch(size)  # in use: the last to be replaced
+            return size
+
+    def describe(self) -> str:
+        with self._lock:
+            sizes = ", ".join(f"{w}x{h}" for w, h in sorted(self._sessions)) or "none yet"
+            making = f"; making {self._making[0]}x{self._making[1]}" if self._making else ""
+        return f"onnxruntime ({self.providers[0]}, sizes {sizes}{making})"
+
+    def _session(self, size: Size) -> object:
+        with self._lock:
+            if size in self._sessions:
+                self._touch(size)
+                return self._sessions[size]
+        if self.background:  # evicted since nearest_size chose it: the caller runs PyTorch this time
+            raise SizeNotReadyError(f"onnxruntime: {size[0]}x{size[1]} is not held")
+        session = self._make(size)
+        self._hold(size, session)
         return session
+
+    def _run(self, session: object, pixels: np.ndarray, per_image: list[int]) -> np.ndarray:
+        dtype = np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32
+        outputs, start = [], 0
+        for n in per_image:
+            chunk = np.ascontiguousarray(pixels[start : start + n], dtype=dtype)
+            outputs.append(session.run(None, {INPUT_NAME: chunk})[0].astype(np.float32))
+            start += n
+        return np.concatenate(outputs, axis=0)
 
     def depth(self, inputs, stage: Stage = _no_stage) -> np.ndarray:
         grid = inputs.image_grid_thw
         _, gh, gw = (int(v) for v in grid[0])
         session = self._session((gw * self.vision_patch, gh * self.vision_patch))
-        dtype = np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32
         pixels = inputs.pixel_values.numpy() if hasattr(inputs.pixel_values, "numpy") else inputs.pixel_values
-        per_image = pixels.shape[0] // grid.shape[0]
-        outputs = []
         with stage("model"):
-            for i in range(grid.shape[0]):
-                chunk = np.ascontiguousarray(pixels[i * per_image : (i + 1) * per_image], dtype=dtype)
-                outputs.append(session.run(None, {INPUT_NAME: chunk})[0].astype(np.float32))
-        return np.concatenate(outputs, axis=0)
+            return self._run(session, pixels, [pixels.shape[0] // grid.shape[0]] * grid.shape[0])
+
+
+def _return_freed_memory() -> None:
+    """Hand memory freed by an evicted session back to the OS (glibc keeps it otherwise); no-op elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -12,7 +12,9 @@ sidecar checks below — is tested on CPU.
 
 An engine is specific to the GPU model, TensorRT version, weights and input size; the JSON sidecar
 written next to it records all four, and :func:`check_sidecar` refuses a mismatch with the command
-that rebuilds it.
+that rebuilds it. Beside it, the ONNX export's probe (an input and its PyTorch fp32 output) is
+copied at build, and :class:`TensorRTBackend` runs it when it loads the engine: NaN/Inf or drift
+beyond the engine precision's tolerance refuses the engine (:mod:`depthvlm_ros.backends.probe`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import collections
 import datetime
 import hashlib
 import json
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,6 +34,7 @@ import numpy as np
 from depthvlm_ros import __version__
 from depthvlm_ros.backends.base import BackendError, DepthBackend, Stage, _no_stage
 from depthvlm_ros.backends.onnx_export import INPUT_NAME, OUTPUT_NAME, export_size, read_metadata
+from depthvlm_ros.backends.probe import check_probe, probe_path, read_probe
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 
@@ -82,9 +86,7 @@ def check_sidecar(
     The message names the mismatch and the command that rebuilds the engine here.
     """
     onnx_hint = sidecar.get("onnx", "model.onnx")
-    precision = sidecar.get("precision", "fp16")
-    flag = "" if precision == "fp32" or sidecar.get("strongly_typed") else f" --{precision}"
-    rebuild = f"rebuild it on this machine: depthvlm build-engine --onnx {onnx_hint} --out {engine_path}{flag}"
+    rebuild = rebuild_command(sidecar, engine_path)
     checks = [
         ("GPU", sidecar.get("gpu_name"), gpu_name),
         ("compute capability", sidecar.get("compute_capability"), compute_capability),
@@ -100,6 +102,14 @@ def check_sidecar(
                 rebuild = (f"export the current model and rebuild: depthvlm export --model DIR --size "
                            f"{'x'.join(map(str, sidecar.get('size', ['W', 'H'])))} --out {onnx_hint}, then {rebuild}")
             raise BackendError(f"engine {engine_path} was built for {what} {built_for!r}, this is {here!r}; {rebuild}")
+
+
+def rebuild_command(sidecar: dict[str, Any], engine_path: str | Path) -> str:
+    """The advice that rebuilds an engine from its sidecar's ONNX and precision."""
+    precision = sidecar.get("precision", "fp16")
+    flag = "" if precision == "fp32" or sidecar.get("strongly_typed") else f" --{precision}"
+    return (f"rebuild it on this machine: depthvlm build-engine --onnx {sidecar.get('onnx', 'model.onnx')} "
+            f"--out {engine_path}{flag}")
 
 
 def read_sidecar(engine_path: str | Path) -> dict[str, Any]:
@@ -124,6 +134,9 @@ def build_engine(
         raise BackendError(f"precision must be one of {PRECISIONS}")
     trt = import_tensorrt()
     onnx_path, out_path = Path(onnx_path), Path(out_path)
+    if not probe_path(onnx_path).is_file():
+        raise BackendError(f"{onnx_path} has no probe ({probe_path(onnx_path).name}) for the engine to prove its "
+                           "output with; export it again with depthvlm export")
     meta = read_metadata(onnx_path)
     size = export_size(meta, onnx_path)
     gpu = current_gpu()
@@ -151,6 +164,8 @@ def build_engine(
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
     if precision != "fp32" and not strongly_typed:
         config.set_flag(getattr(trt.BuilderFlag, precision.upper()))
+    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)  # on by default since Ampere; fp32 means fp32 (probe tolerance)
 
     class Monitor(trt.IProgressMonitor):
         """Prints TensorRT's build phases (the build takes minutes on a Jetson)."""
@@ -193,6 +208,7 @@ def build_engine(
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "depthvlm_version": __version__,
     }
+    shutil.copyfile(probe_path(onnx_path), probe_path(out_path))
     sidecar_path(out_path).write_text(json.dumps(sidecar, indent=2) + "\n")
     progress(f"wrote {out_path} ({out_path.stat().st_size / 1e6:.0f} MB) in {build_s:.0f} s")
     return sidecar
@@ -257,8 +273,13 @@ class TensorRTBackend(DepthBackend):
         # Pinned host staging buffers, allocated once per engine (not per frame) for async copies.
         host_in = torch.empty(buffers[INPUT_NAME].shape, dtype=buffers[INPUT_NAME].dtype).pin_memory()
         host_out = torch.empty(buffers[OUTPUT_NAME].shape, dtype=torch.float32).pin_memory()
-        self._engines[size] = {"engine": engine, "context": context, "buffers": buffers, "path": engine_path,
-                               "host_in": host_in, "host_out": host_out}
+        slot = {"engine": engine, "context": context, "buffers": buffers, "path": engine_path,
+                "host_in": host_in, "host_out": host_out, "precision": sidecar.get("precision", "fp16")}
+        rebuild = rebuild_command(sidecar, engine_path)
+        probe = read_probe(engine_path, rebuild)
+        check_probe(engine_path, self._execute(slot, torch.from_numpy(probe.pixel_values)), probe,
+                    sidecar.get("precision", "fp16"), rebuild)
+        self._engines[size] = slot
         while len(self._engines) > self.max_engines:
             self._engines.popitem(last=False)
 
@@ -270,7 +291,6 @@ class TensorRTBackend(DepthBackend):
         return f"tensorrt {self._trt.__version__} ({self.gpu['gpu_name']}, sizes {sizes})"
 
     def depth(self, inputs, stage: Stage = _no_stage) -> np.ndarray:
-        torch = self._torch
         _, gh, gw = (int(v) for v in inputs.image_grid_thw[0])
         size = (gw * self.vision_patch, gh * self.vision_patch)
         if size not in self._engines:
@@ -280,14 +300,24 @@ class TensorRTBackend(DepthBackend):
         pixels = inputs.pixel_values
         n_images = inputs.image_grid_thw.shape[0]
         per_image = pixels.shape[0] // n_images
-        outputs = []
-        with stage("model"), torch.cuda.device(self.device), torch.cuda.stream(self._stream):
-            for i in range(n_images):
-                slot["host_in"].copy_(pixels[i * per_image : (i + 1) * per_image])  # converts dtype on the CPU
-                slot["buffers"][INPUT_NAME].copy_(slot["host_in"], non_blocking=True)
-                if not slot["context"].execute_async_v3(self._stream.cuda_stream):
-                    raise BackendError(f"TensorRT execution failed for {slot['path']}")
-                slot["host_out"].copy_(slot["buffers"][OUTPUT_NAME], non_blocking=True)
-                self._stream.synchronize()
-                outputs.append(slot["host_out"].numpy().copy())
+        with stage("model"):
+            outputs = [self._execute(slot, pixels[i * per_image : (i + 1) * per_image]) for i in range(n_images)]
         return np.concatenate(outputs, axis=0).astype(np.float32)
+
+    def _execute(self, slot: dict[str, Any], pixels: Any) -> np.ndarray:
+        """One image's processed pixels (a CPU tensor) through one engine -> (1, H, W) float32 depth."""
+        torch = self._torch
+        with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
+            slot["host_in"].copy_(pixels)  # converts dtype on the CPU
+            slot["buffers"][INPUT_NAME].copy_(slot["host_in"], non_blocking=True)
+            if not slot["context"].execute_async_v3(self._stream.cuda_stream):
+                raise BackendError(f"TensorRT execution failed for {slot['path']}")
+            slot["host_out"].copy_(slot["buffers"][OUTPUT_NAME], non_blocking=True)
+            self._stream.synchronize()
+            return slot["host_out"].numpy().copy()
+
+    def held_sizes(self) -> list[tuple[int, int]]:
+        return self.sizes()
+
+    def precision(self) -> str:
+        return "+".join(sorted({slot["precision"] for slot in self._engines.values()})) or "fp16"

@@ -27,6 +27,10 @@ class TorchBackend(DepthBackend):
     def sizes(self) -> None:
         return None
 
+    def precision(self) -> str:
+        dtype = next(self.model.parameters()).dtype
+        return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
+
     def describe(self) -> str:
         p = next(self.model.parameters())
         extra = ", compiled" if self.compiled else ""

@@ -11,7 +11,7 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from depthvlm_ros.backends.base import DepthBackend
+from depthvlm_ros.backends.base import DepthBackend, SizeNotReadyError
 from depthvlm_ros.backends.torch_backend import TorchBackend
 from depthvlm_ros.errors import CheckpointError, InputError
 from depthvlm_ros.geometry import (
@@ -66,6 +66,7 @@ class DepthResult:
     depth_model: np.ndarray  # (h, w) float32 metres on the processed (model) grid
     intrinsics_model: Intrinsics  # K of the processed grid (fx ~ 1000 px)
     timings_ms: dict[str, float] = field(default_factory=dict)  # per stage, for the whole batch
+    backend: str = "torch"  # the backend that computed it (torch stands in while a compiled size is made)
 
 
 @dataclass
@@ -76,6 +77,7 @@ class Answer:
     depth: DepthResult
     num_tokens: int
     timings_ms: dict[str, float] = field(default_factory=dict)
+    stopped: bool = False  # generation was stopped early by ``should_stop`` (shutdown, timeout)
 
 
 def snapped_size(processor: ImageTextProcessor, width: int, height: int) -> tuple[int, int]:
@@ -92,7 +94,9 @@ def model_input_size(
 
     The canonical size snapped to 32 px, shrunk by the processor's ``max_pixels`` (a model's own
     input limit, from its ``preprocessor_config.json``; the small built-in model uses it) and by
-    the caller's caps (``max_side`` px, ``max_tokens`` image tokens; 0 = none).
+    the caller's caps (``max_side`` px, ``max_tokens`` image tokens; 0 = none). Only the size is
+    computed here: no image is ever resized to a canonical size beyond these bounds. A camera with
+    a focal length under 1 px is refused (:func:`~depthvlm_ros.geometry.check_focal`).
     """
     natural = processor.processed_size(*canonical_size(intrinsics, canonical_fx, match_fy))
     return cap_model_size(*natural, max_side, max_tokens, processor.patch_size * processor.merge_size)
@@ -253,6 +257,7 @@ class DepthVLM:
         backend: DepthBackend | None = None,
         max_side: int = 0,
         max_tokens: int = 0,
+        size: tuple[int, int] | None = None,
     ) -> tuple[ModelInputs, list[Intrinsics], float]:
         """Resize + process a batch; returns inputs, the model grid's K per image, and a depth scale.
 
@@ -262,16 +267,18 @@ class DepthVLM:
         ``fx'`` instead of ``canonical_fx``, and its depth is multiplied by ``fx' / canonical_fx``
         (the canonical-camera transform) — an approximation the docs name. A size cap
         (``max_side`` px, ``max_tokens`` image tokens; 0 = none) that the canonical size exceeds
-        takes the same route, to the capped size.
+        takes the same route, to the capped size. ``size`` (model grid, from :meth:`route`)
+        overrides the backend's choice.
         """
         if len(images) != len(intrinsics) or not images:
             raise InputError("need one intrinsics per image, and at least one image")
         sizes = {canonical_size(k, canonical_fx, match_fy) for k in intrinsics}
         if len(sizes) != 1:
             raise InputError(f"a batch must reach the model at one size; canonical sizes {sorted(sizes)}")
-        fixed = (backend or self.backend).nearest_size(*model_input_size(self.processor, intrinsics[0], canonical_fx,
-                                                                          match_fy, max_side, max_tokens))
-        views = [model_view(self.processor, rgb, k, fixed, canonical_fx, match_fy)
+        if size is None:
+            size = (backend or self.backend).nearest_size(
+                *model_input_size(self.processor, intrinsics[0], canonical_fx, match_fy, max_side, max_tokens))
+        views = [model_view(self.processor, rgb, k, size, canonical_fx, match_fy)
                  for rgb, k in zip(images, intrinsics)]
         inputs = self.processor([v.image for v in views], user_text)
         if views[0].scale == 1.0:  # the canonical route: the processor's snap decides the grid
@@ -279,6 +286,21 @@ class DepthVLM:
             width, height = gw * self.processor.patch_size, gh * self.processor.patch_size
             return inputs, [k.resized(width, height) for k in intrinsics], 1.0
         return inputs, [v.intrinsics for v in views], views[0].scale
+
+    def route(
+        self, intrinsics: Intrinsics, canonical_fx: float = CANONICAL_FX, match_fy: bool = False,
+        max_side: int = 0, max_tokens: int = 0,
+    ) -> tuple[DepthBackend, tuple[int, int]]:
+        """The backend that runs this camera's depth now, and the model-grid size it runs at.
+
+        The configured backend at its nearest size; PyTorch at the wanted size while a compiled
+        backend is still making its first size in the background (:class:`SizeNotReadyError`).
+        """
+        wanted = model_input_size(self.processor, intrinsics, canonical_fx, match_fy, max_side, max_tokens)
+        try:
+            return self.backend, self.backend.nearest_size(*wanted)
+        except SizeNotReadyError:
+            return self._torch, wanted
 
     @torch.inference_mode()
     def predict_depth_batch(
@@ -302,17 +324,22 @@ class DepthVLM:
         max_side: int = 0, max_tokens: int = 0,
     ) -> list[DepthResult]:
         clock = _StageClock(self.device)
-        backend = self.backend
+        backend, size = self.route(intrinsics[0], canonical_fx, match_fy, max_side, max_tokens)
         with clock.stage("preprocess"):
-            inputs, model_k, scale = self.prepare(images, intrinsics, DEPTH_PROMPT, canonical_fx, match_fy, backend,
-                                                  max_side, max_tokens)
-        depth = backend.depth(inputs, clock.stage)
+            inputs, model_k, scale = self.prepare(images, intrinsics, DEPTH_PROMPT, canonical_fx, match_fy,
+                                                  size=size)
+        try:
+            depth = backend.depth(inputs, clock.stage)
+        except SizeNotReadyError:  # the size was evicted since it was chosen: PyTorch runs these inputs
+            backend = self._torch
+            depth = backend.depth(inputs, clock.stage)
         if scale != 1.0:
             depth = depth * np.float32(scale)
         with clock.stage("postprocess"):
             results = self._results(depth, model_k, intrinsics)
         for r in results:
             r.timings_ms = dict(clock.ms)
+            r.backend = backend.name
         return results
 
     def predict_depth(
@@ -348,21 +375,34 @@ class DepthVLM:
         canonical_fx: float = CANONICAL_FX,
         max_side: int = 0,
         max_tokens: int = 0,
+        should_stop: Callable[[], bool] | None = None,
     ) -> Answer:
         """Answer a question about the image (greedy) and return the depth from the same prefill.
 
         ``generate()`` runs unchanged; two forward hooks keep what its prefill computes anyway (the
         DeepStack features and the LLM's last hidden state), so the vision tower and the prefill
-        each run once for both the answer and the depth map.
+        each run once for both the answer and the depth map. ``should_stop()`` is checked after
+        every generated token; when it returns True generation ends there (``Answer.stopped``).
         """
         question = check_question(question)
         if not 1 <= int(max_new_tokens) <= 4096:
             raise InputError(f"max_new_tokens must be in 1..4096, got {max_new_tokens}")
         with self.lock:
-            return self._ask(rgb, intrinsics, question, int(max_new_tokens), canonical_fx, max_side, max_tokens)
+            return self._ask(rgb, intrinsics, question, int(max_new_tokens), canonical_fx, max_side, max_tokens,
+                             should_stop)
 
     def _ask(self, rgb: np.ndarray, intrinsics: Intrinsics, question: str, max_new_tokens: int,
-             canonical_fx: float, max_side: int = 0, max_tokens: int = 0) -> Answer:
+             canonical_fx: float, max_side: int = 0, max_tokens: int = 0,
+             should_stop: Callable[[], bool] | None = None) -> Answer:
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        stopped = [False]
+
+        class StopWhenAsked(StoppingCriteria):
+            def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+                stopped[0] = stopped[0] or bool(should_stop is not None and should_stop())
+                return torch.full((input_ids.shape[0],), stopped[0], dtype=torch.bool, device=input_ids.device)
+
         clock = _StageClock(self.device)
         with clock.stage("preprocess"):
             inputs, model_k, scale = self.prepare([rgb], [intrinsics], question, canonical_fx, backend=self._torch,
@@ -392,6 +432,7 @@ class DepthVLM:
                     max_new_tokens=int(max_new_tokens),
                     do_sample=False,
                     pad_token_id=self.processor.tokenizer.pad_token_id,
+                    stopping_criteria=StoppingCriteriaList([StopWhenAsked()]) if should_stop else None,
                 )
         finally:
             for hook in hooks:
@@ -406,4 +447,5 @@ class DepthVLM:
         with clock.stage("postprocess"):
             result = self._results(depth, model_k, [intrinsics])[0]
         result.timings_ms = dict(clock.ms)
-        return Answer(text=text, depth=result, num_tokens=int(new_tokens.numel()), timings_ms=dict(clock.ms))
+        return Answer(text=text, depth=result, num_tokens=int(new_tokens.numel()), timings_ms=dict(clock.ms),
+                      stopped=stopped[0])

@@ -1,12 +1,15 @@
-"""Frame flow of the node, without ROS: stamp pairing, the latest-frame-wins slot, rates and latencies.
+"""Frame flow of the node, without ROS: stamp pairing, the latest-frame-wins slot, the question gate,
+per-kind log throttling, rates and latencies.
 
 Everything here is bounded: the pairing keeps a few images and camera_infos, the slot holds one
-frame, and the meters keep fixed-size windows, so no input rate can make the node grow.
+frame, the gate admits one question and a fixed number waiting, the throttle remembers a fixed number
+of kinds, and the meters keep fixed-size windows, so no input rate can make the node grow.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import threading
 import time
 from collections import deque
@@ -57,6 +60,10 @@ class StampSync(Generic[T, I]):
         return decided
 
     def push_info(self, stamp: int, info: I) -> list[tuple[T, I | None]]:
+        if self._infos and stamp < self._infos[-1][0]:
+            # Time went backwards (a camera restarted with an earlier clock, a bag looped): the old
+            # infos would make every new image look too old to pair, so forget them.
+            self._infos.clear()
         self._infos.append((stamp, info))
         decided: list[tuple[T, I | None]] = []
         keep: deque[tuple[int, T]] = deque()
@@ -70,16 +77,26 @@ class StampSync(Generic[T, I]):
         self._images = keep
         return decided
 
+    @property
+    def pending(self) -> int:
+        """Images waiting for their camera_info."""
+        return len(self._images)
+
     def clear(self) -> None:
         self._images.clear()
         self._infos.clear()
 
 
 class LatestSlot(Generic[T]):
-    """A one-item hand-off: ``put`` replaces what the worker has not taken yet (counted as dropped)."""
+    """A one-item hand-off: ``put`` replaces what the worker has not taken yet (counted as dropped).
+
+    The worker calls :meth:`done` when it finished what it took; :meth:`pending` is True from ``put``
+    until then, so others can tell whether a frame is waiting for (or in) the worker.
+    """
 
     def __init__(self) -> None:
         self._item: T | None = None
+        self._taken = False
         self._cond = threading.Condition()
         self._closed = False
         self.dropped = 0
@@ -93,18 +110,126 @@ class LatestSlot(Generic[T]):
             self._cond.notify()
             return replaced
 
+    def pending(self) -> bool:
+        """True while an item waits to be taken or the worker has not called :meth:`done` for it."""
+        with self._cond:
+            return self._item is not None or self._taken
+
     def take(self, timeout: float | None = None) -> T | None:
         """The latest item (and empty the slot), or None after ``timeout`` seconds or when closed."""
         with self._cond:
             if self._item is None and not self._closed:
                 self._cond.wait(timeout)
             item, self._item = self._item, None
+            self._taken = item is not None
             return item
+
+    def done(self) -> None:
+        """The worker finished the item it took."""
+        with self._cond:
+            self._taken = False
 
     def close(self) -> None:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+
+
+class QuestionGate:
+    """Admission for questions that share one model with the depth stream.
+
+    One question runs at a time; at most ``max_waiting`` wait for their turn (first come, first
+    served); any more are refused at once ("busy"). When a question ends while a depth frame is
+    waiting for the model (``depth_waiting()``), the next question waits until the depth stream has
+    had the model for one frame (:meth:`depth_served`), so a stream of questions cannot starve depth.
+    Every wait has a timeout.
+    """
+
+    def __init__(self, max_waiting: int = 1, depth_waiting: Callable[[], bool] = lambda: False) -> None:
+        self.max_waiting = max_waiting
+        self._depth_waiting = depth_waiting
+        self._cond = threading.Condition()
+        self._active = False
+        self._depth_owed = False
+        self._queue: deque[int] = deque()
+        self._tickets = 0
+
+    def enter(self, timeout_s: float) -> str | None:
+        """Wait for this question's turn: None when admitted (then call :meth:`leave`), else why not."""
+        with self._cond:
+            busy = self._active or self._depth_owed or bool(self._queue)
+            if busy and len(self._queue) >= self.max_waiting:
+                ahead = int(self._active) + len(self._queue)
+                return f"busy: {ahead} question(s) ahead and at most {self.max_waiting} may wait; ask again later"
+            self._tickets += 1
+            ticket = self._tickets
+            self._queue.append(ticket)
+            admitted = self._cond.wait_for(
+                lambda: self._queue[0] == ticket and not self._active and not self._depth_owed, timeout=timeout_s)
+            self._queue.remove(ticket)
+            if not admitted:
+                self._cond.notify_all()
+                return f"busy: no turn within {timeout_s:g} s (another question is being answered)"
+            self._active = True
+            return None
+
+    def leave(self) -> None:
+        """The admitted question is done; depth gets a frame first if one is waiting."""
+        depth_waiting = self._depth_waiting()
+        with self._cond:
+            self._active = False
+            self._depth_owed = depth_waiting
+            self._cond.notify_all()
+
+    def depth_served(self) -> None:
+        """The depth stream finished a frame (or found none to do): waiting questions may go."""
+        with self._cond:
+            if self._depth_owed:
+                self._depth_owed = False
+                self._cond.notify_all()
+
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
+
+
+#: Numbers in a message (so "step 959 < width 320" and "step 10 < width 12" are one kind of error).
+_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|\bnan\b|\binf\b", re.IGNORECASE)
+
+
+def error_kind(message: str) -> str:
+    """The kind of an error message: its text with numbers blanked out (bounded length)."""
+    return _NUMBER.sub("#", message)[:160]
+
+
+class KindThrottle:
+    """Allows one event per kind per ``period_s`` seconds, each kind on its own clock.
+
+    rclpy's ``throttle_duration_sec`` throttles per call site, so one kind of bad input would
+    silence every other kind logged from the same line; this keeps a clock per kind instead. At most
+    ``max_kinds`` kinds are remembered (the least recently seen is forgotten first).
+    """
+
+    def __init__(self, period_s: float = 5.0, max_kinds: int = 64, clock: Callable[[], float] = time.monotonic) -> None:
+        self.period_s = period_s
+        self.max_kinds = max_kinds
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def allow(self, kind: str) -> bool:
+        now = self._clock()
+        with self._lock:
+            last = self._last.pop(kind, None)
+            allowed = last is None or now - last >= self.period_s
+            self._last[kind] = now if allowed else last  # re-inserted: most recently seen last
+            while len(self._last) > self.max_kinds:
+                self._last.pop(next(iter(self._last)))
+            return allowed
 
 
 class RateMeter:

@@ -12,8 +12,11 @@ Topics (relative, so namespaces and remaps work as for any camera driver):
 Threading: subscription callbacks only pair stamps and drop the frame into a one-frame slot (latest
 wins, the replaced frame is counted as dropped); one worker thread decodes, runs the model and
 publishes. Services run in their own callback groups on the executor's threads. Frames and
-questions share the model through its lock, so a question delays the stream by at most one answer.
-Bad input never stops the node: it is counted, logged (throttled) and shown in diagnostics.
+questions share the model through its lock; a gate admits one question at a time (at most
+``max_pending_queries`` wait, more are answered "busy" at once) and gives the depth stream a frame
+between two questions, so questions delay the stream by at most one answer and cannot starve it.
+Bad input never stops the node: it is counted, logged (at most once per ``LOG_PERIOD_S`` per kind)
+and shown in diagnostics.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from rcl_interfaces.msg import (
     ParameterType,
     SetParametersResult,
 )
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.exceptions import ParameterUninitializedException
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -49,15 +52,28 @@ from depthvlm_ros.geometry import Intrinsics, depth_from_16uc1, depth_to_16uc1, 
 from depthvlm_ros.model.processing import check_question
 from depthvlm_ros.pointcloud import organized_cloud
 from depthvlm_ros.ros import messages
-from depthvlm_ros.ros.flow import LatencyWindow, LatestSlot, RateMeter, StampSync
+from depthvlm_ros.ros.flow import (
+    KindThrottle,
+    LatencyWindow,
+    LatestSlot,
+    QuestionGate,
+    RateMeter,
+    StampSync,
+    error_kind,
+)
 from depthvlm_ros.ros.params import BY_NAME, PARAMS, Param, check_settings, check_value
 from depthvlm_ros.visualize import colorize_depth
 
 NODE_NAME = "depthvlm"
 #: Model stages that are the model's forward (the rest of a frame's time is the node's overhead).
 FORWARD_STAGES = ("vision", "llm", "head", "model")
-#: Without any camera_info for this long, ``fallback_fx`` frames go straight through (no pairing wait).
+#: Without any camera_info for this long, ``fallback_fx`` frames go straight through (no pairing wait),
+#: and (without ``fallback_fx``) diagnostics say that camera_info stopped.
 NO_INFO_AFTER_S = 2.0
+#: Each kind of bad input is logged at most once per this many seconds (kinds are independent).
+LOG_PERIOD_S = 5.0
+#: An error this recent makes diagnostics WARN.
+RECENT_ERROR_S = 10.0
 
 
 @dataclass
@@ -96,8 +112,10 @@ class Counters:
     skipped_rate: int = 0  # over max_rate_hz
     unmatched: int = 0  # no camera_info pairs with them
     errors: int = 0
+    reference_frames: int = 0  # run on PyTorch while the compiled backend had no size ready
     queries: int = 0
     query_errors: int = 0
+    queries_busy: int = 0  # refused at once: too many questions waiting
     last_error: str = ""
     last_error_time: float = field(default=-math.inf)
 
@@ -143,6 +161,7 @@ class DepthVLMNode(Node):
         self.add_post_set_parameters_callback(self._apply_parameters)
         s = self._settings
 
+        self._owns_model = model is None  # a model given by the caller (tests, the demo) is the caller's to close
         self.model = model if model is not None else self._load_model()
         self.backend_name = self.model.backend.describe()
         self.model_name = self.model.name
@@ -165,6 +184,9 @@ class DepthVLMNode(Node):
         self._depth: LatestDepth | None = None
         self._latest_cond = threading.Condition()
         self._last_inference = -math.inf
+        self._last_image_time = self._first_image_time = -math.inf
+        self._log_throttle = KindThrottle(LOG_PERIOD_S)
+        self._gate = QuestionGate(s["max_pending_queries"], self._slot.pending)
 
         qos_in = _qos(s["input_reliability"], s["input_depth"])
         qos_out = _qos(s["output_reliability"], s["output_depth"])
@@ -180,8 +202,9 @@ class DepthVLMNode(Node):
         self.pub_colored = self.create_publisher(Image, "depth/colored", qos_out)
         self.pub_points = self.create_publisher(PointCloud2, "points", qos_out)
         self.pub_diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        # Reentrant: while one question is answered, others reach the gate and get "busy" at once.
         self.create_service(SpatialQuery, "~/spatial_query", self._on_spatial_query,
-                            callback_group=MutuallyExclusiveCallbackGroup())
+                            callback_group=ReentrantCallbackGroup())
         self.create_service(DepthAt, "~/depth_at", self._on_depth_at, callback_group=MutuallyExclusiveCallbackGroup())
         self.create_timer(s["diagnostics_period_s"], self.publish_diagnostics,
                           callback_group=MutuallyExclusiveCallbackGroup())
@@ -224,6 +247,7 @@ class DepthVLMNode(Node):
                 if p.name in BY_NAME:
                     self._settings[p.name] = self._param_value(p.name)
             tolerance = self._settings["sync_tolerance_s"]
+            self._gate.max_waiting = self._settings["max_pending_queries"]
         with self._sync_lock:
             self._sync.tolerance_ns = int(tolerance * 1e9)
 
@@ -244,11 +268,15 @@ class DepthVLMNode(Node):
         model = DepthVLM.from_pretrained(folder, device=s["device"], dtype=s["precision"])
         if s["backend"] != "torch":
             paths = [p for p in s["engine_paths"] if p]
+            # Missing ONNX sizes are exported by a separate process while the nearest held size (or
+            # PyTorch, before the first) serves: an export never runs on the frame path.
             model.backend = create_backend(
                 model, s["backend"], device=s["device"],
                 onnx=paths if s["backend"] == "onnxruntime" else (),
                 engines=paths if s["backend"] == "tensorrt" else (),
                 fallback=s["backend_fallback"], log=self.get_logger().warning,
+                max_sizes=s["max_compiled_sizes"], background=True,
+                idle_before_replaced_s=s["compiled_size_idle_s"],
             )
         return model
 
@@ -274,6 +302,9 @@ class DepthVLMNode(Node):
 
     def _pair_image(self, msg: Image | CompressedImage) -> None:
         self.input_rate.tick()
+        self._last_image_time = time.monotonic()
+        if self._first_image_time == -math.inf:
+            self._first_image_time = self._last_image_time
         with self._counter_lock:
             self.counters.frames_in += 1
         s = self._settings
@@ -290,9 +321,8 @@ class DepthVLMNode(Node):
             if info is None and not self._settings["fallback_fx"] > 0:
                 with self._counter_lock:
                     self.counters.unmatched += 1
-                self.get_logger().warning(
-                    "frames without matching camera_info are skipped (same stamp expected, or within "
-                    "sync_tolerance_s; set fallback_fx to process them anyway)", throttle_duration_sec=5.0)
+                self._log("warning", "frames without matching camera_info are skipped (same stamp expected, or "
+                          "within sync_tolerance_s; set fallback_fx to process them anyway)")
                 continue
             if self._slot.put(Frame(image, info, now)):
                 with self._counter_lock:
@@ -302,22 +332,47 @@ class DepthVLMNode(Node):
 
     def _inference_loop(self) -> None:
         while self._running:
-            frame = self._slot.take(timeout=0.5)
-            if frame is None or not self._running:
-                continue
-            if not self.context.ok():  # shutting down (SIGINT/SIGTERM): nothing can be published any more
-                break
+            try:
+                self._next_frame()
+            except Exception:  # never let the worker die: the node would look alive and publish nothing
+                import traceback
+
+                traceback.print_exc()
+
+    def _next_frame(self) -> None:
+        """Take the latest frame (waiting at most 0.5 s) and process it; errors are counted and logged."""
+        frame = self._slot.take(timeout=0.5)
+        if frame is None:
+            return
+        try:
+            if not self._running or not self.context.ok():  # shutting down: nothing can be published any more
+                return
             s = self.settings()
             if s["max_rate_hz"] > 0 and time.monotonic() - self._last_inference < 1.0 / s["max_rate_hz"]:
                 with self._counter_lock:
                     self.counters.skipped_rate += 1
-                continue
-            try:
-                self.process(frame, s)
-            except InputError as exc:
-                self._record_error(str(exc))
-            except Exception as exc:  # a model or backend failure must not kill the stream
-                self._record_error(f"{exc.__class__.__name__}: {exc}")
+                return
+            self.process(frame, s)
+        except InputError as exc:
+            self._record_error(str(exc))
+        except Exception as exc:  # a model or backend failure must not kill the stream
+            self._record_error(f"{exc.__class__.__name__}: {exc}")
+        finally:
+            self._slot.done()
+            self._gate.depth_served()
+
+    def _log(self, level: str, message: str, kind: str | None = None) -> None:
+        """Log ``message`` unless its kind was logged less than LOG_PERIOD_S ago (kinds independent).
+
+        One call site per severity: rclpy raises if one call site logs at two severities.
+        """
+        if not self._log_throttle.allow(kind or error_kind(message)):
+            return
+        logger = self.get_logger()
+        if level == "error":
+            logger.error(message)
+        else:
+            logger.warning(message)
 
     def _record_error(self, message: str) -> None:
         if not self.context.ok():
@@ -326,7 +381,7 @@ class DepthVLMNode(Node):
             self.counters.errors += 1
             self.counters.last_error = message
             self.counters.last_error_time = time.monotonic()
-        self.get_logger().error(f"frame skipped: {message}", throttle_duration_sec=5.0)
+        self._log("error", f"frame skipped: {message}")
 
     def decode(self, frame: Frame, s: dict[str, Any]) -> Decoded:
         """RGB pixels and the intrinsics that describe them (InputError for anything malformed)."""
@@ -365,6 +420,7 @@ class DepthVLMNode(Node):
         self.inference_rate.tick()
         with self._counter_lock:
             self.counters.processed += 1
+            self.counters.reference_frames += int(result.backend != self.model.backend.name)
 
     def publish_depth(self, decoded: Decoded, depth: np.ndarray, k: Intrinsics, s: dict[str, Any]) -> None:
         """Publish depth, its camera_info, the coloured view and the cloud (outputs nobody reads are skipped)."""
@@ -406,18 +462,31 @@ class DepthVLMNode(Node):
         with self._counter_lock:
             self.counters.queries += 1
         try:
-            question = check_question(request.question)
-            if len(question) > s["max_question_chars"]:
-                raise InputError(f"question has {len(question)} characters; the limit is {s['max_question_chars']}")
+            question = check_question(request.question, s["max_question_chars"])
+        except InputError as exc:
+            return self._query_failed(response, str(exc))
+        refused = self._gate.enter(s["query_timeout_s"])
+        if refused is not None:  # load shedding, not an error of the input: counted, not logged
+            with self._counter_lock:
+                self.counters.queries_busy += 1
+            response.success = False
+            response.message = refused
+            return response
+        try:
             frame = self._wait_for_frame(s["query_wait_s"])
             if frame is None:
                 raise InputError(f"no camera frame received within query_wait_s={s['query_wait_s']} s")
+            self.get_logger().info(f"spatial_query: answering {question!r} (at most {s['max_answer_tokens']} tokens)")
             answer = self.model.ask(frame.rgb, frame.intrinsics, question, s["max_answer_tokens"], s["canonical_fx"],
-                                    s["max_side_px"], s["max_image_tokens"])
+                                    s["max_side_px"], s["max_image_tokens"], should_stop=lambda: not self._running)
         except InputError as exc:
             return self._query_failed(response, str(exc))
         except Exception as exc:
             return self._query_failed(response, f"{exc.__class__.__name__}: {exc}")
+        finally:
+            self._gate.leave()
+        if answer.stopped:
+            return self._query_failed(response, f"stopped after {answer.num_tokens} tokens: the node is shutting down")
         response.success = True
         response.answer = answer.text
         response.point.header = frame.header
@@ -438,7 +507,7 @@ class DepthVLMNode(Node):
             self.counters.query_errors += 1
             self.counters.last_error = f"spatial_query: {message}"
             self.counters.last_error_time = time.monotonic()
-        self.get_logger().warning(f"spatial_query refused: {message}", throttle_duration_sec=2.0)
+        self._log("warning", f"spatial_query refused: {message}")
         response.success = False
         response.message = message
         return response
@@ -471,16 +540,26 @@ class DepthVLMNode(Node):
             c = Counters(**vars(self.counters))
         lat, ovh = self.latency.percentiles(), self.overhead.percentiles()
         ros, fwd = self.ros_overhead.percentiles(), self.forward.percentiles()
-        recent_error = time.monotonic() - c.last_error_time < 10.0
+        now = time.monotonic()
+        recent_error = now - c.last_error_time < RECENT_ERROR_S
         in_rate, out_rate = self.input_rate.rate(), self.inference_rate.rate()
-        if recent_error:
+        since_image, since_info = now - self._last_image_time, now - self._last_info_time
+        images_for = now - self._first_image_time
+        if c.frames_in == 0 or in_rate == 0.0:
+            ago = f" for {since_image:.0f} s" if math.isfinite(since_image) else " yet"
+            level, summary = DiagnosticStatus.WARN, f"no input images{ago}"
+        elif self.settings()["fallback_fx"] == 0 and since_info > NO_INFO_AFTER_S and images_for > NO_INFO_AFTER_S:
+            ago = f"for {since_info:.0f} s" if math.isfinite(since_info) else "at all"
+            level, summary = DiagnosticStatus.WARN, (
+                f"images arrive but no camera_info {ago}: frames are skipped (check the camera_info topic, "
+                "or set fallback_fx)")
+        elif recent_error:
             level, summary = DiagnosticStatus.WARN, f"recent error: {c.last_error}"
-        elif c.frames_in == 0 or in_rate == 0.0:
-            level, summary = DiagnosticStatus.WARN, "no input images"
         elif out_rate == 0.0:
             level, summary = DiagnosticStatus.WARN, "input arrives but no depth is published"
         else:
             level, summary = DiagnosticStatus.OK, f"publishing depth at {out_rate:.1f} Hz"
+        backend = self.model.backend
         values = {
             "input_rate_hz": f"{in_rate:.2f}",
             "inference_rate_hz": f"{out_rate:.2f}",
@@ -496,10 +575,18 @@ class DepthVLMNode(Node):
             "frames_dropped": str(c.dropped),
             "frames_skipped_rate_limit": str(c.skipped_rate),
             "frames_without_camera_info": str(c.unmatched),
+            "frames_waiting_for_camera_info": str(self._sync.pending),
             "errors": str(c.errors),
+            "frames_on_reference": str(c.reference_frames),  # PyTorch stood in: no compiled size ready yet
             "queries": str(c.queries),
             "query_errors": str(c.query_errors),
-            "backend": self.backend_name,
+            "queries_busy": str(c.queries_busy),
+            "query_active": str(self._gate.active).lower(),
+            "queries_waiting": str(self._gate.waiting),
+            "backend": backend.describe(),
+            "backend_fallback": backend.fallback_reason,
+            "compiled_sizes_held": str(len(backend.held_sizes())),
+            "max_compiled_sizes": str(self.settings()["max_compiled_sizes"]),
             "model": self.model_name,
             "last_error": c.last_error,
         }
@@ -513,23 +600,40 @@ class DepthVLMNode(Node):
         msg.header.stamp = self.get_clock().now().to_msg()
         self.pub_diagnostics.publish(msg)
 
-    def destroy_node(self) -> None:
+    def busy(self) -> bool:
+        """A frame waits in the pairing or the slot, or the worker is on one."""
+        with self._sync_lock:
+            waiting = self._sync.pending > 0
+        return waiting or self._slot.pending()
+
+    def stop(self) -> None:
+        """Stop work: the worker ends, an answer being generated stops within one token, exports are cancelled."""
         self._running = False
         if hasattr(self, "_worker"):
             self._slot.close()
             self._worker.join(timeout=5.0)
+        if getattr(self, "_owns_model", False) and hasattr(self, "model"):
+            self.model.backend.close()
+
+    def destroy_node(self) -> None:
+        self.stop()
         super().destroy_node()
 
 
 def main(args: list[str] | None = None) -> int:
-    """Run the node until SIGINT/SIGTERM (exit code 0). ``args``: ROS arguments (``--ros-args ...``)."""
+    """Run the node until SIGINT/SIGTERM (exit code 0). ``args``: ROS arguments (``--ros-args ...``).
+
+    On SIGINT/SIGTERM an answer being generated stops within one token and the process exits 0
+    within seconds. A model folder that cannot be loaded raises :class:`CheckpointError` (the CLI
+    prints one line and exits 2).
+    """
     from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 
     from depthvlm_ros.ros.runtime import use_large_data_profile
 
     use_large_data_profile()
     rclpy.init(args=args)
-    node = None
+    node = executor = None
     try:
         node = DepthVLMNode()
         executor = MultiThreadedExecutor(num_threads=4)
@@ -539,7 +643,10 @@ def main(args: list[str] | None = None) -> int:
         pass
     finally:
         if node is not None:
+            node.stop()
+        if executor is not None:
+            executor.shutdown(timeout_sec=5.0)
+        if node is not None:
             node.destroy_node()
-        if rclpy.ok():
-            rclpy.shutdown()
+        rclpy.try_shutdown()
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from depthvlm_ros.geometry import DEFAULT_MAX_IMAGE_TOKENS
 from depthvlm_ros.model.processing import MAX_QUESTION_CHARS
 
 Value = bool | int | float | str | list
@@ -37,13 +38,21 @@ PARAMS: tuple[Param, ...] = (
     Param("precision", "fp32", "weights dtype of the PyTorch model", read_only=True, choices=("fp32", "fp16", "bf16")),
     Param("engine_paths", [], "ONNX graphs (onnxruntime) or TensorRT engines (tensorrt); empty = export/cache",
           read_only=True),
+    Param("max_compiled_sizes", 4, "compiled sizes (ONNX Runtime sessions, TensorRT engines) held at once; a "
+          "new size is exported in the background while the nearest held size serves", read_only=True,
+          range=(1, 16)),
+    Param("compiled_size_idle_s", 30.0, "once max_compiled_sizes are held, a new size replaces a held one only "
+          "when that one was unused this long (sizes in use are never swapped out)", read_only=True,
+          range=(0.0, 3600.0)),
     # inference size policy
     Param("canonical_fx", 1000.0, "the model's canonical focal length in pixels (1000 for DepthVLM)",
           read_only=True, range=(100.0, 5000.0)),
     Param("match_fy", False, "scale rows by canonical_fx / fy instead of / fx (non-square pixels)"),
     Param("max_side_px", 0, "cap on the model input's longer side in pixels (0 = none); a cap rescales the "
           "depth by the focal ratio (approximation)", range=(0, 8192)),
-    Param("max_image_tokens", 0, "cap on the model's image tokens, one per 32x32 px (0 = none)", range=(0, 65536)),
+    Param("max_image_tokens", DEFAULT_MAX_IMAGE_TOKENS, "cap on the model's image tokens, one per 32x32 px (0 = "
+          "only the model's own max_pixels); 1280 keeps the released protocol for a 640x480 camera with fx >= 485 "
+          "px, larger canonical sizes take the canonical-camera route", range=(0, 65536)),
     # outputs
     Param("output_grid", "camera", "publish depth on the camera's pixel grid or the model's (fx ~ canonical_fx)",
           choices=("camera", "model")),
@@ -76,8 +85,12 @@ PARAMS: tuple[Param, ...] = (
     Param("output_depth", 2, "QoS history depth of the published topics", read_only=True, range=(1, 100)),
     # services
     Param("max_question_chars", 500, "longest question ~/spatial_query accepts", range=(1, MAX_QUESTION_CHARS)),
-    Param("max_answer_tokens", 64, "most tokens an answer may have", range=(1, 1024)),
+    Param("max_answer_tokens", 64, "most tokens an answer may have", range=(1, 4096)),
     Param("query_wait_s", 2.0, "how long ~/spatial_query waits for a first frame", range=(0.0, 60.0)),
+    Param("max_pending_queries", 1, "questions that may wait while one is answered; more are refused (busy) at "
+          "once", range=(0, 16)),
+    Param("query_timeout_s", 30.0, "longest a question waits for its turn before it is refused (busy)",
+          range=(0.1, 600.0)),
     Param("max_query_pixels", 10000, "most pixels one ~/depth_at request may list", range=(1, 1000000)),
     Param("diagnostics_period_s", 1.0, "period of /diagnostics", read_only=True, range=(0.1, 60.0)),
 )

@@ -17,7 +17,15 @@ from pathlib import Path
 import numpy as np
 
 from depthvlm_ros.geometry import Intrinsics
-from depthvlm_ros.tools.common import add_backend_args, add_model_args, load_model, make_backend, parse_size
+from depthvlm_ros.tools.common import (
+    add_backend_args,
+    add_input_size_args,
+    add_model_args,
+    check_max_image_tokens,
+    load_model,
+    make_backend,
+    parse_size,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -29,6 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runs", type=int, default=10, help="timed runs (default 10)")
     p.add_argument("--json", type=Path, help="also write the JSON result to this file")
     p.add_argument("--backends", default="torch", help="comma-separated: torch,onnxruntime,tensorrt (default torch)")
+    add_input_size_args(p)
     add_model_args(p)
     add_backend_args(p)
     p.set_defaults(func=run)
@@ -60,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     if not names or unknown:
         raise InputError(f"--backends takes a comma-separated list of {', '.join(BACKENDS)}; got {args.backends!r}")
     width, height = args.size
+    max_tokens = check_max_image_tokens(args)
     args.backend = "torch"
     args.backend_fallback = False  # measure exactly the backends named: a fallback would mislabel them
     model = load_model(args)
@@ -69,13 +79,13 @@ def run(args: argparse.Namespace) -> int:
     for backend in backends.values():
         model.backend = backend
         for _ in range(max(0, args.warmup)):
-            model.predict_depth(rgb, k)
+            model.predict_depth(rgb, k, max_tokens=max_tokens)
     samples: dict[str, dict[str, list[float]]] = {name: {} for name in backends}
     for _ in range(max(1, args.runs)):
         for name, backend in backends.items():
             model.backend = backend
             start = time.perf_counter()
-            result = model.predict_depth(rgb, k)
+            result = model.predict_depth(rgb, k, max_tokens=max_tokens)
             total = (time.perf_counter() - start) * 1e3
             for stage, ms in {**result.timings_ms, "total": total}.items():
                 samples[name].setdefault(stage, []).append(ms)

@@ -18,12 +18,13 @@ NO_TEXT = "(the model generated no text)"
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from depthvlm_ros.tools.common import intrinsics_from_args, load_model, read_rgb
+    from depthvlm_ros.tools.common import check_max_image_tokens, intrinsics_from_args, load_model, read_rgb
 
     rgb = read_rgb(args.image)
     k = intrinsics_from_args(args, rgb.shape[1], rgb.shape[0])
+    max_tokens = check_max_image_tokens(args)
     model = load_model(args)
-    answer = model.ask(rgb, k, args.question, max_new_tokens=args.max_new_tokens)
+    answer = model.ask(rgb, k, args.question, max_new_tokens=args.max_new_tokens, max_tokens=max_tokens)
     print(answer.text if answer.text else NO_TEXT)
     print(f"({answer.num_tokens} tokens, {sum(answer.timings_ms.values()):.0f} ms)", file=sys.stderr)
     return 0
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         record,
         train_tool,
     )
-    from depthvlm_ros.tools.common import add_intrinsics_args, add_model_args
+    from depthvlm_ros.tools.common import add_input_size_args, add_intrinsics_args, add_model_args
 
     parser = argparse.ArgumentParser(prog="depthvlm", description="DepthVLM metric depth tools")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("question")
     ask.add_argument("--max-new-tokens", type=int, default=64)
     add_intrinsics_args(ask)
+    add_input_size_args(ask)
     add_model_args(ask)
     ask.set_defaults(func=cmd_ask)
     bench.add_parser(sub)

@@ -9,13 +9,28 @@ from pathlib import Path
 import numpy as np
 
 from depthvlm_ros.errors import InputError
-from depthvlm_ros.geometry import MAX_IMAGE_SIDE, Intrinsics, intrinsics_for_image
+from depthvlm_ros.geometry import DEFAULT_MAX_IMAGE_TOKENS, MAX_IMAGE_SIDE, Intrinsics, intrinsics_for_image
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, help="DepthVLM folder (default: the built-in model)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weights dtype")
+
+
+def add_input_size_args(parser: argparse.ArgumentParser, default: int = DEFAULT_MAX_IMAGE_TOKENS) -> None:
+    """``--max-image-tokens``: the bound on the model input (as the node's ``max_image_tokens``)."""
+    parser.add_argument(
+        "--max-image-tokens", type=int, default=default, metavar="N",
+        help=f"at most N image tokens (32x32 px each) reach the model (default {default}; 0 = only the model's own "
+             "max_pixels); larger canonical sizes take the canonical-camera route (depth x fx'/1000)")
+
+
+def check_max_image_tokens(args: argparse.Namespace) -> int:
+    """The --max-image-tokens value, checked (InputError: exit code 2)."""
+    if not 0 <= args.max_image_tokens <= 65536:
+        raise InputError(f"--max-image-tokens must be in 0..65536, got {args.max_image_tokens}")
+    return args.max_image_tokens
 
 
 def add_backend_args(parser: argparse.ArgumentParser) -> None:

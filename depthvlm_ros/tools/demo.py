@@ -73,8 +73,9 @@ class DemoCamera:
         self.intrinsics = Intrinsics.from_fx(width, height, nominal_fx(width))
         self.poses = list(trajectory(self.scene, start, args.seconds, args.rate))
         self.node = node
-        self.pub_image = node.create_publisher(Image, "image", 2)
-        self.pub_info = node.create_publisher(CameraInfo, "camera_info", 2)
+        # Reliable, deep enough that the recorder never loses a frame to a full history while it writes.
+        self.pub_image = node.create_publisher(Image, "image", 10)
+        self.pub_info = node.create_publisher(CameraInfo, "camera_info", 10)
         self.truth: OrderedDict[int, Any] = OrderedDict()
         self.lock = threading.Lock()
         self.index = 0
@@ -245,17 +246,38 @@ def run(args: argparse.Namespace) -> int:
         spinner.start()
         answers: list[dict[str, Any]] = []
         try:
+            # camera -> node + recorder; depth -> scorer + recorder; depth/camera_info -> recorder
+            _wait(lambda: min(p.get_subscription_count() for p in (camera.pub_image, camera.pub_info, node.pub_depth))
+                  >= 2 and node.pub_depth_info.get_subscription_count() >= 1 and client.service_is_ready(), 30.0,
+                  "the node, the scorer and the recorder to subscribe")
             answers = _drive(args, camera, scorer, client, stop)
-            time.sleep(min(2.0, 2.0 / args.rate + 0.5))  # let the last depth arrive
+            # Every frame: recorded, taken by the node, and (if processed) its depth scored here.
+            _wait(lambda: recorder.counts.get("/image", 0) >= camera.published
+                  and recorder.counts.get("/camera_info", 0) >= camera.published
+                  and node.counters.frames_in >= camera.published and not node.busy()
+                  and scorer.received >= node.counters.processed
+                  and recorder.counts.get("/depth/image", 0) >= node.counters.processed
+                  and recorder.counts.get("/depth/camera_info", 0) >= node.counters.processed, 30.0,
+                  lambda: f"the last frames to be processed (published {camera.published}, recorded "
+                          f"{recorder.counts}, node {node.counters}, busy {node.busy()}, scored {scorer.received})")
         finally:
             executor.shutdown(timeout_sec=2.0)
             node.destroy_node()
             writer.close()
         move_into_place(bag_dir, tmp, bag)
-        summary = _summary(args, model, camera, scorer, recorder, answers)
+        summary = _summary(args, model, node, camera, scorer, recorder, answers)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _print_summary(summary, args.out)
     return 0
+
+
+def _wait(condition: Any, timeout_s: float, what: Any) -> None:
+    """Until ``condition()`` holds (checked every 20 ms); a clear error after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise InputError(f"demo: waited {timeout_s:g} s for {what() if callable(what) else what}")
+        time.sleep(0.02)
 
 
 def _drive(args: argparse.Namespace, camera: DemoCamera, scorer: DepthScorer, client: Any,
@@ -275,7 +297,7 @@ def _drive(args: argparse.Namespace, camera: DemoCamera, scorer: DepthScorer, cl
         if now >= next_frame:
             camera.publish_next()
             next_frame += period
-            if camera.index in ask_at and camera.latest is not None and client.service_is_ready():
+            if camera.index in ask_at and camera.latest is not None:
                 choices = pick_questions(camera.latest, args.queries)
                 if choices:  # the n-th question is about the n-th biggest object in view
                     question, label = choices[asked % len(choices)]
@@ -317,8 +339,8 @@ def _answer_row(result: Any, question: str, label: Any, seconds: float) -> dict[
             "seconds": round(seconds, 3)}
 
 
-def _summary(args: argparse.Namespace, model: Any, camera: DemoCamera, scorer: DepthScorer, recorder: Any,
-             answers: list[dict[str, Any]]) -> dict[str, Any]:
+def _summary(args: argparse.Namespace, model: Any, node: Any, camera: DemoCamera, scorer: DepthScorer,
+             recorder: Any, answers: list[dict[str, Any]]) -> dict[str, Any]:
     d1 = [s["delta1"] for s in scorer.scores]
     rel = [s["abs_rel"] for s in scorer.scores]
     lat = scorer.latencies_ms
@@ -326,6 +348,8 @@ def _summary(args: argparse.Namespace, model: Any, camera: DemoCamera, scorer: D
         "model": model.name, "backend": model.backend.describe(), "scene": {"kind": args.kind, "seed": args.seed},
         "camera": {"size": list(args.size), "fx": camera.intrinsics.fx, "rate_hz": args.rate, "seconds": args.seconds},
         "frames_published": camera.published, "depth_received": scorer.received, "depth_scored": len(scorer.scores),
+        "node": {"frames_received": node.counters.frames_in, "frames_processed": node.counters.processed,
+                 "frames_dropped": node.counters.dropped, "errors": node.counters.errors},
         "depth_rate_hz": scorer.received / args.seconds,
         "delta1_mean": float(np.mean(d1)) if d1 else None, "abs_rel_mean": float(np.mean(rel)) if rel else None,
         "latency_ms_median": float(np.median(lat)) if lat else None,

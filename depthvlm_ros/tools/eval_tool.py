@@ -3,7 +3,9 @@
 Predictions come from a model (``--model DIR``, batched by the size at which images reach the
 model) or from saved files (``--predictions DIR``). Results: JSON (``--json``), a Markdown table
 (stdout and ``--markdown``), PNG plots (``--plots``). A bad record is reported and counted, never
-fatal; ``--cache DIR`` keeps per-image results so an interrupted or repeated run resumes.
+fatal; ``--cache DIR`` keeps per-image results so an interrupted or repeated run resumes. A cached
+result is keyed by what produced it: the model's fingerprint (config + weights), dtype, backend
+and its precision, and the input bound; or, for saved predictions, the content hash of the file.
 
 Scoring conventions are in :mod:`depthvlm_ros.evaluation.metrics`; file and record conventions in
 :mod:`depthvlm_ros.evaluation.bench_data`.
@@ -53,14 +55,20 @@ from depthvlm_ros.evaluation.report import (
     slug,
 )
 from depthvlm_ros.geometry import CANONICAL_FX, Intrinsics, canonical_size, resize_depth, resize_rgb
-from depthvlm_ros.tools.common import add_backend_args, add_model_args, read_rgb
+from depthvlm_ros.tools.common import (
+    add_backend_args,
+    add_input_size_args,
+    add_model_args,
+    check_max_image_tokens,
+    read_rgb,
+)
 
 #: ``predict(images, intrinsics) -> depths``: RGB uint8 (H, W, 3) images that reach the model at one
 #: size and their K's -> one float32 depth map (metres, NaN invalid) per image on its own RGB grid.
 Predictor = Callable[[Sequence[np.ndarray], Sequence[Intrinsics]], list[np.ndarray]]
 
 #: Bump when the per-image result format or the scoring changes (invalidates old cache entries).
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 #: Bad-record lines printed per dataset before going quiet (all are counted and in the JSON).
 MAX_PRINTED_SKIPS = 20
 #: Worst-image panels are kept at most this wide (pixels) in memory.
@@ -88,6 +96,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plots", type=Path, metavar="DIR", help="write PNG plots into this folder")
     p.add_argument("--worst", type=int, default=4, metavar="K",
                    help="worst images per dataset in the plots (default 4)")
+    add_input_size_args(p, default=0)  # the benchmark protocol: only the model's own max_pixels
     add_model_args(p)
     add_backend_args(p)
     p.set_defaults(func=run)
@@ -96,11 +105,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 # -- prediction sources -------------------------------------------------------------------------
 
 
-def model_predictor(model: Any) -> Predictor:
+def model_predictor(model: Any, max_tokens: int = 0) -> Predictor:
     """A :data:`Predictor` around a loaded :class:`~depthvlm_ros.model.pipeline.DepthVLM`."""
 
     def predict(images: Sequence[np.ndarray], intrinsics: Sequence[Intrinsics]) -> list[np.ndarray]:
-        return [r.depth for r in model.predict_depth_batch(images, intrinsics)]
+        return [r.depth for r in model.predict_depth_batch(images, intrinsics, max_tokens=max_tokens)]
 
     return predict
 
@@ -110,7 +119,8 @@ class PredictionSource:
     """Where predictions come from: a :data:`Predictor` (batched) or a folder of saved depth maps.
 
     ``source_id`` names the source in cache keys and the report (two runs with the same id reuse
-    each other's cached results).
+    each other's cached results): for a model, what produced the numbers (weights fingerprint, dtype,
+    backend and precision, input bound), so retraining in place never returns old scores.
     """
 
     source_id: str
@@ -124,7 +134,8 @@ def make_source(args: argparse.Namespace) -> PredictionSource:
     built-in default model, announced like every tool does).
 
     With ``--model``, the depth path runs on ``--backend`` (torch, onnxruntime, tensorrt); the
-    cache key names the backend, so results of different backends are never mixed.
+    cache key names the weights' fingerprint, the backend and its precision, so results of other
+    weights or backends are never mixed.
     """
     if args.model is not None and args.predictions is not None:
         raise InputError("give one of --model DIR (run a model) or --predictions DIR (saved outputs), not both")
@@ -132,13 +143,15 @@ def make_source(args: argparse.Namespace) -> PredictionSource:
         if not args.predictions.is_dir():
             raise InputError(f"--predictions {args.predictions} is not a folder")
         return PredictionSource(f"predictions:{args.predictions.resolve()}", pred_root=args.predictions)
+    from depthvlm_ros.model.checkpoint import model_fingerprint
     from depthvlm_ros.tools.common import load_model
 
+    max_tokens = check_max_image_tokens(args)
     model = load_model(args)
-    where = Path(model.folder).resolve() if model.folder is not None else model.name
-    source = f"model:{where}:{args.dtype}:{model.backend.name}"
-    return PredictionSource(source, predict=model_predictor(model),
-                            batch_size=args.batch_size)
+    weights = model_fingerprint(model.folder) if model.folder is not None else model.name
+    backend = model.backend
+    source = f"model:{weights}:{args.dtype}:{backend.name}:{backend.precision()}:tokens{max_tokens}"
+    return PredictionSource(source, predict=model_predictor(model, max_tokens), batch_size=args.batch_size)
 
 
 # -- per-image cache ----------------------------------------------------------------------------
@@ -158,15 +171,21 @@ class ResultCache:
             raise InputError(f"--cache {root}: cannot create folder ({exc.strerror or exc})") from None
 
     @staticmethod
-    def key(spec: DatasetSpec, record: BenchRecord, source_id: str) -> dict[str, Any]:
-        return {
+    def key(spec: DatasetSpec, record: BenchRecord, source_id: str, prediction: Path | None = None) -> dict[str, Any]:
+        """What a cached result depends on: the record, the ground truth's bytes, the source, the range
+        and, for a saved prediction, that file's bytes."""
+        key = {
             "version": CACHE_VERSION,
             "dataset": spec.name,
             "image": record.image,
             "depth_path": record.depth_path,
+            "depth_sha256": _content_hash(spec.depth_root / record.depth_path),
             "source": source_id,
             "range_m": [spec.depth_range.min_m, spec.depth_range.max_m],
         }
+        if prediction is not None:
+            key["prediction_sha256"] = _content_hash(prediction)
+        return key
 
     def _path(self, key: dict[str, Any]) -> Path:
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
@@ -186,6 +205,19 @@ class ResultCache:
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"key": key, "result": result}))
         os.replace(tmp, path)
+
+
+def _content_hash(path: Path) -> str:
+    """sha256 of a file's bytes (first 16 hex digits); "" when it cannot be read (the record is then
+    refused with its reason where it is loaded, and nothing is cached for it)."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return ""
+    return digest.hexdigest()[:16]
 
 
 # -- one dataset --------------------------------------------------------------------------------
@@ -262,7 +294,7 @@ class DatasetEvaluator:
         except InputError as exc:
             self.skip(record.image, str(exc))
             return
-        if self.cache is not None:
+        if self.cache is not None and key:
             self.cache.put(key, result)
         self._add(record, result, (gt, aligned) if self.worst.k > 0 else None)
 
@@ -299,9 +331,15 @@ class DatasetEvaluator:
 
     def add_record(self, record: BenchRecord) -> None:
         """Score a record now (cache, saved prediction) or queue it for a model batch."""
-        key = ResultCache.key(self.spec, record, self.source.source_id)
+        key: dict[str, Any] = {}
         if self.cache is not None:
-            cached = self.cache.get(key)
+            try:
+                prediction = (find_prediction_file(self.source.pred_root, self.spec.name, record.image)
+                              if self.source.pred_root is not None else None)
+                key = ResultCache.key(self.spec, record, self.source.source_id, prediction)
+            except InputError:
+                pass  # no prediction file: nothing is cached for it; the record is refused below with its reason
+            cached = self.cache.get(key) if key else None
             if cached is not None:
                 self.results.cache_hits += 1
                 self._add(record, cached, None)

@@ -71,7 +71,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--best-effort", action="store_true", help="best-effort publishers (default reliable)")
     p.add_argument("--qos-depth", type=int, default=5, help="publisher history depth (default 5)")
     p.add_argument("--wait-subscribers", type=int, default=0, metavar="N",
-                   help="before the first frame, wait for N subscribers on image (default 0)")
+                   help="before the first frame, wait for N subscribers of camera_info and of image (or "
+                        "image/compressed) (default 0)")
     p.add_argument("--wait-timeout", type=float, default=10.0,
                    help="longest wait for --wait-subscribers, seconds (default 10; then play anyway)")
     bag = p.add_argument_group("rosbag2 sources")
@@ -440,6 +441,13 @@ def run(args: argparse.Namespace) -> int:
         return publish(node, stop, args, source, intrinsics_for)
 
 
+def subscribers(image_pub: Any, jpeg_pub: Any | None, info_pub: Any) -> int:
+    """Matched subscribers of the camera: of camera_info and of an image stream (raw or JPEG, whichever
+    has more; a node with compressed input subscribes to image/compressed only)."""
+    images = max(image_pub.get_subscription_count(), jpeg_pub.get_subscription_count() if jpeg_pub else 0)
+    return min(images, info_pub.get_subscription_count())
+
+
 def publish(node, stop: threading.Event, args: argparse.Namespace, source: Source,
             intrinsics_for: Callable[[int, int], Intrinsics] | None) -> int:
     from rclpy.duration import Duration
@@ -468,10 +476,10 @@ def publish(node, stop: threading.Event, args: argparse.Namespace, source: Sourc
     try:
         if args.wait_subscribers:
             deadline = time.monotonic() + args.wait_timeout
-            while image_pub.get_subscription_count() < args.wait_subscribers and not stop.is_set():
+            while subscribers(image_pub, jpeg_pub, info_pub) < args.wait_subscribers and not stop.is_set():
                 if time.monotonic() > deadline:
-                    log.warning(f"{image_pub.get_subscription_count()} of {args.wait_subscribers} subscribers "
-                                f"after {args.wait_timeout:g} s; playing anyway")
+                    log.warning(f"{subscribers(image_pub, jpeg_pub, info_pub)} of {args.wait_subscribers} "
+                                f"subscribers after {args.wait_timeout:g} s; playing anyway")
                     break
                 stop.wait(0.05)
         period = 1.0 / args.rate

@@ -13,8 +13,10 @@ import numpy as np
 from depthvlm_ros.geometry import depth_to_16uc1, depth_to_points
 from depthvlm_ros.tools.common import (
     add_backend_args,
+    add_input_size_args,
     add_intrinsics_args,
     add_model_args,
+    check_max_image_tokens,
     image_size,
     intrinsics_from_args,
     load_model,
@@ -31,6 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", nargs="+", type=Path, help="image files (PNG, JPEG, ...)")
     p.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: outputs)")
     add_intrinsics_args(p)
+    add_input_size_args(p)
     add_model_args(p)
     add_backend_args(p)
     p.set_defaults(func=run)
@@ -96,12 +99,13 @@ def run(args: argparse.Namespace) -> int:
 
     # Every input is checked (header only: memory stays one image) before the model loads.
     intrinsics = [intrinsics_from_args(args, *image_size(path)) for path in args.images]
+    max_tokens = check_max_image_tokens(args)
     model = load_model(args)
     args.out.mkdir(parents=True, exist_ok=True)
     for path, k in tqdm(list(zip(args.images, intrinsics)), desc="predict", unit="img",
                         disable=len(args.images) < 2 or None, file=sys.stderr):
         rgb = read_rgb(path)
-        result = model.predict_depth(rgb, k)
+        result = model.predict_depth(rgb, k, max_tokens=max_tokens)
         written = write_outputs(args.out, path.stem, rgb, result, model.name, model.backend.describe())
         stats = depth_stats(result.depth)
         print(f"{path}: depth {stats.get('min_m', float('nan')):.2f}-{stats.get('max_m', float('nan')):.2f} m, "
