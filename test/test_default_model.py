@@ -35,3 +35,14 @@ def test_shipped_model_measures_held_out_scenes():
             deltas.append(float((ratio < 1.25).mean()))
             assert pred[ok].std() > 0.2 * view.depth[ok].std()  # follows the scene, not flat
     assert np.mean(deltas) > 0.6, deltas
+
+
+def test_model_card_states_the_tokenizer_as_shipped():
+    """The card's tokenizer numbers are the shipped tokenizer's (they were wrong once)."""
+    import json
+
+    tokenizer = json.loads((PACKAGED_MODEL_DIR / "tokenizer.json").read_text())
+    learned, special = len(tokenizer["model"]["vocab"]), len(tokenizer["added_tokens"])
+    card = (PACKAGED_MODEL_DIR / "README.md").read_text()
+    assert f"{learned} tokens" in card and f"the {special} Qwen3-VL special tokens" in card
+    assert f"{learned + special} ids" in card

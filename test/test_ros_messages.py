@@ -208,3 +208,14 @@ def test_shipped_parameter_file_matches_the_declared_parameters():
     assert values == declared
     assert check_settings(values) is None
     assert check_settings({**values, "max_depth_m": 1.0, "min_depth_m": 2.0}) is not None
+
+
+def test_sequence_gaps_count_what_never_arrived():
+    from depthvlm_ros.ros.flow import SequenceGaps
+
+    gaps = SequenceGaps(max_publishers=2)
+    assert gaps.seen("camera", 1) == 0 and gaps.seen("camera", 2) == 0
+    assert gaps.seen("camera", 6) == 3  # 3, 4 and 5 never arrived
+    assert gaps.seen("other", 40) == 0  # a new publisher starts its own count
+    assert gaps.seen("camera", 5) == 0  # late or restarted: nothing counted twice
+    assert gaps.seen("camera", None) == 0  # a middleware without sequence numbers

@@ -131,13 +131,13 @@ def test_record_then_replay_the_bag(tmp_path, frames, ros_env):
 
     folder, pngs = frames
     bag = tmp_path / "session.mcap"
-    recorder = subprocess.Popen(tool("record", str(bag), "--duration", "15", "--count", "24"), env=ros_env,
+    recorder = subprocess.Popen(tool("record", str(bag), "--duration", "60", "--count", "24"), env=ros_env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     player = subprocess.Popen(tool("play", str(folder), "--fx", "50", "--rate", "20", "--loop",
                                    "--frame-id", "cam", "--wait-subscribers", "1"),
                               env=ros_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        rec_out, rec_err = recorder.communicate(timeout=25)
+        rec_out, rec_err = recorder.communicate(timeout=90)
     finally:
         player.send_signal(signal.SIGINT)  # looping forever: SIGINT is the normal way out, exit 0
         _, play_err = player.communicate(timeout=10)
@@ -270,3 +270,18 @@ def test_rviz_config_shows_the_node_topics():
     assert displays["/points"]["Class"] == "rviz_default_plugins/PointCloud2"
     assert displays["/points"]["Color Transformer"] == "RGB8"
     assert {p["Class"] for p in config["Panels"]} >= {"rviz_common/Displays", "rviz_common/Views"}
+
+
+def test_bench_node_soak_reports_the_node_memory(tmp_path, ros_env, tiny_checkpoint):
+    """``bench-node --soak N``: N measured frames through a node process, its RSS along the way."""
+    report_path = tmp_path / "soak.json"
+    run = subprocess.run(cli("bench-node", "--size", "160x120", "--rate", "10", "--soak", "20", "--warmup", "1",
+                             "--model", str(tiny_checkpoint), "--json", str(report_path)),
+                         env=ros_env, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(report_path.read_text())
+    assert report["sent"] == 20 and 1 <= report["depth_received"] <= 20
+    memory = report["node_rss_mb"]
+    assert [n for n, _ in memory["samples"]][0] == 0 and memory["samples"][-1][0] == 20
+    assert memory["start"] == memory["samples"][0][1] and memory["end"] == memory["samples"][-1][1] > 100
+    assert "node RSS:" in run.stdout

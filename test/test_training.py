@@ -148,3 +148,23 @@ def test_train_rejects_bad_arguments_in_one_line(tmp_path):
                    "--out", str(tmp_path / "o"), "--steps", "1")
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1].startswith("depthvlm: error:")
+
+
+def test_packaging_stores_float16_weights_and_keeps_the_model_card(tmp_path, tiny_checkpoint):
+    """The last step of scripts/train_tiny.sh: what ships is the trained folder rounded to float16."""
+    import torch
+    from safetensors.torch import load_file
+
+    from depthvlm_ros.model.pipeline import DepthVLM
+    from depthvlm_ros.training.tiny import package_model
+
+    dest = tmp_path / "depthvlm-tiny"
+    dest.mkdir()
+    (dest / "README.md").write_text("model card")
+    package_model(tiny_checkpoint, dest)
+    assert (dest / "README.md").read_text() == "model card"
+    packed, trained = load_file(str(dest / "model.safetensors")), load_file(str(tiny_checkpoint / "model.safetensors"))
+    assert packed.keys() == trained.keys() and {v.dtype for v in packed.values()} == {torch.float16}
+    assert all(torch.equal(packed[k], trained[k].half()) for k in trained)
+    model = DepthVLM.from_pretrained(dest)
+    assert model.dtype == torch.float32  # stored as float16, run in float32

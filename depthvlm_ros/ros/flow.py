@@ -197,6 +197,28 @@ class QuestionGate:
         return len(self._queue)
 
 
+class SequenceGaps:
+    """Messages a publisher sent that never reached us: gaps in its publication sequence numbers.
+
+    ``seen(publisher, seq)`` returns how many messages of that publisher were skipped since the last
+    one seen (lost in transport, or replaced in the subscription's history before they were taken).
+    A gap shows only when a later message arrives. At most ``max_publishers`` are remembered.
+    """
+
+    def __init__(self, max_publishers: int = 16) -> None:
+        self.max_publishers = max_publishers
+        self._last: dict[object, int] = {}
+
+    def seen(self, publisher: object, seq: int | None) -> int:
+        if seq is None:  # the middleware does not number messages
+            return 0
+        last = self._last.pop(publisher, None)
+        self._last[publisher] = seq
+        while len(self._last) > self.max_publishers:
+            self._last.pop(next(iter(self._last)))
+        return max(0, seq - last - 1) if last is not None and seq > last else 0
+
+
 #: Numbers in a message (so "step 959 < width 320" and "step 10 < width 12" are one kind of error).
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|\bnan\b|\binf\b", re.IGNORECASE)
 

@@ -58,6 +58,7 @@ from depthvlm_ros.ros.flow import (
     LatestSlot,
     QuestionGate,
     RateMeter,
+    SequenceGaps,
     StampSync,
     error_kind,
 )
@@ -111,6 +112,7 @@ class Counters:
     dropped: int = 0  # replaced in the slot before the worker took them
     skipped_rate: int = 0  # over max_rate_hz
     unmatched: int = 0  # no camera_info pairs with them
+    lost: int = 0  # sent by the camera but never taken here (transport, or replaced in the QoS history)
     errors: int = 0
     reference_frames: int = 0  # run on PyTorch while the compiled backend had no size ready
     queries: int = 0
@@ -163,7 +165,6 @@ class DepthVLMNode(Node):
 
         self._owns_model = model is None  # a model given by the caller (tests, the demo) is the caller's to close
         self.model = model if model is not None else self._load_model()
-        self.backend_name = self.model.backend.describe()
         self.model_name = self.model.name
 
         self.counters = Counters()
@@ -186,6 +187,7 @@ class DepthVLMNode(Node):
         self._last_inference = -math.inf
         self._last_image_time = self._first_image_time = -math.inf
         self._log_throttle = KindThrottle(LOG_PERIOD_S)
+        self._gaps = SequenceGaps()
         self._gate = QuestionGate(s["max_pending_queries"], self._slot.pending)
 
         qos_in = _qos(s["input_reliability"], s["input_depth"])
@@ -213,7 +215,7 @@ class DepthVLMNode(Node):
         self._worker = threading.Thread(target=self._inference_loop, name="depthvlm-inference", daemon=True)
         self._worker.start()
         self.get_logger().info(
-            f"ready: model {self.model_name}, backend {self.backend_name}, "
+            f"ready: model {self.model_name}, backend {self.model.backend.describe()}, "
             f"input {'image/compressed' if s['use_compressed'] else 'image'} + camera_info"
         )
 
@@ -288,8 +290,14 @@ class DepthVLMNode(Node):
         except Exception as exc:  # an exception here would end the executor's spin: never let it out
             self._record_error(f"camera_info callback: {exc.__class__.__name__}: {exc}")
 
-    def _on_image(self, msg: Image | CompressedImage) -> None:
+    def _on_image(self, msg: Image | CompressedImage, info: dict) -> None:
+        """An image and its MessageInfo (rclpy passes it to a two-argument callback)."""
         try:
+            gid = info.get("publisher_gid")
+            lost = self._gaps.seen(bytes(gid["data"]) if gid else None, info.get("publication_sequence_number"))
+            if lost:
+                with self._counter_lock:
+                    self.counters.lost += lost
             self._pair_image(msg)
         except Exception as exc:
             self._record_error(f"image callback: {exc.__class__.__name__}: {exc}")
@@ -571,6 +579,7 @@ class DepthVLMNode(Node):
             "ros_overhead_p50_ms": f"{ros.p50:.2f}",  # decode + outputs + cloud + publish
             "ros_overhead_p90_ms": f"{ros.p90:.2f}",
             "frames_received": str(c.frames_in),
+            "frames_lost_before_node": str(c.lost),  # the camera's sequence numbers skipped
             "frames_processed": str(c.processed),
             "frames_dropped": str(c.dropped),
             "frames_skipped_rate_limit": str(c.skipped_rate),

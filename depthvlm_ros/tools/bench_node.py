@@ -9,6 +9,10 @@ cloud is built and sent), and reports:
 - throughput: depth images per second, and how many input frames produced no depth (dropped);
 - the node's own time per frame from its diagnostics: the model forward, everything else
   (preprocessing included), and the ROS part alone (decode, depth/camera_info/cloud, publish).
+
+``--soak N`` streams N measured frames instead of ``--seconds`` and reports the node's resident
+memory (RSS) when measuring starts, every tenth of the way, and at the end: memory that grows with
+the number of frames is a leak a robot meets after hours.
 """
 
 from __future__ import annotations
@@ -26,11 +30,28 @@ import numpy as np
 from depthvlm_ros.errors import InputError
 
 
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process in MiB (Linux /proc), NaN when it cannot be read."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS"))) / 1024
+    except (OSError, StopIteration, ValueError):
+        return float("nan")
+
+
 def _camera_frame(width: int, height: int) -> np.ndarray:
     u = np.linspace(0, 1, width, dtype=np.float32)[None, :]
     v = np.linspace(0, 1, height, dtype=np.float32)[:, None]
     rgb = np.stack([0.5 + 0.5 * np.sin(9 * u + 3 * v), 0.5 + 0.5 * np.cos(7 * v - 2 * u), 0.4 + 0.3 * u * v], -1)
     return np.rint(rgb * 255).astype(np.uint8)
+
+
+def steady(diagnostics: list[dict[str, str]]) -> bool:
+    """The node's latest diagnostics say it runs its backend: PyTorch, or a compiled size it holds."""
+    if not diagnostics:
+        return False
+    latest = diagnostics[-1]
+    return latest.get("backend", "").startswith("torch") or int(latest.get("compiled_sizes_held", "0")) >= 1
 
 
 def run_bench(args: argparse.Namespace) -> dict:
@@ -51,7 +72,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     os.environ.update({k: env[k] for k in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE")})
     use_large_data_profile()
     env["FASTDDS_DEFAULT_PROFILES_FILE"] = os.environ["FASTDDS_DEFAULT_PROFILES_FILE"]
-    params = {"backend": args.backend, "max_side_px": args.max_side, "input_reliability": "reliable"}
+    params = {"backend": args.backend, "max_side_px": args.max_side, "input_reliability": args.input_reliability}
     if args.model is not None:
         params["model_path"] = str(args.model)
     ros = ["--ros-args"] + [x for k, v in params.items() for x in ("-p", f"{k}:={v}")]
@@ -60,9 +81,14 @@ def run_bench(args: argparse.Namespace) -> dict:
     rclpy.init(args=["depthvlm_bench_node"])
     client = rclpy.create_node("depthvlm_bench_node")
     reliable = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=5, reliability=ReliabilityPolicy.RELIABLE)
-    pub_image = client.create_publisher(Image, "image", reliable)
-    pub_info = client.create_publisher(CameraInfo, "camera_info", reliable)
+    # The camera publishes with the node's input reliability (best effort by default, as camera drivers'
+    # sensor QoS): a reliable writer to a reader that cannot keep up loses frames to retransmissions.
+    camera = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=5, reliability=ReliabilityPolicy.RELIABLE
+                        if args.input_reliability == "reliable" else ReliabilityPolicy.BEST_EFFORT)
+    pub_image = client.create_publisher(Image, "image", camera)
+    pub_info = client.create_publisher(CameraInfo, "camera_info", camera)
     sent: dict[int, float] = {}
+    rss: list[tuple[int, float]] = []  # (measured frames sent, node RSS MiB)
     received: list[tuple[float, float]] = []  # (stamp -> receive latency ms, receive time)
     diagnostics: list[dict[str, str]] = []
     measuring = [False]
@@ -92,11 +118,20 @@ def run_bench(args: argparse.Namespace) -> dict:
         period = 1.0 / args.rate
         start = time.monotonic()
         next_frame = start
-        end = start + args.warmup + args.seconds
-        while time.monotonic() < end:
+        measure_start = measure_end = None
+        while (len(sent) < args.soak) if args.soak else (measure_start is None or
+                                                         time.monotonic() < measure_start + args.seconds):
             now_m = time.monotonic()
             if now_m >= next_frame:
-                measuring[0] = now_m >= start + args.warmup
+                # Measure after --warmup, once the node runs the backend asked for (a compiled backend's
+                # first size is exported in the background meanwhile; PyTorch stands in until then).
+                measuring[0] = measuring[0] or (now_m >= start + args.warmup and (
+                    steady(diagnostics) or now_m >= start + args.warmup + args.startup_timeout))
+                if measuring[0] and measure_start is None:
+                    measure_start = now_m
+                    rss.append((0, rss_mb(node.pid)))
+                if args.soak and sent and len(sent) % max(1, args.soak // 10) == 0 and rss[-1][0] != len(sent):
+                    rss.append((len(sent), rss_mb(node.pid)))
                 header = Header(frame_id="camera_optical_frame", stamp=client.get_clock().now().to_msg())
                 image = rgb_to_image(rgb, header)
                 pub_info.publish(intrinsics_to_camera_info(k, header))
@@ -105,7 +140,9 @@ def run_bench(args: argparse.Namespace) -> dict:
                     sent[header.stamp.sec * 1_000_000_000 + header.stamp.nanosec] = now_m
                 next_frame += period
             rclpy.spin_once(client, timeout_sec=max(0.0, min(0.005, next_frame - time.monotonic())))
-        settle = time.monotonic() + 2.0
+        measure_end = time.monotonic()
+        rss.append((len(sent), rss_mb(node.pid)))
+        settle = time.monotonic() + 2.0  # depth of the last frames still on its way (latency < 2 s)
         while time.monotonic() < settle:
             rclpy.spin_once(client, timeout_sec=0.05)
     finally:
@@ -118,22 +155,30 @@ def run_bench(args: argparse.Namespace) -> dict:
         rclpy.try_shutdown()
     latencies = np.array([r[0] for r in received]) if received else np.array([np.nan])
     diag = diagnostics[-1] if diagnostics else {}
+    seconds = (measure_end - measure_start) if measure_start is not None and measure_end is not None else args.seconds
     report = {
-        "size": [width, height], "fx": args.fx, "rate_hz": args.rate, "seconds": args.seconds,
+        "size": [width, height], "fx": args.fx, "rate_hz": args.rate, "seconds": round(seconds, 2),
         "backend": diag.get("backend", args.backend), "model": diag.get("model", ""),
-        "max_side_px": args.max_side,
+        "max_side_px": args.max_side, "input_reliability": args.input_reliability,
         "sent": len(sent), "depth_received": len(received),
         "no_output": len(sent) - len(received),
-        "throughput_hz": len(received) / args.seconds,
+        "throughput_hz": len(received) / seconds if seconds > 0 else 0.0,
         "latency_ms": {"median": float(np.median(latencies)), "p90": float(np.percentile(latencies, 90))},
         "node": {key: float(diag[key]) for key in ("forward_p50_ms", "overhead_p50_ms", "ros_overhead_p50_ms",
                                                     "ros_overhead_p90_ms", "inference_rate_hz") if key in diag},
+        "node_frames_received": int(diag.get("frames_received", 0)),
+        "node_frames_lost_before_node": int(diag.get("frames_lost_before_node", 0)),
         "node_frames_dropped": int(diag.get("frames_dropped", 0)),
+        "node_rss_mb": {"start": round(rss[0][1], 1), "end": round(rss[-1][1], 1),
+                        "growth": round(rss[-1][1] - rss[0][1], 1),
+                        "samples": [[n, round(mb, 1)] for n, mb in rss]} if rss else {},
     }
     return report
 
 
 def cmd_bench_node(args: argparse.Namespace) -> int:
+    if args.soak < 0 or not (args.rate > 0 and args.seconds > 0 and args.warmup >= 0):
+        raise InputError("--soak must be >= 0, --rate and --seconds > 0, --warmup >= 0")
     report = run_bench(args)
     lat, node = report["latency_ms"], report["node"]
     print(f"bench-node {report['size'][0]}x{report['size'][1]} fx {report['fx']:g} at {report['rate_hz']:g} Hz "
@@ -141,6 +186,10 @@ def cmd_bench_node(args: argparse.Namespace) -> int:
     print(f"  depth out: {report['depth_received']} of {report['sent']} frames "
           f"({report['throughput_hz']:.1f} Hz), {report['no_output']} without output")
     print(f"  latency stamp->depth: median {lat['median']:.1f} ms, p90 {lat['p90']:.1f} ms")
+    mem = report["node_rss_mb"]
+    if mem:
+        print(f"  node RSS: {mem['start']:.0f} MiB at the start of measuring, {mem['end']:.0f} MiB after "
+              f"{report['sent']} frames ({mem['growth']:+.1f} MiB)")
     if node:
         print(f"  node per frame: forward {node.get('forward_p50_ms', float('nan')):.1f} ms, "
               f"all but forward {node.get('overhead_p50_ms', float('nan')):.2f} ms, "
@@ -162,10 +211,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="camera focal length in px (default 1000: the model sees the image at its own size)")
     p.add_argument("--rate", type=float, default=30.0, help="camera rate in Hz (default 30)")
     p.add_argument("--seconds", type=float, default=20.0, help="measured seconds (after --warmup)")
-    p.add_argument("--warmup", type=float, default=5.0, help="seconds before measuring")
+    p.add_argument("--soak", type=int, default=0, metavar="N",
+                   help="stream N measured frames instead of --seconds and report the node's RSS along the way")
+    p.add_argument("--warmup", type=float, default=5.0,
+                   help="seconds before measuring (at least; a compiled backend also waits for its first size)")
     p.add_argument("--model", type=Path, help="DepthVLM folder (default: the built-in model)")
     p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"])
     p.add_argument("--max-side", type=int, default=0, help="node parameter max_side_px (0 = protocol size)")
+    p.add_argument("--input-reliability", default="best_effort", choices=["best_effort", "reliable"],
+                   help="node parameter input_reliability (default best_effort, the node's default)")
     p.add_argument("--startup-timeout", type=float, default=120.0)
     p.add_argument("--json", type=Path, help="also write the report here")
     p.set_defaults(func=cmd_bench_node)

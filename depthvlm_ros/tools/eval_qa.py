@@ -9,16 +9,17 @@ from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from depthvlm_ros.tools.common import add_model_args
+    from depthvlm_ros.tools.common import add_input_size_args, add_model_args
 
     p = sub.add_parser("eval-qa", help="score spatial answers on a generated set (grounding, distance)",
-                       description="Asks every question of DIR/qa.jsonl (from depthvlm generate) through the same "
-                                   "path as the node's ~/spatial_query: the answer's first place is measured on the "
-                                   "depth map of the same forward pass.")
+                       description="Asks every question of DIR/qa.jsonl (from depthvlm generate) with the same "
+                                   "answer and measurement code as the node's ~/spatial_query: the answer's first "
+                                   "place is measured on the depth map of the same forward pass.")
     p.add_argument("--data", type=Path, required=True, metavar="DIR", help="generated folder with qa.jsonl")
     p.add_argument("--limit", type=int, metavar="N", help="first N questions only")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="longest answer (default 64, as the node)")
     p.add_argument("--json", type=Path, metavar="FILE", help="write the summary (and per-answer rows) here")
+    add_input_size_args(p)
     add_model_args(p)
     p.set_defaults(func=run)
 
@@ -28,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
 
     from depthvlm_ros.errors import InputError
     from depthvlm_ros.evaluation.qa import DISTANCE_TOLERANCE, score_answer, summarize
-    from depthvlm_ros.tools.common import load_model
+    from depthvlm_ros.tools.common import check_max_image_tokens, load_model
     from depthvlm_ros.training.data import load_sample, read_qa_samples
 
     path = args.data / "qa.jsonl"
@@ -38,11 +39,12 @@ def run(args: argparse.Namespace) -> int:
     refs = read_qa_samples(path, args.data)
     if args.limit is not None:
         records, refs = records[: args.limit], refs[: args.limit]
+    max_tokens = check_max_image_tokens(args)
     model = load_model(args)
     scores, rows = [], []
     for record, ref in tqdm(list(zip(records, refs)), unit="question", file=sys.stderr, disable=None):
         rgb, _, k = load_sample(ref)
-        answer = model.ask(rgb, k, ref.question, max_new_tokens=args.max_new_tokens)
+        answer = model.ask(rgb, k, ref.question, max_new_tokens=args.max_new_tokens, max_tokens=max_tokens)
         score = score_answer(record, answer.text, answer.depth.depth, answer.depth.intrinsics)
         scores.append(score)
         rows.append({"question": ref.question, "answer": answer.text, "expected": ref.answer, **vars(score)})

@@ -1,13 +1,22 @@
-"""A fresh, randomly initialised depthvlm-tiny folder: what stage 0 of the built-in model starts from."""
+"""depthvlm-tiny's two ends: the randomly initialised folder stage 0 starts from, and the packaging of the
+trained folder into the package (``python -m depthvlm_ros.training.tiny package SRC DEST``, the last step of
+``scripts/train_tiny.sh``)."""
 
 from __future__ import annotations
 
+import argparse
+import shutil
+import sys
 from pathlib import Path
 
 import torch
 
-#: Vocabulary of depthvlm-tiny's tokenizer (BPE learned on the generator's QA templates).
+#: Vocabulary size asked of depthvlm-tiny's BPE trainer (learned on the generator's QA templates). An upper
+#: bound: the templates' corpus allows 510 tokens (256 bytes + 254 merges), plus the 26 special tokens.
 TINY_VOCAB = 1024
+#: Files of a model folder that the package ships (besides model.safetensors and the model card README.md).
+PACKAGED_FILES = ("config.json", "generation_config.json", "preprocessor_config.json", "tokenizer.json",
+                  "tokenizer_config.json", "chat_template.jinja")
 #: Initial output of the depth head (model units: metres at the canonical camera).
 TINY_INIT_DEPTH = 10.0
 
@@ -37,3 +46,50 @@ def init_tiny_model(folder: Path, seed: int = 0) -> Path:
         return write_checkpoint(model, tokenizer, folder, tiny_preprocessor())
     finally:
         hf_logging.enable_progress_bar()
+
+
+def package_model(src: Path, dest: Path) -> Path:
+    """Copy a trained DepthVLM folder into ``dest`` with its weights stored as float16 (loaded as float32).
+
+    Keeps ``dest``'s model card (README.md). The weights go through the strict loader first, and the
+    packaged folder is loaded again and compared, so what ships is exactly ``src`` rounded to float16.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from depthvlm_ros.model.checkpoint import weight_files
+    from depthvlm_ros.model.pipeline import DepthVLM
+
+    src, dest = Path(src), Path(dest)
+    DepthVLM.from_pretrained(src)  # strict: every key and shape checked
+    weights: dict[str, torch.Tensor] = {}
+    for f in weight_files(src):
+        weights.update(load_file(str(f)))
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in PACKAGED_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dest / name)
+    half = {k: (v.to(torch.float16) if v.is_floating_point() else v).contiguous() for k, v in weights.items()}
+    save_file(half, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    packaged = DepthVLM.from_pretrained(dest)
+    for key, value in packaged.model.state_dict().items():
+        if key in half and not torch.equal(value, half[key].to(value.dtype)):
+            raise RuntimeError(f"{dest}: {key} differs from the float16 weights written")
+    return dest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m depthvlm_ros.training.tiny")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("package", help="store a trained folder's weights as float16 in the package folder")
+    p.add_argument("src", type=Path, help="trained DepthVLM folder (e.g. build/tiny/stage2/final)")
+    p.add_argument("dest", type=Path, help="package folder (depthvlm_ros/models/depthvlm-tiny)")
+    args = parser.parse_args(argv)
+    out = package_model(args.src, args.dest)
+    size = (out / "model.safetensors").stat().st_size
+    print(f"packaged {args.src} -> {out} (model.safetensors {size / 2**20:.2f} MiB, float16)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
