@@ -29,11 +29,9 @@ def main() -> int:
     infos: list[CameraInfo] = []
     jpegs: list[CompressedImage] = []
     qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
-    # Created in this order on purpose: discovery announces them in order, so once `play
-    # --wait-subscribers` sees image matched, camera_info and image/compressed already are.
-    node.create_subscription(CompressedImage, "image/compressed", jpegs.append, qos)
-    node.create_subscription(CameraInfo, "camera_info", infos.append, qos)
     node.create_subscription(Image, "image", images.append, qos)
+    node.create_subscription(CameraInfo, "camera_info", infos.append, qos)
+    node.create_subscription(CompressedImage, "image/compressed", jpegs.append, qos)
     print("ready", flush=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and (len(images) < count or len(infos) < count or len(jpegs) < want_jpegs):

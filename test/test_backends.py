@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -317,15 +318,24 @@ def test_held_sizes_are_bounded_and_background_sizes_never_block(exports, tiny_m
         result = tiny_model.predict_depth(scene_image(240, 320, 1000.0), portrait)
         assert result.backend == "onnxruntime" and fore.held_sizes() == [(256, 320)] and made == list(graphs)
 
-        back = OnnxRuntimeBackend(exporter=exporter, max_sizes=1, background=True, log=lambda _: None)
-        with pytest.raises(SizeNotReadyError):
-            back.nearest_size(320, 256)
-        tiny_model.backend = back
-        assert tiny_model.predict_depth(scene_image(320, 240, 1000.0), k).backend == "torch"  # PyTorch stands in
-        assert back.wait_for_size((320, 256), timeout_s=60), back.describe()  # the worker made it
-        assert back.held_sizes() == [(320, 256)]
-        assert tiny_model.predict_depth(scene_image(320, 240, 1000.0), k).backend == "onnxruntime"
-        back.close()
+        release = threading.Event()
+
+        def slow_exporter(width: int, height: int, replace: bool = False) -> Path:
+            assert release.wait(60), "never released"  # an export that takes as long as the test wants
+            return graphs[(width, height)]
+
+        back = OnnxRuntimeBackend(exporter=slow_exporter, max_sizes=1, background=True, log=lambda _: None)
+        try:
+            with pytest.raises(SizeNotReadyError):
+                back.nearest_size(320, 256)
+            tiny_model.backend = back
+            assert tiny_model.predict_depth(scene_image(320, 240, 1000.0), k).backend == "torch"  # PyTorch stands in
+            release.set()
+            assert back.wait_for_size((320, 256), timeout_s=60), back.describe()  # the worker made it
+            assert back.held_sizes() == [(320, 256)]
+            assert tiny_model.predict_depth(scene_image(320, 240, 1000.0), k).backend == "onnxruntime"
+        finally:
+            back.close()
     finally:
         tiny_model.backend = TorchBackend(tiny_model.model)
 

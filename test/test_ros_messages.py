@@ -171,8 +171,11 @@ def test_question_gate_admits_one_lets_one_wait_and_refuses_the_rest_at_once():
     admitted = threading.Event()
     second = threading.Thread(target=lambda: gate.enter(timeout_s=30.0) is None and admitted.set())
     second.start()
-    while gate.waiting == 0:  # the second question is queued (a thread start, not a fixed wait)
+    for _ in range(10_000):  # until the second question is queued (a thread start), at most ~10 s
+        if gate.waiting:
+            break
         second.join(0.001)
+    assert gate.waiting == 1
     refused = gate.enter(timeout_s=30.0)  # a third: nobody else may wait, so "busy" at once
     assert refused is not None and refused.startswith("busy")
     frame_waiting[0] = True  # a depth frame waits for the model when the first question ends
@@ -197,8 +200,10 @@ def test_log_throttle_is_per_kind():
     assert not throttle.allow(step)
     now[0] = 5.0
     assert throttle.allow(step)
-    throttle.allow("third kind")  # bounded: the least recently seen kind is forgotten
-    assert throttle.allow(error_kind("camera_info: K has NaN"))
+    now[0] = 6.0
+    throttle.allow("third kind")  # bounded at 2: the least recently seen kind (the NaN one) is forgotten ...
+    assert throttle.allow(error_kind("camera_info: K has NaN"))  # ... so it logs again within its period
+    assert not throttle.allow("third kind")  # while a remembered kind stays quiet
 
 
 def test_shipped_parameter_file_matches_the_declared_parameters():

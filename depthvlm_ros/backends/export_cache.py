@@ -3,15 +3,18 @@
 Exports made on first use live in ``$DEPTHVLM_CACHE/exports/<model>-<fingerprint>/depth_WxH_fp32.onnx``
 with their report, probe and external data beside them. The cache is bounded: after each new export
 the least recently used graphs are deleted until at most ``DEPTHVLM_EXPORT_CACHE_MAX_GRAPHS``
-(default 8) graphs and ``DEPTHVLM_EXPORT_CACHE_MAX_GB`` (default 20) gigabytes remain; the newest
-graph always stays. A graph counts as used when a backend takes it from the cache.
+(default 16) graphs and ``DEPTHVLM_EXPORT_CACHE_MAX_GB`` (default 20) gigabytes remain; the newest
+graph always stays. A graph counts as used when a backend takes it from the cache. Leftovers of
+exports that failed their parity check (``*.failed``) or were killed (``.*.partial`` older than
+an hour) are deleted too.
 
 - :class:`InProcessExporter` exports in the calling process and waits: the tools, where the user
   asked for this size and waits for it anyway.
 - :class:`SubprocessExporter` runs the export worker (``python -m depthvlm_ros.backends.onnx_export``)
   as a separate, lower-priority process and waits for it: the node's background thread uses it, so
   neither the node's frame path nor its memory carries an export; :meth:`~SubprocessExporter.cancel`
-  kills a running export when the node shuts down.
+  stops a running export when the node shuts down (the worker cleans up its staging folder, and
+  ends by itself if the node dies).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,10 +32,14 @@ from depthvlm_ros.backends.base import BackendError
 from depthvlm_ros.backends.probe import PROBE_SUFFIX
 
 #: Defaults of the cache bounds (environment variables override them).
-MAX_CACHED_GRAPHS = 8
+MAX_CACHED_GRAPHS = 16
 MAX_CACHE_GB = 20.0
 #: A background export that takes longer than this is killed (the 4B model exports in minutes).
 EXPORT_TIMEOUT_S = 3600.0
+#: A staging folder (``.NAME.partial``) untouched this long belongs to an export that was killed.
+STALE_PARTIAL_S = 3600.0
+#: How long a cancelled export gets to clean up after SIGTERM before it is killed.
+CANCEL_GRACE_S = 10.0
 #: Files that belong to an exported graph ``X.onnx`` (besides the graph itself).
 _COMPANIONS = (".json", ".data", PROBE_SUFFIX)
 
@@ -80,6 +88,14 @@ def prune_export_cache(root: Path, keep: Path | None = None) -> list[Path]:
         if count > 1 and (count > max_graphs or total > max_bytes):
             remove_export(graph)
             removed.append(graph)
+    stale = time.time() - STALE_PARTIAL_S
+    for leftover in [*root.glob("*/*.failed"), *root.glob("*/.*.partial")]:
+        try:
+            if leftover.suffix == ".failed" or leftover.stat().st_mtime < stale:
+                shutil.rmtree(leftover, ignore_errors=True)
+                removed.append(leftover)
+        except OSError:
+            continue
     for folder in root.glob("*/"):
         if folder.is_dir() and not any(folder.iterdir()):
             shutil.rmtree(folder, ignore_errors=True)
@@ -138,7 +154,7 @@ class SubprocessExporter:
             return path
         self.log(f"exporting the depth path at {width}x{height} for ONNX Runtime in the background -> {path}")
         command = [sys.executable, "-m", "depthvlm_ros.backends.onnx_export", str(self.vlm.folder),
-                   f"{width}x{height}", str(path)]
+                   f"{width}x{height}", str(path), "--parent", str(os.getpid())]
         with self._lock:
             if self._cancelled:
                 raise BackendError("export cancelled (shutting down)")
@@ -147,9 +163,8 @@ class SubprocessExporter:
         try:
             output, _ = self._proc.communicate(timeout=self.timeout_s)
         except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.communicate()
-            raise BackendError(f"export of {width}x{height} took over {self.timeout_s:g} s; killed") from None
+            _stop(self._proc)
+            raise BackendError(f"export of {width}x{height} took over {self.timeout_s:g} s; stopped") from None
         finally:
             code = self._proc.returncode
             with self._lock:
@@ -162,8 +177,22 @@ class SubprocessExporter:
         return path
 
     def cancel(self) -> None:
-        """Kill a running export and refuse new ones."""
+        """Stop a running export (SIGTERM: it removes its staging folder; SIGKILL after a grace period) and
+        refuse new ones."""
         with self._lock:
             self._cancelled = True
-            if self._proc is not None and self._proc.poll() is None:
-                self._proc.kill()
+            proc = self._proc
+        if proc is not None:
+            _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL if the process has not ended within CANCEL_GRACE_S."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=CANCEL_GRACE_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

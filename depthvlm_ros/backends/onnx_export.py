@@ -19,8 +19,10 @@ runs it as a separate, lower-priority process, so an export never runs on its fr
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -303,6 +305,16 @@ def export_onnx(
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _end_with_parent(parent: int) -> None:
+    """Get SIGTERM when the parent dies (Linux prctl PR_SET_PDEATHSIG), so a killed node leaves no export."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        sys.exit(143)
+
+
 def main(argv: list[str] | None = None) -> int:
     """The export worker (see the module docstring): exit 0 with the graph in place, 2 with one line."""
     parser = argparse.ArgumentParser(prog="python -m depthvlm_ros.backends.onnx_export",
@@ -311,9 +323,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("size", help="model-grid WxH, multiples of 32 px")
     parser.add_argument("out", type=Path, help="output .onnx path")
     parser.add_argument("--nice", type=int, default=10, help="lower this process's priority by N (default 10)")
+    parser.add_argument("--parent", type=int, default=0, help="end when this process (the node) ends")
     args = parser.parse_args(argv)
     if args.nice > 0:
         os.nice(args.nice)
+    # SIGTERM (the node cancelling) unwinds normally, so export_onnx removes its staging folder.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.parent:
+        _end_with_parent(args.parent)
     try:
         width, height = (int(v) for v in args.size.lower().split("x"))
         from depthvlm_ros.model.pipeline import DepthVLM

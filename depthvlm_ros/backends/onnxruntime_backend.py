@@ -14,11 +14,15 @@ import numpy as np
 
 from depthvlm_ros.backends.base import BackendError, DepthBackend, SizeNotReadyError, Stage, _no_stage, nearest
 from depthvlm_ros.backends.onnx_export import INPUT_NAME, export_size, read_metadata
-from depthvlm_ros.backends.probe import check_probe, read_probe
+from depthvlm_ros.backends.probe import check_probe, check_probe_input, read_probe
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
-#: Sizes whose making failed, remembered so they are not tried on every frame (bounded).
+#: Sizes whose making failed, remembered so they are not tried on every frame (bounded), for this long.
 MAX_FAILED = 64
+FAILED_RETRY_S = 600.0
+#: Provider options: fp32 graphs compute in fp32 on CUDA too (TF32 is on by default on Ampere and newer,
+#: and its ~3e-3 relative error would fail the fp32 probe).
+PROVIDER_OPTIONS = {"CUDAExecutionProvider": {"use_tf32": "0"}}
 #: In the background, a full set of held sizes makes room for a newly wanted size only by replacing
 #: one unused for this long: sizes in use are never swapped out, so cameras of more sizes than can be
 #: held never make the worker load sessions over and over.
@@ -96,7 +100,7 @@ class OnnxRuntimeBackend(DepthBackend):
         self._dtypes = {"fp32"} if exporter is not None else set()  # on-demand exports are fp32
         self._sessions: collections.OrderedDict[Size, object] = collections.OrderedDict()  # least recently used first
         self._used: dict[Size, float] = {}  # held size -> time.monotonic() of its last use
-        self._failed: collections.OrderedDict[Size, str] = collections.OrderedDict()
+        self._failed: collections.OrderedDict[Size, float] = collections.OrderedDict()  # -> time.monotonic()
         self._lock = threading.Condition()
         self._wanted: Size | None = None
         self._making: Size | None = None
@@ -127,7 +131,11 @@ class OnnxRuntimeBackend(DepthBackend):
         session = self._new_session(path)
         if self.verify:
             probe = read_probe(path, rebuild)
-            got = self._run(session, probe.pixel_values, [probe.pixel_values.shape[0]])
+            check_probe_input(path, probe, session.get_inputs()[0].shape, rebuild)
+            try:
+                got = self._run(session, probe.pixel_values, [probe.pixel_values.shape[0]])
+            except Exception as exc:  # onnxruntime's own error types
+                raise BackendError(f"{path} fails on its probe ({exc.__class__.__name__}); {rebuild}") from None
             check_probe(path, got, probe, meta.get("depthvlm.dtype", "fp32"), rebuild)
         return size, session
 
@@ -150,21 +158,30 @@ class OnnxRuntimeBackend(DepthBackend):
         # last run kept forever (~20 MB per session for the tiny models at 320 px; same speed, measured).
         options.enable_cpu_mem_arena = False
         try:
-            return self._ort.InferenceSession(str(path), options, providers=self.providers)
+            return self._ort.InferenceSession(str(path), options, providers=self.providers, provider_options=[
+                PROVIDER_OPTIONS.get(p, {}) for p in self.providers])
         except Exception as exc:  # onnxruntime raises its own error types (a truncated or corrupt graph)
             raise BackendError(f"{path}: ONNX Runtime cannot load it ({exc.__class__.__name__}); "
                                "re-export it") from None
 
-    def _hold(self, size: Size, session: object) -> None:
+    def _hold(self, size: Size, session: object, only_replacing_idle: bool = False) -> None:
+        """Hold a session (evicting the least recently used beyond max_sizes). ``only_replacing_idle``
+        (the background worker): when full, hold it only if a held size has been idle long enough."""
         with self._lock:
-            self._sessions[size] = session
-            self._touch(size)
+            if self._closed:
+                return
+            refused = only_replacing_idle and size not in self._sessions and not self._room()
             evicted = False
-            while len(self._sessions) > self.max_sizes:
-                old, _ = self._sessions.popitem(last=False)
-                self._used.pop(old, None)
-                evicted = True
+            if not refused:
+                self._sessions[size] = session
+                self._touch(size)
+                while len(self._sessions) > self.max_sizes:
+                    old, _ = self._sessions.popitem(last=False)
+                    self._used.pop(old, None)
+                    evicted = True
             self._lock.notify_all()
+        if refused:
+            self.log(f"onnxruntime: size {size[0]}x{size[1]} made but not held: every held size is in use")
         if evicted:
             _return_freed_memory()
 
@@ -204,28 +221,37 @@ class OnnxRuntimeBackend(DepthBackend):
                 size, self._wanted, self._making = self._wanted, None, self._wanted
             try:
                 session = self._make(size)
-            except Exception as exc:  # a failed export or a refused graph: that size stays unavailable
+            except Exception as exc:  # a failed export or a refused graph: that size stays unavailable a while
                 with self._lock:
-                    self._failed[size] = str(exc)
+                    self._failed[size] = time.monotonic()
                     while len(self._failed) > MAX_FAILED:
                         self._failed.popitem(last=False)
                     self._lock.notify_all()
-                self.log(f"onnxruntime: size {size[0]}x{size[1]} unavailable: {exc}")
+                self.log(f"onnxruntime: size {size[0]}x{size[1]} unavailable for {FAILED_RETRY_S:g} s: {exc}")
             else:
-                self._hold(size, session)
-                self.log(f"onnxruntime: size {size[0]}x{size[1]} ready")
+                self._hold(size, session, only_replacing_idle=True)
+                if size in self.held_sizes():
+                    self.log(f"onnxruntime: size {size[0]}x{size[1]} ready")
             finally:
                 with self._lock:
                     self._making = None
 
+    def _room(self) -> bool:
+        """A free place, or a held size unused for idle_before_replaced_s; called with the lock held."""
+        if len(self._sessions) < self.max_sizes:
+            return True
+        oldest = next(iter(self._sessions))  # least recently used
+        return time.monotonic() - self._used.get(oldest, 0.0) >= self.idle_before_replaced_s
+
     def _request(self, size: Size) -> None:
         """Ask the worker for ``size`` (latest wins) if there is room for it; called with the lock held."""
-        if size in self._failed or size == self._making or self._closed:
+        if size == self._making or self._closed:
             return
-        if len(self._sessions) >= self.max_sizes:
-            oldest = next(iter(self._sessions))  # least recently used
-            if time.monotonic() - self._used.get(oldest, 0.0) < self.idle_before_replaced_s:
-                return  # every held size is in use: the nearest one serves
+        failed = self._failed.get(size)
+        if failed is not None and time.monotonic() - failed < FAILED_RETRY_S:
+            return
+        if not self._room():
+            return  # every held size is in use: the nearest one serves
         self._wanted = size
         self._lock.notify_all()
 

@@ -72,6 +72,15 @@ def read_probe(artifact: str | Path, rebuild: str) -> Probe:
         raise BackendError(f"{path}: unreadable probe ({exc.__class__.__name__}); {rebuild}") from None
 
 
+def check_probe_input(artifact: str | Path, probe: Probe, input_shape: tuple | list, rebuild: str) -> None:
+    """BackendError when the probe's pixels do not fit the artifact's input (a probe of another size)."""
+    want = tuple(int(d) if isinstance(d, (int, np.integer)) else -1 for d in input_shape)
+    got = tuple(probe.pixel_values.shape)
+    if len(want) != len(got) or any(w not in (-1, g) for w, g in zip(want, got)):
+        raise BackendError(f"{artifact}: its probe ({probe.size}, pixels {list(got)}) does not fit the input "
+                           f"{list(input_shape)}; {rebuild}")
+
+
 def check_probe(artifact: str | Path, got: np.ndarray, probe: Probe, precision: str, rebuild: str) -> float:
     """Compare an artifact's output on its probe with the reference; the error, or BackendError."""
     tolerance = TOLERANCE.get(precision, TOLERANCE["fp32"])

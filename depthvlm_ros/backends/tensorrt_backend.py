@@ -34,7 +34,7 @@ import numpy as np
 from depthvlm_ros import __version__
 from depthvlm_ros.backends.base import BackendError, DepthBackend, Stage, _no_stage
 from depthvlm_ros.backends.onnx_export import INPUT_NAME, OUTPUT_NAME, export_size, read_metadata
-from depthvlm_ros.backends.probe import check_probe, probe_path, read_probe
+from depthvlm_ros.backends.probe import check_probe, check_probe_input, probe_path, read_probe
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 
@@ -277,8 +277,15 @@ class TensorRTBackend(DepthBackend):
                 "host_in": host_in, "host_out": host_out, "precision": sidecar.get("precision", "fp16")}
         rebuild = rebuild_command(sidecar, engine_path)
         probe = read_probe(engine_path, rebuild)
-        check_probe(engine_path, self._execute(slot, torch.from_numpy(probe.pixel_values)), probe,
-                    sidecar.get("precision", "fp16"), rebuild)
+        check_probe_input(engine_path, probe, tuple(buffers[INPUT_NAME].shape), rebuild)
+        try:
+            got = self._execute(slot, torch.from_numpy(probe.pixel_values))
+        except BackendError:
+            raise
+        except Exception as exc:  # CUDA/TensorRT errors
+            raise BackendError(f"{engine_path} fails on its probe ({exc.__class__.__name__}: {exc}); "
+                               f"{rebuild}") from None
+        check_probe(engine_path, got, probe, sidecar.get("precision", "fp16"), rebuild)
         self._engines[size] = slot
         while len(self._engines) > self.max_engines:
             self._engines.popitem(last=False)

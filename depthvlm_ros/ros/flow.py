@@ -142,7 +142,7 @@ class QuestionGate:
     served); any more are refused at once ("busy"). When a question ends while a depth frame is
     waiting for the model (``depth_waiting()``), the next question waits until the depth stream has
     had the model for one frame (:meth:`depth_served`), so a stream of questions cannot starve depth.
-    Every wait has a timeout.
+    Every wait has a timeout; :meth:`close` (shutdown) ends every wait at once.
     """
 
     def __init__(self, max_waiting: int = 1, depth_waiting: Callable[[], bool] = lambda: False) -> None:
@@ -151,12 +151,18 @@ class QuestionGate:
         self._cond = threading.Condition()
         self._active = False
         self._depth_owed = False
+        self._served = 0  # frames the depth stream finished (or found none to do)
         self._queue: deque[int] = deque()
         self._tickets = 0
+        self._closed = False
+        #: Times a question waited for the depth stream's frame before its turn.
+        self.depth_turns = 0
 
     def enter(self, timeout_s: float) -> str | None:
         """Wait for this question's turn: None when admitted (then call :meth:`leave`), else why not."""
         with self._cond:
+            if self._closed:
+                return "busy: the node is shutting down"
             busy = self._active or self._depth_owed or bool(self._queue)
             if busy and len(self._queue) >= self.max_waiting:
                 ahead = int(self._active) + len(self._queue)
@@ -165,28 +171,42 @@ class QuestionGate:
             ticket = self._tickets
             self._queue.append(ticket)
             admitted = self._cond.wait_for(
-                lambda: self._queue[0] == ticket and not self._active and not self._depth_owed, timeout=timeout_s)
+                lambda: self._closed or (self._queue[0] == ticket and not self._active and not self._depth_owed),
+                timeout=timeout_s)
             self._queue.remove(ticket)
+            self._cond.notify_all()
+            if self._closed:
+                return "busy: the node is shutting down"
             if not admitted:
-                self._cond.notify_all()
                 return f"busy: no turn within {timeout_s:g} s (another question is being answered)"
             self._active = True
             return None
 
     def leave(self) -> None:
         """The admitted question is done; depth gets a frame first if one is waiting."""
-        depth_waiting = self._depth_waiting()
+        with self._cond:
+            served = self._served
+        depth_waiting = self._depth_waiting()  # outside the lock: it takes the frame slot's lock
         with self._cond:
             self._active = False
-            self._depth_owed = depth_waiting
+            # owed only if no frame was served since: the waiting one may have finished meanwhile
+            self._depth_owed = depth_waiting and self._served == served
             self._cond.notify_all()
 
     def depth_served(self) -> None:
         """The depth stream finished a frame (or found none to do): waiting questions may go."""
         with self._cond:
+            self._served += 1
             if self._depth_owed:
                 self._depth_owed = False
+                self.depth_turns += int(bool(self._queue))
                 self._cond.notify_all()
+
+    def close(self) -> None:
+        """Refuse new questions and end every wait (shutdown)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
 
     @property
     def active(self) -> bool:

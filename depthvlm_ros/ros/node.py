@@ -75,6 +75,14 @@ NO_INFO_AFTER_S = 2.0
 LOG_PERIOD_S = 5.0
 #: An error this recent makes diagnostics WARN.
 RECENT_ERROR_S = 10.0
+#: Executor threads besides the questions': inputs, depth_at, diagnostics, parameter services, a refusal.
+BASE_THREADS = 4
+
+
+def executor_threads() -> int:
+    """Threads the node's executor needs: a question waiting for its turn holds one (reentrant service), so
+    the most that may wait, plus the one answered, plus BASE_THREADS for everything else."""
+    return BASE_THREADS + 1 + int(BY_NAME["max_pending_queries"].range[1])
 
 
 @dataclass
@@ -460,7 +468,7 @@ class DepthVLMNode(Node):
     def _wait_for_frame(self, timeout_s: float) -> Decoded | None:
         with self._latest_cond:
             if self._decoded is None:
-                self._latest_cond.wait_for(lambda: self._decoded is not None, timeout=timeout_s)
+                self._latest_cond.wait_for(lambda: self._decoded is not None or not self._running, timeout=timeout_s)
             return self._decoded
 
     def _on_spatial_query(self, request: SpatialQuery.Request, response: SpatialQuery.Response):
@@ -592,6 +600,7 @@ class DepthVLMNode(Node):
             "queries_busy": str(c.queries_busy),
             "query_active": str(self._gate.active).lower(),
             "queries_waiting": str(self._gate.waiting),
+            "questions_waited_for_depth": str(self._gate.depth_turns),  # a frame went before the next question
             "backend": backend.describe(),
             "backend_fallback": backend.fallback_reason,
             "compiled_sizes_held": str(len(backend.held_sizes())),
@@ -616,8 +625,13 @@ class DepthVLMNode(Node):
         return waiting or self._slot.pending()
 
     def stop(self) -> None:
-        """Stop work: the worker ends, an answer being generated stops within one token, exports are cancelled."""
+        """Stop work: the worker ends, an answer being generated stops within one token, questions waiting
+        for their turn or a frame are refused at once, exports are cancelled."""
         self._running = False
+        if hasattr(self, "_gate"):
+            self._gate.close()
+            with self._latest_cond:
+                self._latest_cond.notify_all()
         if hasattr(self, "_worker"):
             self._slot.close()
             self._worker.join(timeout=5.0)
@@ -645,7 +659,7 @@ def main(args: list[str] | None = None) -> int:
     node = executor = None
     try:
         node = DepthVLMNode()
-        executor = MultiThreadedExecutor(num_threads=4)
+        executor = MultiThreadedExecutor(num_threads=executor_threads())
         executor.add_node(node)
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):

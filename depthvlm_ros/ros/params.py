@@ -85,10 +85,10 @@ PARAMS: tuple[Param, ...] = (
     Param("output_depth", 2, "QoS history depth of the published topics", read_only=True, range=(1, 100)),
     # services
     Param("max_question_chars", 500, "longest question ~/spatial_query accepts", range=(1, MAX_QUESTION_CHARS)),
-    Param("max_answer_tokens", 64, "most tokens an answer may have", range=(1, 4096)),
+    Param("max_answer_tokens", 64, "most tokens an answer may have", range=(1, 1024)),
     Param("query_wait_s", 2.0, "how long ~/spatial_query waits for a first frame", range=(0.0, 60.0)),
     Param("max_pending_queries", 1, "questions that may wait while one is answered; more are refused (busy) at "
-          "once", range=(0, 16)),
+          "once", range=(0, 8)),
     Param("query_timeout_s", 30.0, "longest a question waits for its turn before it is refused (busy)",
           range=(0.1, 600.0)),
     Param("max_query_pixels", 10000, "most pixels one ~/depth_at request may list", range=(1, 1000000)),

@@ -115,6 +115,7 @@ class DepthScorer:
     """Scores every depth image against the frame it came from; keeps a few PNGs and one cloud."""
 
     def __init__(self, node: Any, camera: DemoCamera, out: Path) -> None:
+        from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
         from sensor_msgs.msg import Image, PointCloud2
 
         self.camera = camera
@@ -125,9 +126,11 @@ class DepthScorer:
         self.pngs: list[str] = []
         self.cloud_written: str | None = None
         self.started = time.monotonic()
-        node.create_subscription(Image, "depth/image", self.on_depth, 10)
-        node.create_subscription(Image, "depth/colored", self.on_colored, 10)
-        node.create_subscription(PointCloud2, "points", self.on_points, 2)
+        # Its own callback group: scoring, PNG and PLY writing never hold up the recorder's callbacks.
+        group = MutuallyExclusiveCallbackGroup()
+        self.subs = [node.create_subscription(Image, "depth/image", self.on_depth, 10, callback_group=group),
+                     node.create_subscription(Image, "depth/colored", self.on_colored, 10, callback_group=group),
+                     node.create_subscription(PointCloud2, "points", self.on_points, 2, callback_group=group)]
         self.node = node
 
     def on_depth(self, msg: Any) -> None:
@@ -230,14 +233,14 @@ def run(args: argparse.Namespace) -> int:
 
         first = render(camera.scene, camera.intrinsics, camera.poses[0], with_labels=False)
         warm = time.perf_counter()
-        model.predict_depth(first.rgb, camera.intrinsics)
+        model.predict_depth(first.rgb, camera.intrinsics, max_tokens=node.settings()["max_image_tokens"])
         print(f"demo: model ready ({(time.perf_counter() - warm):.1f} s warm-up)", flush=True)
         scorer = DepthScorer(demo, camera, args.out)
         writer = Writer(bag_dir, version=9, storage_plugin=StoragePlugin.MCAP)
         writer.open()
         topics = list(RECORDED) + (["points"] if args.record_points else [])
         recorder = Recorder(demo, writer, [(t, TOPIC_TYPES[t]) for t in topics],
-                            argparse.Namespace(count=None, best_effort=False, qos_depth=10))
+                            argparse.Namespace(count=None, best_effort=False, qos_depth=100))  # never full
         client = demo.create_client(SpatialQuery, "/depthvlm/spatial_query")
         executor = MultiThreadedExecutor(num_threads=4, context=demo.context)
         executor.add_node(node)
@@ -246,15 +249,17 @@ def run(args: argparse.Namespace) -> int:
         spinner.start()
         answers: list[dict[str, Any]] = []
         try:
-            # camera -> node + recorder; depth -> scorer + recorder; depth/camera_info -> recorder
+            # Matched both ways: camera -> node + recorder; depth -> scorer + recorder; depth/camera_info ->
+            # recorder (the publishers' view), and every recording and scoring subscription (theirs).
             _wait(lambda: min(p.get_subscription_count() for p in (camera.pub_image, camera.pub_info, node.pub_depth))
-                  >= 2 and node.pub_depth_info.get_subscription_count() >= 1 and client.service_is_ready(), 30.0,
+                  >= 2 and node.pub_depth_info.get_subscription_count() >= 1 and client.service_is_ready()
+                  and all(sub.get_publisher_count() >= 1 for sub in [*recorder.subs.values(), *scorer.subs]), 30.0,
                   "the node, the scorer and the recorder to subscribe")
             answers = _drive(args, camera, scorer, client, stop)
             # Every frame: recorded, taken by the node, and (if processed) its depth scored here.
             _wait(lambda: recorder.counts.get("/image", 0) >= camera.published
                   and recorder.counts.get("/camera_info", 0) >= camera.published
-                  and node.counters.frames_in >= camera.published and not node.busy()
+                  and node.counters.frames_in + node.counters.lost >= camera.published and not node.busy()
                   and scorer.received >= node.counters.processed
                   and recorder.counts.get("/depth/image", 0) >= node.counters.processed
                   and recorder.counts.get("/depth/camera_info", 0) >= node.counters.processed, 30.0,

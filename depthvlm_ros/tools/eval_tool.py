@@ -172,19 +172,24 @@ class ResultCache:
 
     @staticmethod
     def key(spec: DatasetSpec, record: BenchRecord, source_id: str, prediction: Path | None = None) -> dict[str, Any]:
-        """What a cached result depends on: the record, the ground truth's bytes, the source, the range
-        and, for a saved prediction, that file's bytes."""
+        """What a cached result depends on: every field of the record (calibration, scale, sparse points),
+        the ground truth's bytes, the source, the range, and the input's bytes: the saved prediction
+        file's, or (for a model) the RGB image's."""
+        fields = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in vars(record).items()
+                  if k != "line_no"}
         key = {
             "version": CACHE_VERSION,
             "dataset": spec.name,
+            "record_sha256": hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16],
             "image": record.image,
-            "depth_path": record.depth_path,
             "depth_sha256": _content_hash(spec.depth_root / record.depth_path),
             "source": source_id,
             "range_m": [spec.depth_range.min_m, spec.depth_range.max_m],
         }
         if prediction is not None:
             key["prediction_sha256"] = _content_hash(prediction)
+        else:
+            key["rgb_sha256"] = _content_hash(spec.rgb_root / record.image)
         return key
 
     def _path(self, key: dict[str, Any]) -> Path:

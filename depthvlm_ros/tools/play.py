@@ -68,11 +68,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--frame-id", help=f"header frame_id (default {DEFAULT_FRAME_ID}; a bag's own for bags)")
     p.add_argument("--topic-prefix", default="", help="namespace for the topics, e.g. 'camera' -> camera/image")
     p.add_argument("--compressed", action="store_true", help="also publish JPEG on image/compressed")
+    p.add_argument("--compressed-only", action="store_true",
+                   help="publish JPEG on image/compressed instead of raw images on image")
     p.add_argument("--best-effort", action="store_true", help="best-effort publishers (default reliable)")
     p.add_argument("--qos-depth", type=int, default=5, help="publisher history depth (default 5)")
     p.add_argument("--wait-subscribers", type=int, default=0, metavar="N",
-                   help="before the first frame, wait for N subscribers of camera_info and of image (or "
-                        "image/compressed) (default 0)")
+                   help="before the first frame, wait for N subscribers on every topic played (default 0)")
     p.add_argument("--wait-timeout", type=float, default=10.0,
                    help="longest wait for --wait-subscribers, seconds (default 10; then play anyway)")
     bag = p.add_argument_group("rosbag2 sources")
@@ -441,11 +442,9 @@ def run(args: argparse.Namespace) -> int:
         return publish(node, stop, args, source, intrinsics_for)
 
 
-def subscribers(image_pub: Any, jpeg_pub: Any | None, info_pub: Any) -> int:
-    """Matched subscribers of the camera: of camera_info and of an image stream (raw or JPEG, whichever
-    has more; a node with compressed input subscribes to image/compressed only)."""
-    images = max(image_pub.get_subscription_count(), jpeg_pub.get_subscription_count() if jpeg_pub else 0)
-    return min(images, info_pub.get_subscription_count())
+def subscribers(pubs: list[Any]) -> int:
+    """Matched subscribers of the camera: the fewest of any topic played."""
+    return min(p.get_subscription_count() for p in pubs)
 
 
 def publish(node, stop: threading.Event, args: argparse.Namespace, source: Source,
@@ -463,23 +462,25 @@ def publish(node, stop: threading.Event, args: argparse.Namespace, source: Sourc
     )
 
     qos = qos_profile(args.best_effort, args.qos_depth)
-    image_pub = node.create_publisher(Image, topic_name(args.topic_prefix, "image"), qos)
+    image_pub = (node.create_publisher(Image, topic_name(args.topic_prefix, "image"), qos)
+                 if not args.compressed_only else None)
     info_pub = node.create_publisher(CameraInfo, topic_name(args.topic_prefix, "camera_info"), qos)
     jpeg_pub = (node.create_publisher(CompressedImage, topic_name(args.topic_prefix, "image/compressed"), qos)
-                if args.compressed else None)
+                if args.compressed or args.compressed_only else None)
     pubs = [p for p in (image_pub, info_pub, jpeg_pub) if p is not None]
     log = node.get_logger()
-    print(f"play: {source.description} -> {image_pub.topic_name} at {args.rate:g} Hz", file=sys.stderr, flush=True)
+    print(f"play: {source.description} -> {(image_pub or jpeg_pub).topic_name} at {args.rate:g} Hz", file=sys.stderr,
+          flush=True)
 
     sent = 0
     started = time.monotonic()
     try:
         if args.wait_subscribers:
             deadline = time.monotonic() + args.wait_timeout
-            while subscribers(image_pub, jpeg_pub, info_pub) < args.wait_subscribers and not stop.is_set():
+            while subscribers(pubs) < args.wait_subscribers and not stop.is_set():
                 if time.monotonic() > deadline:
-                    log.warning(f"{subscribers(image_pub, jpeg_pub, info_pub)} of {args.wait_subscribers} "
-                                f"subscribers after {args.wait_timeout:g} s; playing anyway")
+                    log.warning(f"{subscribers(pubs)} of {args.wait_subscribers} subscribers after "
+                                f"{args.wait_timeout:g} s; playing anyway")
                     break
                 stop.wait(0.05)
         period = 1.0 / args.rate
@@ -507,7 +508,8 @@ def publish(node, stop: threading.Event, args: argparse.Namespace, source: Sourc
                 info.header = header
             else:
                 raise InputError("the bag has no camera_info before its first image; give --camera-info or --fx")
-            image_pub.publish(rgb_to_image(frame.rgb, header))
+            if image_pub is not None:
+                image_pub.publish(rgb_to_image(frame.rgb, header))
             info_pub.publish(info)
             if jpeg_pub is not None:
                 jpeg_pub.publish(rgb_to_compressed(frame.rgb, header, "jpeg"))
@@ -517,7 +519,7 @@ def publish(node, stop: threading.Event, args: argparse.Namespace, source: Sourc
             if status.due():
                 now = time.monotonic()
                 print(f"play: {sent} frames sent, {window_sent / (now - window_start):.1f} Hz, "
-                      f"{image_pub.get_subscription_count()} subscribers", file=sys.stderr, flush=True)
+                      f"{subscribers(pubs)} subscribers", file=sys.stderr, flush=True)
                 window_start, window_sent = now, 0
             if args.count is not None and sent >= args.count:
                 break
