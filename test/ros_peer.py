@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import select
 import sys
 import time
 from pathlib import Path
@@ -240,7 +241,8 @@ def collect(args: argparse.Namespace) -> None:
 
     Prints ``ready`` once its subscriptions are matched. Ends when ``--count`` messages arrived on every
     topic it subscribes to and every ``--until`` condition holds on a diagnostics status received after
-    that (or at ``--timeout``).
+    that, or with ``--until-stdin-closes`` when its standard input is closed (the test says when; or at
+    ``--timeout``).
     """
     node = rclpy.create_node("test_listener")
     got: dict[str, dict[str, object]] = {"depth": {}, "info": {}, "colored": {}, "points": {}}
@@ -292,10 +294,13 @@ def collect(args: argparse.Namespace) -> None:
     last = -1
     while time.monotonic() < deadline:
         rclpy.spin_once(node, timeout_sec=0.05)
+        if args.until_stdin_closes and select.select([sys.stdin], [], [], 0)[0] and not sys.stdin.read(1):
+            break  # EOF: the test closed our stdin
         if watch.count != last and watch.latest is not None:
             last = watch.count
             diagnostics.append(watch.latest)
-            if min(seen.values()) >= args.count and all(c(watch.latest) for c in conditions):
+            if not args.until_stdin_closes and min(seen.values()) >= args.count and all(
+                    c(watch.latest) for c in conditions):
                 break
     arrays = {}
     meta: dict[str, object] = {"diagnostics": diagnostics, "depth_count": len(arrival),
@@ -402,6 +407,7 @@ def main() -> None:
     c.add_argument("--timeout", type=float, default=60.0)
     c.add_argument("--until", action="append", default=[], help="also wait for this diagnostics condition")
     c.add_argument("--no-heavy", action="store_true", help="do not subscribe to depth/colored and points")
+    c.add_argument("--until-stdin-closes", action="store_true", help="end when stdin is closed (not on --count)")
     w = sub.add_parser("watch")
     w.add_argument("--until", action="append", default=[], required=True)
     w.add_argument("--timeout", type=float, default=60.0)

@@ -22,6 +22,7 @@ def test_demo_runs_and_writes_bag_pngs_cloud_and_summary(tmp_path, ros_env):
     # every frame reached the node and was processed or replaced by a newer one (latest wins); every
     # processed frame's depth came back and was scored against the generator's exact depth
     assert node["frames_received"] == 16 == node["frames_processed"] + node["frames_dropped"] and node["errors"] == 0
+    assert node["frames_lost_before_node"] == 0
     assert s["depth_received"] == s["depth_scored"] == node["frames_processed"] >= 1
     assert s["delta1_mean"] > 0.6, s  # the shipped model measures the room (its card: live δ1 ~0.9)
     (answer,) = s["answers"]

@@ -97,7 +97,7 @@ def peer(env: dict[str, str], *args: str, timeout: float = 180.0):
 
 
 def start_peer(env: dict[str, str], *args: str) -> subprocess.Popen:
-    proc = subprocess.Popen([PY, PEER, *args], env=env, cwd=REPO, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([PY, PEER, *args], env=env, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     assert json.loads(proc.stdout.readline()) == {"ready": True}, proc.stderr.read()
     return proc
@@ -380,9 +380,8 @@ def test_flood_output_keeps_flowing_memory_stays_bounded(ros_env, tiny_checkpoin
     try:
         proc.wait_ready()
         out = tmp_path / "c"
-        listener = start_peer(ros_env, "collect", "--out", str(out), "--count", "0", "--keep", "0",
-                              "--no-heavy", "--timeout", "120", "--until", "frames_received>=100",
-                              "--until", "input_rate_hz==0.00")
+        listener = start_peer(ros_env, "collect", "--out", str(out), "--keep", "0", "--no-heavy",
+                              "--until-stdin-closes", "--timeout", "300")
         began = time.monotonic()
         camera = subprocess.Popen([PY, PEER, "publish", "--count", "3000", "--rate", "100", "--fx", "1000",
                                    "--width", "320", "--height", "240"], env=ros_env, cwd=REPO,
@@ -398,12 +397,13 @@ def test_flood_output_keeps_flowing_memory_stays_bounded(ros_env, tiny_checkpoin
         out_cam, err_cam = camera.communicate()
         assert camera.returncode == 0, err_cam
         sent = json.loads(out_cam.strip().splitlines()[-1])
-        got = finish(listener)
+        # the camera is done: once the node's input has been idle for a while, its counters are final
+        diag = peer(ros_env, "watch", "--until", "frames_received>=100", "--until", "input_rate_hz==0.00")
+        got = finish(listener)  # closes the collector's stdin: it saves what it got and ends
         meta, _ = load_collected(out)
     finally:
         assert proc.stop(signal.SIGTERM) == 0, proc.output
     assert sent["sent"] == 3000
-    diag = meta["diagnostics"][-1]
     received, processed, dropped = (int(diag[k]) for k in ("frames_received", "frames_processed", "frames_dropped"))
     # every frame that reached the node is accounted for: processed, replaced by a newer one (dropped) or
     # given up for lack of camera_info; at most 4 may still wait for a camera_info that best effort lost
@@ -415,7 +415,7 @@ def test_flood_output_keeps_flowing_memory_stays_bounded(ros_env, tiny_checkpoin
     arrivals = np.array(meta["arrivals"])
     third = (ended - began) / 3
     assert ((arrivals > began) & (arrivals < began + third)).any(), (began, ended, arrivals[:5])
-    assert ((arrivals > ended - third) & (arrivals < ended + 5)).any(), (began, ended, arrivals[-5:])
+    assert ((arrivals > ended - third) & (arrivals < ended + 10)).any(), (began, ended, arrivals[-5:])
     assert got["depth_count"] == len(arrivals) <= processed
     # bounded memory: after warm-up the node's RSS does not keep growing
     warm, late = np.median(rss[5:10]), np.median(rss[-5:])

@@ -40,6 +40,7 @@ from rcl_interfaces.msg import (
 )
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.exceptions import ParameterUninitializedException
+from rclpy.impl.implementation_singleton import rclpy_implementation
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -66,6 +67,8 @@ from depthvlm_ros.ros.params import BY_NAME, PARAMS, Param, check_settings, chec
 from depthvlm_ros.visualize import colorize_depth
 
 NODE_NAME = "depthvlm"
+#: rclpy's error for a failed rcl call (also what an executor raises when shutdown races its wait set).
+RCLError = rclpy_implementation.RCLError
 #: Model stages that are the model's forward (the rest of a frame's time is the node's overhead).
 FORWARD_STAGES = ("vision", "llm", "head", "model")
 #: Without any camera_info for this long, ``fallback_fx`` frames go straight through (no pairing wait),
@@ -664,6 +667,11 @@ def main(args: list[str] | None = None) -> int:
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    except RCLError:
+        if rclpy.ok():
+            raise
+        # SIGINT/SIGTERM shut the context down while the executor was building its wait set (rclpy
+        # raises this instead of ExternalShutdownException in that window): a normal shutdown.
     finally:
         if node is not None:
             node.stop()

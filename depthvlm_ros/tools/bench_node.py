@@ -55,8 +55,11 @@ def steady(diagnostics: list[dict[str, str]]) -> bool:
 
 
 def run_bench(args: argparse.Namespace) -> dict:
+    import threading
+
     import rclpy
     from diagnostic_msgs.msg import DiagnosticArray
+    from rclpy.executors import SingleThreadedExecutor
     from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import CameraInfo, Image, PointCloud2
     from std_msgs.msg import Header
@@ -81,8 +84,8 @@ def run_bench(args: argparse.Namespace) -> dict:
     rclpy.init(args=["depthvlm_bench_node"])
     client = rclpy.create_node("depthvlm_bench_node")
     reliable = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=5, reliability=ReliabilityPolicy.RELIABLE)
-    # The camera publishes with the node's input reliability (best effort by default, as camera drivers'
-    # sensor QoS): a reliable writer to a reader that cannot keep up loses frames to retransmissions.
+    # The camera publishes with the node's input reliability (best effort by default, like camera drivers'
+    # sensor QoS).
     camera = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=5, reliability=ReliabilityPolicy.RELIABLE
                         if args.input_reliability == "reliable" else ReliabilityPolicy.BEST_EFFORT)
     pub_image = client.create_publisher(Image, "image", camera)
@@ -115,36 +118,43 @@ def run_bench(args: argparse.Namespace) -> dict:
             if node.poll() is not None or time.monotonic() > deadline:
                 raise InputError(f"the node did not start: {node.stderr.read()[-2000:] if node.poll() else 'timeout'}")
             rclpy.spin_once(client, timeout_sec=0.1)
+        # Receiving runs on an executor thread that blocks while idle; this thread only paces the camera
+        # and sleeps between frames. (A spin_once loop with a zero timeout here burned a core that the
+        # node needed: most frames then never reached the node.)
+        executor = SingleThreadedExecutor()
+        executor.add_node(client)
+        spinner = threading.Thread(target=executor.spin, daemon=True)
+        spinner.start()
         period = 1.0 / args.rate
         start = time.monotonic()
         next_frame = start
         measure_start = measure_end = None
         while (len(sent) < args.soak) if args.soak else (measure_start is None or
                                                          time.monotonic() < measure_start + args.seconds):
+            if node.poll() is not None:
+                raise InputError(f"the node exited: {node.stderr.read()[-2000:]}")
+            time.sleep(max(0.0, next_frame - time.monotonic()))
             now_m = time.monotonic()
-            if now_m >= next_frame:
-                # Measure after --warmup, once the node runs the backend asked for (a compiled backend's
-                # first size is exported in the background meanwhile; PyTorch stands in until then).
-                measuring[0] = measuring[0] or (now_m >= start + args.warmup and (
-                    steady(diagnostics) or now_m >= start + args.warmup + args.startup_timeout))
-                if measuring[0] and measure_start is None:
-                    measure_start = now_m
-                    rss.append((0, rss_mb(node.pid)))
-                if args.soak and sent and len(sent) % max(1, args.soak // 10) == 0 and rss[-1][0] != len(sent):
-                    rss.append((len(sent), rss_mb(node.pid)))
-                header = Header(frame_id="camera_optical_frame", stamp=client.get_clock().now().to_msg())
-                image = rgb_to_image(rgb, header)
-                pub_info.publish(intrinsics_to_camera_info(k, header))
-                pub_image.publish(image)
-                if measuring[0]:
-                    sent[header.stamp.sec * 1_000_000_000 + header.stamp.nanosec] = now_m
-                next_frame += period
-            rclpy.spin_once(client, timeout_sec=max(0.0, min(0.005, next_frame - time.monotonic())))
+            # Measure after --warmup, once the node runs the backend asked for (a compiled backend's
+            # first size is exported in the background meanwhile; PyTorch stands in until then).
+            measuring[0] = measuring[0] or (now_m >= start + args.warmup and (
+                steady(diagnostics) or now_m >= start + args.warmup + args.startup_timeout))
+            if measuring[0] and measure_start is None:
+                measure_start = now_m
+                rss.append((0, rss_mb(node.pid)))
+            if args.soak and sent and len(sent) % max(1, args.soak // 10) == 0 and rss[-1][0] != len(sent):
+                rss.append((len(sent), rss_mb(node.pid)))
+            header = Header(frame_id="camera_optical_frame", stamp=client.get_clock().now().to_msg())
+            image = rgb_to_image(rgb, header)
+            pub_info.publish(intrinsics_to_camera_info(k, header))
+            pub_image.publish(image)
+            if measuring[0]:
+                sent[header.stamp.sec * 1_000_000_000 + header.stamp.nanosec] = now_m
+            next_frame = max(next_frame + period, time.monotonic() - period)  # late: no burst to catch up
         measure_end = time.monotonic()
         rss.append((len(sent), rss_mb(node.pid)))
-        settle = time.monotonic() + 2.0  # depth of the last frames still on its way (latency < 2 s)
-        while time.monotonic() < settle:
-            rclpy.spin_once(client, timeout_sec=0.05)
+        time.sleep(2.0)  # depth of the last frames still on its way (latency < 2 s)
+        executor.shutdown(timeout_sec=2.0)
     finally:
         node.terminate()
         try:

@@ -225,7 +225,9 @@ def run(args: argparse.Namespace) -> int:
         from rosbags.rosbag2 import StoragePlugin, Writer
 
         node = DepthVLMNode(model=model, context=demo.context, parameter_overrides=[
-            Parameter("input_reliability", value="reliable"), Parameter("input_depth", value=2)])
+            # reliable and deep enough that no camera frame is replaced in the subscription's history
+            # while this busy process takes it (the node's own slot still keeps only the latest)
+            Parameter("input_reliability", value="reliable"), Parameter("input_depth", value=10)])
         camera = DemoCamera(demo, args)
         # One forward before the clock starts: a first run exports the ONNX graph (cached) here,
         # not while frames are arriving.
@@ -354,7 +356,8 @@ def _summary(args: argparse.Namespace, model: Any, node: Any, camera: DemoCamera
         "camera": {"size": list(args.size), "fx": camera.intrinsics.fx, "rate_hz": args.rate, "seconds": args.seconds},
         "frames_published": camera.published, "depth_received": scorer.received, "depth_scored": len(scorer.scores),
         "node": {"frames_received": node.counters.frames_in, "frames_processed": node.counters.processed,
-                 "frames_dropped": node.counters.dropped, "errors": node.counters.errors},
+                 "frames_dropped": node.counters.dropped, "frames_lost_before_node": node.counters.lost,
+                 "errors": node.counters.errors},
         "depth_rate_hz": scorer.received / args.seconds,
         "delta1_mean": float(np.mean(d1)) if d1 else None, "abs_rel_mean": float(np.mean(rel)) if rel else None,
         "latency_ms_median": float(np.median(lat)) if lat else None,
