@@ -11,12 +11,16 @@ setup:
 demo: setup
 	$(PY) -m depthvlm_ros demo --out $(DEMO_OUT)
 
-test: setup
-	$(PY) -m ruff check depthvlm_ros test
+# Python 3.10 (JetPack 6) is the oldest supported: ruff targets it, vermin checks syntax and stdlib.
+LINT_PATHS := depthvlm_ros test scripts launch setup.py
+
+test: lint
 	$(PY) -m pytest
+	bash scripts/test_min_versions.sh -q
 
 lint: setup
 	$(PY) -m ruff check depthvlm_ros test
+	$(VENV)/bin/vermin --target=3.10- --violations --no-tips --eval-annotations -q $(LINT_PATHS)
 
 clean:
 	rm -rf outputs build *.egg-info .pytest_cache

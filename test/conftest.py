@@ -15,6 +15,24 @@ SAMPLE_IMAGE = REPO / "depthvlm_ros" / "data" / "sample_room.png"
 SAMPLE_CAMERA = REPO / "depthvlm_ros" / "data" / "sample_room.yaml"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under scripts/test_min_versions.sh: refuse to run unless the declared minimum versions are the
+    ones imported (an overlay that did not take would test the main versions and say nothing)."""
+    expected = os.environ.get("DEPTHVLM_EXPECT_VERSIONS", "")
+    if not expected:
+        return
+    import importlib
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    for pin in expected.split():
+        name, want = pin.split("==")
+        installed, imported = version(name), importlib.import_module(name).__version__
+        if not Version(installed) == Version(imported) == Version(want):
+            raise pytest.UsageError(f"{name}: expected {want}, installed {installed}, imported {imported}")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Generated models, exports and fingerprints go to a per-run folder, not the user's cache."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -25,9 +24,6 @@ from depthvlm_ros.model.checkpoint import model_fingerprint
 
 from conftest import SAMPLE_CAMERA, SAMPLE_IMAGE, alter_onnx_weights, scene_image
 
-HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
-HAS_CUDA = torch.cuda.is_available()
-
 
 @pytest.fixture(scope="module")
 def exports(tiny_model, tmp_path_factory):
@@ -49,6 +45,7 @@ def use_backend(tiny_model):
     tiny_model.backend = TorchBackend(tiny_model.model)
 
 
+@pytest.mark.model_core
 def test_export_passes_checker_and_matches_pytorch_at_two_sizes(exports, tiny_checkpoint):
     import onnx
 
@@ -63,6 +60,7 @@ def test_export_passes_checker_and_matches_pytorch_at_two_sizes(exports, tiny_ch
         assert Path(report.path + ".json").is_file()
 
 
+@pytest.mark.model_core
 def test_onnxruntime_backend_equals_torch_through_the_whole_pipeline(exports, tiny_model, use_backend):
     k = Intrinsics.from_fx(320, 240, 1000.0)  # canonical 320x240 -> processed 320x256: an exported size
     rgb = scene_image(320, 240, 1000.0)
@@ -136,6 +134,52 @@ def test_engine_sidecar_mismatch_is_refused_with_the_rebuild_command(here, named
                   tensorrt_version="10.13.0", model_fingerprint="aaaa", size=(640, 480))  # a match passes
 
 
+def cli_commands(message: str) -> list[list[str]]:
+    """Every ``depthvlm ...`` command a message tells the user to run, placeholders filled in."""
+    import re
+    import shlex
+
+    fill = {"WxH": "320x256", "GRAPH": "g.onnx", "ENGINE": "e.engine", "DIR": "m", "FILE": "f"}
+    commands = []
+    for found in re.findall(r"depthvlm ((?:export|build-engine)[^,;()]*)", message):
+        commands.append([fill.get(word, word) for word in shlex.split(found.rstrip(". "))])
+    return commands
+
+
+@pytest.mark.parametrize(("graph", "requested", "error"), [
+    ("fp32", None, None),
+    ("fp32", "fp32", None),
+    ("fp16", None, None),
+    ("fp16", "fp16", None),
+    ("fp32", "fp16", "RMSNorm in fp16"),  # the weakly typed build that can overflow is not offered
+    ("fp16", "fp32", "built from a fp32 graph"),
+    ("fp32", "bf16", "bf16 engines are not built"),
+])
+def test_engines_are_strongly_typed_and_errors_name_commands_that_exist(graph, requested, error):
+    from depthvlm_ros.backends.tensorrt_backend import engine_plan
+    from depthvlm_ros.tools.cli import build_parser
+
+    if error is None:
+        plan = engine_plan(graph, requested)
+        assert plan.strongly_typed and plan.precision == graph
+        sidecar = dict(SIDECAR, precision=plan.precision)
+        message = check_sidecar_message(sidecar)
+    else:
+        with pytest.raises(BackendError, match=error) as err:
+            engine_plan(graph, requested)
+        message = str(err.value)
+    commands = cli_commands(message)
+    assert commands, message
+    for command in commands:
+        build_parser().parse_args(command)  # argparse exits on an option the CLI does not have
+
+
+def check_sidecar_message(sidecar: dict) -> str:
+    with pytest.raises(BackendError) as err:
+        check_sidecar(sidecar, "engines/d.engine", "other GPU", "9.0", "10.13.0")
+    return str(err.value)
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "depthvlm_ros", *args], capture_output=True, text=True,
                           timeout=300, env=dict(os.environ))
@@ -185,35 +229,6 @@ def test_cli_compiled_path_errors_are_one_line(tmp_path, tiny_checkpoint):
     assert run.returncode == 2 and "depthvlm: error:" in run.stderr
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (none on this machine)")
-def test_onnxruntime_cuda_matches_torch_cuda(exports, tiny_checkpoint):
-    from depthvlm_ros.model.pipeline import DepthVLM
-
-    model = DepthVLM.from_pretrained(tiny_checkpoint, device="cuda")
-    k = Intrinsics.from_fx(320, 240, 1000.0)
-    rgb = scene_image(320, 240, 1000.0)
-    want = model.predict_depth(rgb, k).depth_model
-    model.backend = OnnxRuntimeBackend([exports[(320, 256)].path], device="cuda")
-    assert max_relative_error(model.predict_depth(rgb, k).depth_model, want) < 1e-3
-
-
-@pytest.mark.skipif(not (HAS_CUDA and HAS_TENSORRT),
-                    reason="needs TensorRT and a CUDA GPU; TensorRT cannot be installed in this workplace")
-def test_tensorrt_engine_matches_onnxruntime(exports, tiny_model, tmp_path):
-    from depthvlm_ros.backends.tensorrt_backend import TensorRTBackend, build_engine
-
-    engine = tmp_path / "tiny_320x256.engine"
-    build_engine(exports[(320, 256)].path, engine, precision="fp32", progress=lambda _: None)
-    k = Intrinsics.from_fx(320, 240, 1000.0)
-    rgb = scene_image(320, 240, 1000.0)
-    want = tiny_model.predict_depth(rgb, k).depth_model
-    tiny_model.backend = TensorRTBackend([engine])
-    try:
-        assert max_relative_error(tiny_model.predict_depth(rgb, k).depth_model, want) < 1e-3
-    finally:
-        tiny_model.backend = TorchBackend(tiny_model.model)
-
-
 def test_failed_export_never_lands_where_a_backend_would_use_it(tiny_model, tmp_path, monkeypatch):
     from depthvlm_ros.backends import onnx_export
 
@@ -226,7 +241,10 @@ def test_failed_export_never_lands_where_a_backend_would_use_it(tiny_model, tmp_
     assert not (tmp_path / "cache" / f".{out.name}.partial").exists()
 
 
-def test_export_leaves_the_live_model_unchanged(tiny_model, tmp_path):
+@pytest.mark.model_core
+def test_fp16_export_keeps_rmsnorm_in_fp32_and_leaves_the_live_model_unchanged(tiny_model, tmp_path):
+    import onnx
+
     before = {k: v.clone() for k, v in tiny_model.model.state_dict().items() if "depth_head.projects" in k}
     report = export_onnx(tiny_model, 320, 256, tmp_path / "half.onnx", dtype="fp16", check_images=1,
                          progress=lambda _: None)
@@ -234,6 +252,36 @@ def test_export_leaves_the_live_model_unchanged(tiny_model, tmp_path):
     assert next(tiny_model.model.parameters()).dtype == torch.float32
     for key, value in before.items():
         assert torch.equal(tiny_model.model.state_dict()[key], value)  # not rounded through fp16
+    # What a strongly typed TensorRT build preserves: Qwen3's RMSNorm squares and averages in fp32
+    # (its Casts are in the graph), so an fp16 engine cannot overflow there.
+    graph = onnx.shape_inference.infer_shapes(onnx.load(report.path)).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    pows = [n for n in graph.node if n.op_type == "Pow"]
+    assert pows and all(types[n.input[0]] == onnx.TensorProto.FLOAT for n in pows)
+    assert types["pixel_values"] == onnx.TensorProto.FLOAT16
+    assert not [n for n in graph.node if n.op_type == "Softplus"]  # the overflow-free form instead
+
+
+def test_exported_softplus_cannot_overflow_in_fp16_and_eager_stays_the_stock_op(tmp_path):
+    import onnxruntime as ort
+
+    from depthvlm_ros.model.dpt_head import DepthSoftplus
+
+    x = torch.tensor([-30.0, -3.0, 0.0, 3.0, 11.5, 15.0, 19.0, 25.0, 60.0])
+    assert torch.equal(DepthSoftplus()(x), torch.nn.functional.softplus(x))  # eager: bit for bit the release
+    path = tmp_path / "softplus.onnx"
+    with torch.no_grad():
+        torch.onnx.export(DepthSoftplus().eval(), (x.half(),), input_names=["x"], output_names=["y"], dynamo=True,
+                          verbose=False).save(str(path))
+    import onnx
+
+    ops = [node.op_type for node in onnx.load(str(path)).graph.node]
+    # The stock op exports as Softplus (+ Where), which TensorRT may run as exp(x) in fp16: inf past x = 11.09.
+    assert "Softplus" not in ops and "Abs" in ops, ops  # exp is only ever taken of -|x| <= 0
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.half().numpy()})[0]
+    assert got.dtype == np.float16 and np.isfinite(got).all()
+    want = torch.nn.functional.softplus(x.double()).numpy()
+    assert np.allclose(got.astype(np.float64), want, rtol=2e-3, atol=1e-3)
 
 
 def test_export_without_a_fingerprint_is_refused_when_one_is_expected(exports, tmp_path):
@@ -264,6 +312,7 @@ def copy_export(report, folder: Path) -> Path:
     return graph
 
 
+@pytest.mark.model_core
 def test_export_stores_a_probe_that_the_backend_reproduces(exports, tiny_model):
     report = exports[(320, 256)]
     probe = read_probe(report.path, "unused")

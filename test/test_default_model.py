@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from depthvlm_ros.model.default import PACKAGED_MODEL_DIR, default_model_dir
 
@@ -19,6 +20,7 @@ def test_shipped_model_is_the_default_small_and_documented():
     assert not list(folder.glob("*.bin")) and not list(folder.glob("*.pt"))  # safetensors only
 
 
+@pytest.mark.model_core
 def test_shipped_model_measures_held_out_scenes():
     """Unseen seeds (the training set is seed 1): the depth is metric, not a constant guess."""
     from depthvlm_ros.model.pipeline import DepthVLM

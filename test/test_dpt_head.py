@@ -11,6 +11,8 @@ from depthvlm_ros.model.dpt_head import DPTDepthHead, ResidualConvUnit
 
 from reference_release import RefDPTHead
 
+pytestmark = pytest.mark.model_core
+
 KEYS_FILE = Path(__file__).with_name("dpt_head_keys.txt")
 
 

@@ -18,6 +18,8 @@ from depthvlm_ros.model.pipeline import DepthVLM
 from conftest import scene_image
 from reference_release import reference_depth
 
+pytestmark = pytest.mark.model_core
+
 
 def copy_checkpoint(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)

@@ -30,7 +30,7 @@ def __getattr__(name: str) -> object:
 def _onnxruntime(vlm: object, device: str, onnx: Sequence[Path], export_missing: bool, max_sizes: int,
                  background: bool, idle_s: float, log: Callable[[str], None]) -> DepthBackend:
     from depthvlm_ros.backends.export_cache import InProcessExporter, SubprocessExporter
-    from depthvlm_ros.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from depthvlm_ros.backends.onnxruntime_backend import DEFAULT_SESSIONS, OnnxRuntimeBackend
     from depthvlm_ros.model.checkpoint import model_fingerprint
 
     exporter = None
@@ -38,8 +38,8 @@ def _onnxruntime(vlm: object, device: str, onnx: Sequence[Path], export_missing:
         exporter = SubprocessExporter(vlm, log=log) if background else InProcessExporter(vlm, log=log)
     fingerprint = model_fingerprint(vlm.folder) if vlm.folder is not None else None
     return OnnxRuntimeBackend(onnx, device=device, expected_fingerprint=fingerprint, exporter=exporter,
-                              max_sizes=max_sizes, background=background and exporter is not None, log=log,
-                              idle_before_replaced_s=idle_s)
+                              max_sizes=max_sizes or DEFAULT_SESSIONS, background=background and exporter is not None,
+                              log=log, idle_before_replaced_s=idle_s)
 
 
 def _tensorrt(vlm: object, engines: Sequence[Path], device: str, max_sizes: int) -> DepthBackend:
@@ -49,7 +49,10 @@ def _tensorrt(vlm: object, engines: Sequence[Path], device: str, max_sizes: int)
     if not engines:
         raise BackendError("tensorrt needs --engine FILE (build one with depthvlm build-engine)")
     fingerprint = model_fingerprint(vlm.folder) if vlm.folder is not None else None
-    return TensorRTBackend(engines, expected_fingerprint=fingerprint, device=device, max_engines=max_sizes)
+    from depthvlm_ros.backends.tensorrt_backend import DEFAULT_ENGINES
+
+    return TensorRTBackend(engines, expected_fingerprint=fingerprint, device=device,
+                           max_engines=max_sizes or DEFAULT_ENGINES)
 
 
 def create_backend(
@@ -62,7 +65,7 @@ def create_backend(
     compile: bool = False,
     fallback: bool = False,
     log: Callable[[str], None] = print,
-    max_sizes: int = 4,
+    max_sizes: int = 0,
     background: bool = False,
     idle_before_replaced_s: float = 30.0,
 ) -> DepthBackend:
@@ -73,7 +76,8 @@ def create_backend(
     with ``background`` in a separate process while the nearest held size (or PyTorch) serves; a
     full set of held sizes is changed only by replacing one unused for ``idle_before_replaced_s``.
     ``engines``: TensorRT engine files with their sidecars. ``max_sizes``: compiled sizes held at
-    once. ``compile``: torch.compile for the torch backend. A backend chosen by fallback carries
+    once; 0 = the backend's default (4 ONNX Runtime sessions, 1 TensorRT engine: each engine holds
+    all the weights). ``compile``: torch.compile for the torch backend. A backend chosen by fallback carries
     the reason in ``fallback_reason`` (shown in the node's diagnostics).
     """
     if name not in BACKENDS:

@@ -90,5 +90,9 @@ class DepthBackend(abc.ABC):
         """Compiled sizes loaded right now (sessions, engines); empty for backends that compile nothing."""
         return []
 
+    def max_held_sizes(self) -> int:
+        """The most compiled sizes held at once; 0 for backends that compile nothing."""
+        return 0
+
     def close(self) -> None:  # noqa: B027 (most backends hold nothing to stop)
         """Stop background work and free what the backend holds (it is not used afterwards)."""

@@ -36,6 +36,7 @@ from torch import nn
 from depthvlm_ros import __version__
 from depthvlm_ros.backends.base import BackendError
 from depthvlm_ros.backends.probe import max_relative_error, write_probe
+from depthvlm_ros.devices import exact_fp32
 from depthvlm_ros.errors import InputError
 from depthvlm_ros.model.processing import DEPTH_PROMPT, ImageTextProcessor, ModelInputs
 
@@ -273,7 +274,7 @@ def export_onnx(
         for i in range(check_images):
             image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
             check_inputs = inputs_for_size(vlm.processor, width, height, image)
-            with torch.inference_mode():
+            with torch.inference_mode(), exact_fp32():  # no TF32 on a GPU: the reference is fp32
                 r = check_inputs.to(ref_device)
                 want = reference.forward_depth(
                     r.input_ids, r.pixel_values.to(next(reference.parameters()).dtype), r.image_grid_thw,

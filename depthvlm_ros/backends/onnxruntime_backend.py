@@ -16,6 +16,8 @@ from depthvlm_ros.backends.base import BackendError, DepthBackend, SizeNotReadyE
 from depthvlm_ros.backends.onnx_export import INPUT_NAME, export_size, read_metadata
 from depthvlm_ros.backends.probe import check_probe, check_probe_input, read_probe
 
+#: Sessions held at once by default (sizes a camera set needs; each holds its own weights).
+DEFAULT_SESSIONS = 4
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 #: Sizes whose making failed, remembered so they are not tried on every frame (bounded), for this long.
 MAX_FAILED = 64
@@ -63,7 +65,7 @@ class OnnxRuntimeBackend(DepthBackend):
         expected_fingerprint: str | None = None,
         exporter: Exporter | None = None,
         threads: int | None = None,
-        max_sizes: int = 4,
+        max_sizes: int = DEFAULT_SESSIONS,
         background: bool = False,
         verify: bool = True,
         log: Callable[[str], None] = print,
@@ -273,6 +275,9 @@ class OnnxRuntimeBackend(DepthBackend):
 
     def precision(self) -> str:
         return "+".join(sorted(self._dtypes)) or "fp32"
+
+    def max_held_sizes(self) -> int:
+        return self.max_sizes
 
     def held_sizes(self) -> list[Size]:
         with self._lock:

@@ -23,9 +23,11 @@ import collections
 import datetime
 import hashlib
 import json
+import mmap
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +37,11 @@ from depthvlm_ros import __version__
 from depthvlm_ros.backends.base import BackendError, DepthBackend, Stage, _no_stage
 from depthvlm_ros.backends.onnx_export import INPUT_NAME, OUTPUT_NAME, export_size, read_metadata
 from depthvlm_ros.backends.probe import check_probe, check_probe_input, probe_path, read_probe
+from depthvlm_ros.devices import cuda_device
 
 PRECISIONS = ("fp32", "fp16", "bf16")
+#: Engines held at once by default: each holds all weights (about 8 GB for the 4B model in fp16).
+DEFAULT_ENGINES = 1
 
 
 def import_tensorrt() -> Any:
@@ -48,6 +53,54 @@ def import_tensorrt() -> Any:
             "GPU install NVIDIA's tensorrt wheel. Use --backend onnxruntime or torch meanwhile."
         ) from None
     return trt
+
+
+_LOGGER: Any = None
+
+
+def trt_logger() -> Any:
+    """The process's one ``trt.Logger`` (TensorRT keeps the first logger it sees and warns about others)."""
+    global _LOGGER
+    if _LOGGER is None:
+        trt = import_tensorrt()
+        _LOGGER = trt.Logger(trt.Logger.WARNING)
+    return _LOGGER
+
+
+@dataclass(frozen=True)
+class EnginePlan:
+    """How an engine is built from a graph: always strongly typed (the graph's own types, Casts kept),
+    so the precision is the graph's: the fp16 export keeps RMSNorm's fp32 Casts, which a weakly typed
+    fp16 build of the fp32 graph would drop (TensorRT 11 has no weak typing at all)."""
+
+    precision: str  # what the engine computes in: the graph's dtype
+    strongly_typed: bool
+
+
+def engine_plan(onnx_dtype: str, requested: str | None, strongly_typed_available: bool = True) -> EnginePlan:
+    """The build of a ``onnx_dtype`` graph (fp32/fp16) when ``requested`` (None: the graph's precision)
+    is asked for; BackendError, naming the export that makes the right graph, when they differ."""
+    if onnx_dtype not in ("fp32", "fp16"):
+        raise BackendError(f"graph dtype {onnx_dtype!r} is not one depthvlm export writes (fp32, fp16); export again")
+    precision = requested or onnx_dtype
+    if precision not in PRECISIONS:
+        raise BackendError(f"precision must be one of {PRECISIONS}")
+    if precision == "bf16":
+        raise BackendError(
+            "bf16 engines are not built: the exporter writes fp32 and fp16 graphs only. For a reduced-precision "
+            "engine, export an fp16 graph (depthvlm export --export-dtype fp16 --size WxH --out GRAPH) and build "
+            "that (depthvlm build-engine --onnx GRAPH --out ENGINE)"
+        )
+    if precision != onnx_dtype:
+        raise BackendError(
+            f"a {precision} engine is built from a {precision} graph (precision follows the graph; a weakly typed "
+            f"fp16 build of the fp32 graph runs RMSNorm in fp16 and can overflow): export it with depthvlm "
+            f"export --export-dtype {precision} --size WxH --out GRAPH, then depthvlm build-engine --onnx GRAPH "
+            "--out ENGINE"
+        )
+    if not strongly_typed_available:
+        raise BackendError("this TensorRT has no strongly typed networks (TensorRT 10 or newer is needed)")
+    return EnginePlan(precision, True)
 
 
 def sidecar_path(engine_path: str | Path) -> Path:
@@ -107,7 +160,7 @@ def check_sidecar(
 def rebuild_command(sidecar: dict[str, Any], engine_path: str | Path) -> str:
     """The advice that rebuilds an engine from its sidecar's ONNX and precision."""
     precision = sidecar.get("precision", "fp16")
-    flag = "" if precision == "fp32" or sidecar.get("strongly_typed") else f" --{precision}"
+    flag = "" if precision == "fp32" else f" --{precision}"
     return (f"rebuild it on this machine: depthvlm build-engine --onnx {sidecar.get('onnx', 'model.onnx')} "
             f"--out {engine_path}{flag}")
 
@@ -125,46 +178,36 @@ def read_sidecar(engine_path: str | Path) -> dict[str, Any]:
 def build_engine(
     onnx_path: str | Path,
     out_path: str | Path,
-    precision: str = "fp16",
+    precision: str | None = None,
     workspace_gb: float = 4.0,
     progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Parse an exported ONNX, build a serialized engine for this GPU, write it and its sidecar."""
-    if precision not in PRECISIONS:
-        raise BackendError(f"precision must be one of {PRECISIONS}")
+    """Parse an exported ONNX, build a serialized engine for this GPU, write it and its sidecar.
+
+    The engine is strongly typed: it computes in the graph's dtype (:func:`engine_plan`);
+    ``precision``, when given, must match it. fp32 engines are built with TF32 off.
+    """
     trt = import_tensorrt()
     onnx_path, out_path = Path(onnx_path), Path(out_path)
+    meta = read_metadata(onnx_path)
+    size = export_size(meta, onnx_path)
+    plan = engine_plan(meta.get("depthvlm.dtype", "fp32"), precision,
+                       hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"))
     if not probe_path(onnx_path).is_file():
         raise BackendError(f"{onnx_path} has no probe ({probe_path(onnx_path).name}) for the engine to prove its "
                            "output with; export it again with depthvlm export")
-    meta = read_metadata(onnx_path)
-    size = export_size(meta, onnx_path)
     gpu = current_gpu()
-    onnx_dtype = meta.get("depthvlm.dtype", "fp32")
-    # TensorRT 10 can lower an fp32 graph with the FP16/BF16 builder flags (weak typing); TensorRT
-    # 11 removed them: precision then follows the graph's own types (strong typing).
-    strongly_typed = onnx_dtype != "fp32" or not hasattr(trt.BuilderFlag, "FP16")
-    if precision != "fp32" and strongly_typed and onnx_dtype != precision:
-        raise BackendError(
-            f"TensorRT {trt.__version__} builds {precision} only from a {precision} graph: export it with "
-            f"depthvlm export --export-dtype {precision} (or convert it with ModelOpt AutoCast)"
-        )
-    flags = 0
-    if strongly_typed and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(flags)  # explicit batch is the only mode since TensorRT 10
-    parser = trt.OnnxParser(network, logger)
+    builder = trt.Builder(trt_logger())
+    # explicit batch is the only mode since TensorRT 10; strongly typed: the graph's types and Casts hold
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, trt_logger())
     progress(f"parsing {onnx_path}")
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise BackendError(f"TensorRT could not parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    if precision != "fp32" and not strongly_typed:
-        config.set_flag(getattr(trt.BuilderFlag, precision.upper()))
-    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+    if plan.precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
         config.clear_flag(trt.BuilderFlag.TF32)  # on by default since Ampere; fp32 means fp32 (probe tolerance)
 
     class Monitor(trt.IProgressMonitor):
@@ -183,14 +226,17 @@ def build_engine(
             pass
 
     config.progress_monitor = Monitor()
-    progress(f"building a {precision} engine for {gpu['gpu_name']} (sm {gpu['compute_capability']})")
+    progress(f"building a {plan.precision} engine for {gpu['gpu_name']} (sm {gpu['compute_capability']})")
     start = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise BackendError("TensorRT failed to build the engine (see its log above)")
     build_s = time.perf_counter() - start
+    del parser, network, builder  # the builder's memory goes before the engine is written
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_bytes(bytes(serialized))
+    with open(out_path, "wb") as handle:
+        handle.write(memoryview(serialized))  # IHostMemory is a buffer: written without a bytes copy
+    del serialized
     sidecar = {
         "engine": out_path.name,
         "onnx": str(onnx_path),
@@ -200,8 +246,8 @@ def build_engine(
         "size": list(size),
         "vision_patch": int(meta.get("depthvlm.vision_patch", 16)),
         "onnx_dtype": meta.get("depthvlm.dtype", "fp32"),
-        "precision": onnx_dtype if strongly_typed else precision,  # what the engine computes in
-        "strongly_typed": strongly_typed,
+        "precision": plan.precision,  # what the engine computes in
+        "strongly_typed": plan.strongly_typed,
         "tensorrt_version": trt.__version__,
         **gpu,
         "build_s": round(build_s, 1),
@@ -220,17 +266,20 @@ class TensorRTBackend(DepthBackend):
     name = "tensorrt"
 
     def __init__(self, engine_paths: Sequence[str | Path], expected_fingerprint: str | None = None,
-                 max_engines: int = 4, device: str = "cuda") -> None:
+                 max_engines: int = DEFAULT_ENGINES, device: str = "cuda") -> None:
         import torch
 
         self._trt = import_tensorrt()
         self._torch = torch
-        self.device = torch.device(device if device.startswith("cuda") else "cuda")
+        if not torch.cuda.is_available():
+            raise BackendError("TensorRT needs a CUDA GPU, and this torch sees none")
+        # set_device needs an index: "cuda" (or the tools' "cpu") means the current device
+        self.device = torch.device(cuda_device(device, torch.cuda.current_device()))
         torch.cuda.set_device(self.device)  # engines, buffers and the stream live on this GPU
         self.gpu = current_gpu()
         self.expected_fingerprint = expected_fingerprint
         self.max_engines = max_engines
-        self._runtime = self._trt.Runtime(self._trt.Logger(self._trt.Logger.WARNING))
+        self._runtime = self._trt.Runtime(trt_logger())
         self._stream = torch.cuda.Stream(device=self.device)
         self._engines: collections.OrderedDict[tuple[int, int], dict[str, Any]] = collections.OrderedDict()
         self.vision_patch = 16
@@ -248,7 +297,10 @@ class TensorRTBackend(DepthBackend):
         sidecar = read_sidecar(engine_path)
         check_sidecar(sidecar, engine_path, self.gpu["gpu_name"], self.gpu["compute_capability"],
                       self._trt.__version__, self.expected_fingerprint)
-        engine = self._runtime.deserialize_cuda_engine(engine_path.read_bytes())
+        # Deserialised from a read-only map of the file: its pages are the page cache's, not a second
+        # copy of the engine in this process's memory (on a Jetson that memory is the GPU's too).
+        with open(engine_path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            engine = self._runtime.deserialize_cuda_engine(mapped)
         if engine is None:
             raise BackendError(f"{engine_path}: TensorRT could not deserialize it; rebuild the engine")
         context = engine.create_execution_context()
@@ -262,7 +314,8 @@ class TensorRTBackend(DepthBackend):
             if dtype is None:
                 raise BackendError(f"{engine_path}: tensor {name} has unsupported type {engine.get_tensor_dtype(name)}")
             buffers[name] = torch.empty(tuple(engine.get_tensor_shape(name)), dtype=dtype, device=self.device)
-            context.set_tensor_address(name, buffers[name].data_ptr())
+            if not context.set_tensor_address(name, buffers[name].data_ptr()):
+                raise BackendError(f"{engine_path}: TensorRT refused the buffer of {name}; rebuild the engine")
         if set(buffers) != {INPUT_NAME, OUTPUT_NAME}:
             raise BackendError(f"{engine_path}: expected I/O {INPUT_NAME}/{OUTPUT_NAME}, got {sorted(buffers)}")
         self.vision_patch = int(sidecar.get("vision_patch", 16))
@@ -325,6 +378,9 @@ class TensorRTBackend(DepthBackend):
 
     def held_sizes(self) -> list[tuple[int, int]]:
         return self.sizes()
+
+    def max_held_sizes(self) -> int:
+        return self.max_engines
 
     def precision(self) -> str:
         return "+".join(sorted({slot["precision"] for slot in self._engines.values()})) or "fp16"

@@ -58,6 +58,22 @@ class FeatureFusionBlock(nn.Module):
         return self.out_conv(x)
 
 
+class DepthSoftplus(nn.Softplus):
+    """The head's output activation: ``softplus(x) = log(1 + exp(x))`` (metres, always positive).
+
+    Eager PyTorch runs the stock ``F.softplus`` (the released computation, bit for bit). A graph being
+    exported gets the same function written so that nothing overflows in fp16:
+    ``relu(x) + log(1 + exp(-|x|))`` (exp of a non-positive number is at most 1). The stock op exports
+    as ``Softplus`` + ``Where(x > 20)``, whose ``exp(x)`` overflows fp16 past x = 11.09, a range the
+    trained heads' pre-activations reach; an fp16 ONNX Runtime or TensorRT graph then says inf metres.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            return torch.relu(x) + torch.log(1.0 + torch.exp(-torch.abs(x)))
+        return super().forward(x)
+
+
 class DPTScratch(nn.Module):
     """Container whose attribute names match the release's ``depth_head.scratch.*`` keys."""
 
@@ -74,7 +90,7 @@ class DPTScratch(nn.Module):
             nn.Conv2d(features // 2, last_channels, kernel_size=3, padding=1),
             nn.ReLU(),
             nn.Conv2d(last_channels, 1, kernel_size=1),
-            nn.Softplus(),
+            DepthSoftplus(),
         )
 
 

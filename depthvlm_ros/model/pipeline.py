@@ -21,6 +21,7 @@ import torch
 
 from depthvlm_ros.backends.base import DepthBackend, SizeNotReadyError
 from depthvlm_ros.backends.torch_backend import TorchBackend
+from depthvlm_ros.devices import check_dtype_on_device
 from depthvlm_ros.errors import CheckpointError, InputError
 from depthvlm_ros.geometry import (
     CANONICAL_FX,
@@ -217,6 +218,9 @@ class DepthVLM:
         device = torch.device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise InputError("device cuda requested but this torch has no CUDA device")
+        if device.type == "cuda":
+            check_dtype_on_device("bf16" if torch_dtype == torch.bfloat16 else "fp32 or fp16", "cuda",
+                                  torch.cuda.get_device_capability(device), torch.cuda.get_device_name(device))
         config = Qwen3VLConfig.from_pretrained(str(folder), local_files_only=True)
         found = checkpoint_shapes(weight_files(folder))
         for name, value in infer_head_widths(found).items():

@@ -278,7 +278,7 @@ class DepthVLMNode(Node):
         folder, note = (s["model_path"], None) if s["model_path"] else default_model_dir()
         if note:
             self.get_logger().warning(note)
-        model = DepthVLM.from_pretrained(folder, device=s["device"], dtype=s["precision"])
+        model = DepthVLM.from_pretrained(folder, device=s["answer_device"] or s["device"], dtype=s["precision"])
         if s["backend"] != "torch":
             paths = [p for p in s["engine_paths"] if p]
             # Missing ONNX sizes are exported by a separate process while the nearest held size (or
@@ -607,7 +607,7 @@ class DepthVLMNode(Node):
             "backend": backend.describe(),
             "backend_fallback": backend.fallback_reason,
             "compiled_sizes_held": str(len(backend.held_sizes())),
-            "max_compiled_sizes": str(self.settings()["max_compiled_sizes"]),
+            "max_compiled_sizes": str(backend.max_held_sizes()),  # the parameter, or the backend's default
             "model": self.model_name,
             "last_error": c.last_error,
         }

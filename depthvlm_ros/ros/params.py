@@ -35,12 +35,15 @@ PARAMS: tuple[Param, ...] = (
     Param("backend_fallback", True, "if the backend is refused, fall back (tensorrt -> onnxruntime -> torch)",
           read_only=True),
     Param("device", "cpu", "cpu, cuda or cuda:N", read_only=True),
+    Param("answer_device", "", "where the PyTorch model (answers, and depth when backend is torch) lives; empty = "
+          "device. With backend tensorrt, cpu keeps the GPU for the engine (answers then run on the CPU)",
+          read_only=True),
     Param("precision", "fp32", "weights dtype of the PyTorch model", read_only=True, choices=("fp32", "fp16", "bf16")),
     Param("engine_paths", [], "ONNX graphs (onnxruntime) or TensorRT engines (tensorrt); empty = export/cache",
           read_only=True),
-    Param("max_compiled_sizes", 4, "compiled sizes (ONNX Runtime sessions, TensorRT engines) held at once; a "
-          "new size is exported in the background while the nearest held size serves", read_only=True,
-          range=(1, 16)),
+    Param("max_compiled_sizes", 0, "compiled sizes held at once; 0 = the backend's default: 4 ONNX Runtime "
+          "sessions (a new size is exported in the background while the nearest held size serves), 1 TensorRT "
+          "engine (each holds all the weights)", read_only=True, range=(0, 16)),
     Param("compiled_size_idle_s", 30.0, "once max_compiled_sizes are held, a new size replaces a held one only "
           "when that one was unused this long (sizes in use are never swapped out)", read_only=True,
           range=(0.0, 3600.0)),

@@ -98,11 +98,11 @@ def make_backend(model, args: argparse.Namespace, name: str):
     def log(line: str) -> None:
         print(f"note: {line}", file=sys.stderr, flush=True)
 
-    # Every graph or engine given is held (the tools have no max_compiled_sizes); sizes exported on
-    # demand share 4 places, least recently used first.
+    # Every graph or engine given is held (the tools have no max_compiled_sizes); without any, the
+    # backend's default: sizes exported on demand share 4 places, least recently used first.
     return create_backend(model, name, device=args.device, onnx=args.onnx, engines=args.engine,
                           compile=args.compile, fallback=args.backend_fallback, log=log,
-                          max_sizes=max(4, len(args.onnx), len(args.engine)))
+                          max_sizes=max(len(args.onnx), len(args.engine)))
 
 
 def image_size(path: Path) -> tuple[int, int]:

@@ -20,14 +20,18 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.set_defaults(func=run_export)
 
-    b = sub.add_parser("build-engine", help="build a TensorRT engine from an exported ONNX (on the target GPU)")
+    b = sub.add_parser("build-engine", help="build a TensorRT engine from an exported ONNX (on the target GPU)",
+                       description="Build a strongly typed engine: it computes in the graph's dtype (an fp16 "
+                                   "engine comes from depthvlm export --export-dtype fp16).")
     b.add_argument("--onnx", type=Path, required=True, help="graph from depthvlm export")
     b.add_argument("--out", type=Path, required=True, help="engine path, e.g. engines/depthvlm_640x480_fp16.engine")
     precision = b.add_mutually_exclusive_group()
-    precision.add_argument("--fp16", dest="precision", action="store_const", const="fp16")
-    precision.add_argument("--bf16", dest="precision", action="store_const", const="bf16")
+    precision.add_argument("--fp16", dest="precision", action="store_const", const="fp16",
+                           help="require an fp16 graph (the engine's precision is always the graph's)")
+    precision.add_argument("--fp32", dest="precision", action="store_const", const="fp32",
+                           help="require an fp32 graph (built with TF32 off)")
     b.add_argument("--workspace-gb", type=float, default=4.0, help="builder workspace limit (default 4 GB)")
-    b.set_defaults(func=run_build_engine, precision="fp32")
+    b.set_defaults(func=run_build_engine, precision=None)
 
 
 def run_export(args: argparse.Namespace) -> int:
