@@ -256,8 +256,10 @@ def test_fp16_export_keeps_rmsnorm_in_fp32_and_leaves_the_live_model_unchanged(t
     # (its Casts are in the graph), so an fp16 engine cannot overflow there.
     graph = onnx.shape_inference.infer_shapes(onnx.load(report.path)).graph
     types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
-    pows = [n for n in graph.node if n.op_type == "Pow"]
-    assert pows and all(types[n.input[0]] == onnx.TensorProto.FLOAT for n in pows)
+    averaged = {name for n in graph.node if n.op_type == "ReduceMean" for name in n.input}
+    squares = [n for n in graph.node if n.op_type == "Pow" and n.output[0] in averaged]  # x^2 then mean: RMSNorm
+    assert len(squares) >= 2 * tiny_model.model.config.text_config.num_hidden_layers  # both norms of each layer
+    assert all(types[n.input[0]] == onnx.TensorProto.FLOAT for n in squares)
     assert types["pixel_values"] == onnx.TensorProto.FLOAT16
     assert not [n for n in graph.node if n.op_type == "Softplus"]  # the overflow-free form instead
 

@@ -555,6 +555,7 @@ def test_compiled_sizes_stay_bounded_and_depth_keeps_flowing(ros_env, tiny_check
         assert int(status["errors"]) == 0 and int(status["frames_dropped"]) == 0, status
         assert int(status["frames_processed"]) - int(r["first"]["frames_processed"]) == 30  # every frame published
     assert int(rounds[-1]["diagnostics"]["compiled_sizes_held"]) == 2
+    assert rounds[-1]["diagnostics"]["max_compiled_sizes"] == "2"  # the bound in force, as set
     assert int(rounds[0]["diagnostics"]["frames_on_reference"]) >= 1  # PyTorch served before the first export
     assert rss_end - rss_start < 100, (rss_start, rss_end)
 
