@@ -299,8 +299,11 @@ class TensorRTBackend(DepthBackend):
                       self._trt.__version__, self.expected_fingerprint)
         # Deserialised from a read-only map of the file: its pages are the page cache's, not a second
         # copy of the engine in this process's memory (on a Jetson that memory is the GPU's too).
-        with open(engine_path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            engine = self._runtime.deserialize_cuda_engine(mapped)
+        try:
+            with open(engine_path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                engine = self._runtime.deserialize_cuda_engine(mapped)
+        except (OSError, ValueError) as exc:  # mmap refuses an empty file with ValueError
+            raise BackendError(f"{engine_path}: unreadable ({exc}); rebuild the engine") from None
         if engine is None:
             raise BackendError(f"{engine_path}: TensorRT could not deserialize it; rebuild the engine")
         context = engine.create_execution_context()
