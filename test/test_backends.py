@@ -85,7 +85,7 @@ def test_fixed_size_backend_resizes_and_rescales_depth_by_the_focal_ratio(export
     # Same input straight through the reference, scaled by fx'/1000: the canonical-camera transform.
     reference = TorchBackend(model.model)
     inputs, _, scale = model.prepare([rgb], [k], "Given this image, estimate the metric depth (in meters, rounded "
-                                     "to two decimal places) for every pixel of the image.", backend=model.backend)
+                                     "to two decimal places) for every pixel of the image.", size=model.route(k)[1])
     assert scale == pytest.approx(0.5)
     np.testing.assert_allclose(got.depth_model, reference.depth(inputs)[0] * 0.5, rtol=1e-4)
 

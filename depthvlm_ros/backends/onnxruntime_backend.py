@@ -14,7 +14,7 @@ import numpy as np
 
 from depthvlm_ros.backends.base import BackendError, DepthBackend, SizeNotReadyError, Stage, _no_stage, nearest
 from depthvlm_ros.backends.onnx_export import INPUT_NAME, export_size, read_metadata
-from depthvlm_ros.backends.probe import check_probe, check_probe_input, read_probe
+from depthvlm_ros.backends.probe import prove_artifact
 
 #: Sessions held at once by default (sizes a camera set needs; each holds its own weights).
 DEFAULT_SESSIONS = 4
@@ -132,13 +132,9 @@ class OnnxRuntimeBackend(DepthBackend):
         self._dtypes.add(meta.get("depthvlm.dtype", "fp32"))
         session = self._new_session(path)
         if self.verify:
-            probe = read_probe(path, rebuild)
-            check_probe_input(path, probe, session.get_inputs()[0].shape, rebuild)
-            try:
-                got = self._run(session, probe.pixel_values, [probe.pixel_values.shape[0]])
-            except Exception as exc:  # onnxruntime's own error types
-                raise BackendError(f"{path} fails on its probe ({exc.__class__.__name__}); {rebuild}") from None
-            check_probe(path, got, probe, meta.get("depthvlm.dtype", "fp32"), rebuild)
+            prove_artifact(path, session.get_inputs()[0].shape,
+                           lambda pixels: self._run(session, pixels, [len(pixels)]), meta.get("depthvlm.dtype", "fp32"),
+                           rebuild)
         return size, session
 
     def add(self, path: str | Path) -> Size:

@@ -14,6 +14,7 @@ Safetensors only (no pickle); numpy only (no torch), so ONNX Runtime users need 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,3 +95,20 @@ def check_probe(artifact: str | Path, got: np.ndarray, probe: Probe, precision: 
         raise BackendError(f"{artifact} differs from its PyTorch reference by {error:.2e} on its probe (limit "
                            f"{tolerance:.0e} for {precision}); refused; {rebuild}")
     return error
+
+
+def prove_artifact(artifact: str | Path, input_shape: tuple | list, run: Callable[[np.ndarray], np.ndarray],
+                   precision: str, rebuild: str) -> float:
+    """Run ``artifact``'s probe through ``run`` (its backend's execution of processed pixels) and check
+    the output: the error, or BackendError naming ``rebuild`` (no probe, a probe of another size, a
+    failed run, NaN/Inf, drift beyond the tolerance of ``precision``)."""
+    probe = read_probe(artifact, rebuild)
+    check_probe_input(artifact, probe, input_shape, rebuild)
+    try:
+        got = run(probe.pixel_values)
+    except BackendError:
+        raise
+    except Exception as exc:  # the runtime's own errors (ONNX Runtime, CUDA, TensorRT)
+        first = (str(exc).strip().splitlines() or [""])[0][:200]  # runtime errors can span pages
+        raise BackendError(f"{artifact} fails on its probe ({exc.__class__.__name__}: {first}); {rebuild}") from None
+    return check_probe(artifact, got, probe, precision, rebuild)

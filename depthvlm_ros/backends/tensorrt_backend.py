@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import datetime
-import hashlib
 import json
 import mmap
 import shutil
@@ -36,8 +35,9 @@ import numpy as np
 from depthvlm_ros import __version__
 from depthvlm_ros.backends.base import BackendError, DepthBackend, Stage, _no_stage
 from depthvlm_ros.backends.onnx_export import INPUT_NAME, OUTPUT_NAME, export_size, read_metadata
-from depthvlm_ros.backends.probe import check_probe, check_probe_input, probe_path, read_probe
+from depthvlm_ros.backends.probe import probe_path, prove_artifact
 from depthvlm_ros.devices import cuda_device
+from depthvlm_ros.hashing import sha256_of_files
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 #: Engines held at once by default: each holds all weights (about 8 GB for the 4B model in fp16).
@@ -105,14 +105,6 @@ def engine_plan(onnx_dtype: str, requested: str | None, strongly_typed_available
 
 def sidecar_path(engine_path: str | Path) -> Path:
     return Path(str(engine_path) + ".json")
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def current_gpu() -> dict[str, str]:
@@ -240,7 +232,7 @@ def build_engine(
     sidecar = {
         "engine": out_path.name,
         "onnx": str(onnx_path),
-        "onnx_sha256": file_sha256(onnx_path),
+        "onnx_sha256": sha256_of_files([onnx_path]),
         "model_fingerprint": meta.get("depthvlm.model_fingerprint", ""),
         "model_name": meta.get("depthvlm.model_name", ""),
         "size": list(size),
@@ -332,16 +324,8 @@ class TensorRTBackend(DepthBackend):
         slot = {"engine": engine, "context": context, "buffers": buffers, "path": engine_path,
                 "host_in": host_in, "host_out": host_out, "precision": sidecar.get("precision", "fp16")}
         rebuild = rebuild_command(sidecar, engine_path)
-        probe = read_probe(engine_path, rebuild)
-        check_probe_input(engine_path, probe, tuple(buffers[INPUT_NAME].shape), rebuild)
-        try:
-            got = self._execute(slot, torch.from_numpy(probe.pixel_values))
-        except BackendError:
-            raise
-        except Exception as exc:  # CUDA/TensorRT errors
-            raise BackendError(f"{engine_path} fails on its probe ({exc.__class__.__name__}: {exc}); "
-                               f"{rebuild}") from None
-        check_probe(engine_path, got, probe, sidecar.get("precision", "fp16"), rebuild)
+        prove_artifact(engine_path, tuple(buffers[INPUT_NAME].shape),
+                       lambda pixels: self._execute(slot, torch.from_numpy(pixels)), slot["precision"], rebuild)
         self._engines[size] = slot
         while len(self._engines) > self.max_engines:
             self._engines.popitem(last=False)

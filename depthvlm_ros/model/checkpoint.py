@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 
 from depthvlm_ros.errors import CheckpointError
+from depthvlm_ros.hashing import sha256_of_files
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -144,12 +145,7 @@ def model_fingerprint(folder: str | Path) -> str:
     key = hashlib.sha256(json.dumps(stamp).encode()).hexdigest()
     if key in known:
         return known[key]
-    digest = hashlib.sha256()
-    for f in files:
-        with open(f, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(block)
-    value = digest.hexdigest()[:16]
+    value = sha256_of_files(files)
     known = dict(list(known.items())[-63:])  # bounded
     known[key] = value
     try:

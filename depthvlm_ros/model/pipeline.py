@@ -258,7 +258,6 @@ class DepthVLM:
         user_text: str,
         canonical_fx: float = CANONICAL_FX,
         match_fy: bool = False,
-        backend: DepthBackend | None = None,
         max_side: int = 0,
         max_tokens: int = 0,
         size: tuple[int, int] | None = None,
@@ -271,8 +270,8 @@ class DepthVLM:
         ``fx'`` instead of ``canonical_fx``, and its depth is multiplied by ``fx' / canonical_fx``
         (the canonical-camera transform) — an approximation the docs name. A size cap
         (``max_side`` px, ``max_tokens`` image tokens; 0 = none) that the canonical size exceeds
-        takes the same route, to the capped size. ``size`` (model grid, from :meth:`route`)
-        overrides the backend's choice.
+        takes the same route, to the capped size. ``size``: the model grid a backend runs (from
+        :meth:`route`); None = the reference's, i.e. the capped canonical size (PyTorch runs any size).
         """
         if len(images) != len(intrinsics) or not images:
             raise InputError("need one intrinsics per image, and at least one image")
@@ -280,8 +279,7 @@ class DepthVLM:
         if len(sizes) != 1:
             raise InputError(f"a batch must reach the model at one size; canonical sizes {sorted(sizes)}")
         if size is None:
-            size = (backend or self.backend).nearest_size(
-                *model_input_size(self.processor, intrinsics[0], canonical_fx, match_fy, max_side, max_tokens))
+            size = model_input_size(self.processor, intrinsics[0], canonical_fx, match_fy, max_side, max_tokens)
         views = [model_view(self.processor, rgb, k, size, canonical_fx, match_fy)
                  for rgb, k in zip(images, intrinsics)]
         inputs = self.processor([v.image for v in views], user_text)
@@ -409,7 +407,7 @@ class DepthVLM:
 
         clock = _StageClock(self.device)
         with clock.stage("preprocess"):
-            inputs, model_k, scale = self.prepare([rgb], [intrinsics], question, canonical_fx, backend=self._torch,
+            inputs, model_k, scale = self.prepare([rgb], [intrinsics], question, canonical_fx,
                                                   max_side=max_side, max_tokens=max_tokens)
             inputs = inputs.to(self.device)
         captured: dict[str, Any] = {}

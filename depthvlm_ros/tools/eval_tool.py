@@ -55,6 +55,7 @@ from depthvlm_ros.evaluation.report import (
     slug,
 )
 from depthvlm_ros.geometry import CANONICAL_FX, Intrinsics, canonical_size, resize_depth, resize_rgb
+from depthvlm_ros.hashing import sha256_of_files
 from depthvlm_ros.tools.common import (
     add_backend_args,
     add_input_size_args,
@@ -215,14 +216,10 @@ class ResultCache:
 def _content_hash(path: Path) -> str:
     """sha256 of a file's bytes (first 16 hex digits); "" when it cannot be read (the record is then
     refused with its reason where it is loaded, and nothing is cached for it)."""
-    digest = hashlib.sha256()
     try:
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
+        return sha256_of_files([path])
     except OSError:
         return ""
-    return digest.hexdigest()[:16]
 
 
 # -- one dataset --------------------------------------------------------------------------------
