@@ -287,8 +287,15 @@ def _bilinear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.nd
     pos = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
     pos = np.clip(pos, 0.0, n_in - 1)
     i0 = np.floor(pos).astype(np.intp)
-    i1 = np.minimum(i0 + 1, n_in - 1)
-    return i0, i1, (pos - i0).astype(np.float32)
+    return i0, np.minimum(i0 + 1, n_in - 1), (pos - i0).astype(np.float32)
+
+
+def _bilinear(grid: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Separable bilinear resampling of a float array (rows, then columns); C-contiguous result."""
+    y0, y1, wy = _bilinear_taps(grid.shape[0], height)
+    x0, x1, wx = _bilinear_taps(grid.shape[1], width)
+    rows = np.take(grid, y0, axis=0) * (1 - wy[:, None]) + np.take(grid, y1, axis=0) * wy[:, None]
+    return np.take(rows, x0, axis=1) * (1 - wx) + np.take(rows, x1, axis=1) * wx
 
 
 def resize_depth(depth: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -296,28 +303,19 @@ def resize_depth(depth: np.ndarray, width: int, height: int) -> np.ndarray:
 
     Same pixel-centre convention as :meth:`Intrinsics.resized`. A pixel whose interpolation would
     use an invalid sample (NaN, inf or <= 0) with non-zero weight is NaN; valid pixels are the
-    plain bilinear value. Returns float32.
+    plain bilinear value. Returns C-contiguous float32. (A camera's plan does the same in torch,
+    on the depth's device: :meth:`depthvlm_ros.pipeline.CameraPlan.restore`; a test holds them equal.)
     """
     depth = np.asarray(depth, dtype=np.float32)
     if depth.ndim != 2:
         raise InputError(f"depth must be 2-D, got shape {depth.shape}")
-    if depth.shape == (height, width):
-        return np.where(np.isfinite(depth) & (depth > 0), depth, np.float32(np.nan))
-    y0, y1, wy = _bilinear_taps(depth.shape[0], height)
-    x0, x1, wx = _bilinear_taps(depth.shape[1], width)
     valid = np.isfinite(depth) & (depth > 0)
-    clean = np.where(valid, depth, np.float32(0.0))
-    wy, wx = wy[:, None], wx[None, :]
-    w00, w01, w10, w11 = (1 - wy) * (1 - wx), (1 - wy) * wx, wy * (1 - wx), wy * wx
-    rows0, rows1 = clean[y0], clean[y1]
-    out = (w00 * rows0[:, x0] + w01 * rows0[:, x1] + w10 * rows1[:, x0] + w11 * rows1[:, x1])
-    if not valid.all():
-        vrows0, vrows1 = valid[y0], valid[y1]
-        bad = (
-            ((w00 > 0) & ~vrows0[:, x0]) | ((w01 > 0) & ~vrows0[:, x1])
-            | ((w10 > 0) & ~vrows1[:, x0]) | ((w11 > 0) & ~vrows1[:, x1])
-        )
-        out[bad] = np.nan
+    all_valid = bool(valid.all())
+    if depth.shape == (height, width):
+        return depth.copy() if all_valid else np.where(valid, depth, np.float32(np.nan))
+    out = _bilinear(depth if all_valid else np.where(valid, depth, np.float32(0.0)), width, height)
+    if not all_valid:  # NaN wherever an invalid sample has non-zero weight
+        out[_bilinear((~valid).astype(np.float32), width, height) > 0] = np.nan
     return out.astype(np.float32, copy=False)
 
 

@@ -40,13 +40,15 @@ def organized_cloud(
     rgb: np.ndarray | None = None,
     stride: int = 1,
     max_range_m: float = math.inf,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """An organized cloud (rows x cols structured array, :func:`cloud_dtype`) from z-depth in metres.
 
     Pixel (row i, col j) of the cloud is camera pixel ``(u, v) = (stride j, stride i)`` back-projected
     through ``intrinsics`` (which describe ``depth``). Invalid depth, and points farther than
     ``max_range_m`` from the optical centre, are NaN (REP 117: the cloud stays organized).
-    ``rgb`` (H, W, 3) uint8 of the same grid adds the packed ``rgb`` field.
+    ``rgb`` (H, W, 3) uint8 of the same grid adds the packed ``rgb`` field. ``out``: a
+    C-contiguous (rows, cols, 3 or 4) float32 array to build the cloud in (a message's buffer).
     """
     depth = np.asarray(depth, dtype=np.float32)
     if depth.shape != (intrinsics.height, intrinsics.width):
@@ -59,18 +61,29 @@ def organized_cloud(
     xn = (u - np.float32(intrinsics.cx)) / np.float32(intrinsics.fx)
     yn = (v - np.float32(intrinsics.cy)) / np.float32(intrinsics.fy)
     z = depth[::stride, ::stride]
-    valid = np.isfinite(z) & (z > 0)
+    rows, cols = z.shape
+    shape = (rows, cols, 4 if rgb is not None else 3)
+    if rgb is not None and rgb.shape[:2] != depth.shape:
+        raise InputError(f"colour image {rgb.shape[1]}x{rgb.shape[0]} does not match the depth grid")
+    if out is None:
+        out = np.empty(shape, dtype=np.float32)
+    elif out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise InputError(f"cloud buffer must be C-contiguous float32 {shape}, got {out.dtype} {out.shape}")
+    valid = (z > 0) & (z < np.inf)  # NaN compares False
     if math.isfinite(max_range_m):  # range = z * |(xn, yn, 1)|
         valid &= z * np.sqrt(1.0 + xn[None, :] ** 2 + yn[:, None] ** 2) <= np.float32(max_range_m)
-    z = np.where(valid, z, np.float32(np.nan))
-    rows, cols = z.shape
-    flat = np.empty((rows, cols, 4 if rgb is not None else 3), dtype=np.float32)
-    np.multiply(z, xn[None, :], out=flat[..., 0])
-    np.multiply(z, yn[:, None], out=flat[..., 1])
-    flat[..., 2] = z
-    cloud = flat.view(cloud_dtype(rgb is not None))[..., 0]
+    if not valid.all():
+        z = np.where(valid, z, np.float32(np.nan))
+    np.multiply(z, xn[None, :], out=out[..., 0])
+    np.multiply(z, yn[:, None], out=out[..., 1])
+    out[..., 2] = z
     if rgb is not None:
-        if rgb.shape[:2] != depth.shape:
-            raise InputError(f"colour image {rgb.shape[1]}x{rgb.shape[0]} does not match the depth grid")
-        cloud["rgb"] = pack_rgb(rgb[::stride, ::stride])
-    return cloud
+        src = rgb[::stride, ::stride]
+        if np.little_endian:  # the rgb float's bytes are B, G, R, 0: gather them, then one 4-byte copy
+            bgrx = np.zeros((rows, cols, 4), dtype=np.uint8)
+            for channel in range(3):
+                bgrx[..., 2 - channel] = src[..., channel]
+            out[..., 3] = bgrx.view(np.float32)[..., 0]
+        else:
+            out[..., 3] = pack_rgb(src)
+    return out.view(cloud_dtype(rgb is not None))[..., 0]

@@ -2,14 +2,20 @@
 # The one check to run on an NVIDIA machine (a desktop GPU or a Jetson), from any directory:
 #   bash scripts/gpu_check.sh            # results in $OUT (default outputs/gpu_check)
 #
-# It installs nothing and uses the existing .venv: run `make setup` first, with DEPTHVLM_TORCH pointing
-# at a CUDA build of torch (a .venv that already imports torch keeps it: on a Jetson, bring JetPack's).
+# It uses the existing .venv (run `make setup` first, with DEPTHVLM_TORCH pointing at a CUDA build of
+# torch; a .venv that already imports torch keeps it: on a Jetson, bring JetPack's), or, without one,
+# the machine's python3 with its own CUDA torch (PY=... to choose). DEPTHVLM_WHEELS=DIR: wheels to add
+# (pip --no-index --no-deps into $OUT/deps) when that python's transformers is older than 5.18 or it
+# has no pytest; nothing is downloaded.
 # TensorRT is optional (NVIDIA's tensorrt wheel, or JetPack's python3-libnvinfer visible to the .venv);
 # ONNX Runtime's CUDA provider is optional too (onnxruntime-gpu). This project's device machine has a
 # CUDA torch, the CPU onnxruntime and no TensorRT: there the ONNX Runtime CUDA and TensorRT tests skip
 # (saying why) and the bench measures torch alone.
 #
 # Steps: the machine (nvidia-smi -L; python, torch, CUDA, onnxruntime providers, tensorrt versions);
+# the DepthVLM-4B configuration stage by stage (scripts/gpu_bench_4b.py, random bf16 weights: 640x480
+# at fx 525 and 1344x992 at fx 1000, eager vs torch.compile vs CUDA graphs, GPU vs CPU preprocessing;
+# under 8 minutes) -> $OUT/gpu_bench_4b.json;
 # test/test_gpu.py, each test's measurements appended to $OUT/gpu_report.jsonl; on a CUDA GPU,
 # `depthvlm bench` of the shipped model on cuda (torch, + onnxruntime with its CUDA provider, + a
 # TensorRT fp32 engine built here when tensorrt imports) -> $OUT/bench_cuda.json; a short summary.
@@ -17,15 +23,31 @@
 # Exit status: 0 when the tests pass and the bench runs; otherwise the first failure's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=.venv/bin/python
-DEPTHVLM=.venv/bin/depthvlm
-if [ ! -x "$PY" ] || [ ! -x "$DEPTHVLM" ]; then
-  echo "gpu_check: no $PY / $DEPTHVLM: run make setup first (DEPTHVLM_TORCH=<a CUDA torch> make setup)" >&2
+if [ -z "${PY:-}" ]; then
+  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=$(command -v python3 || true); fi
+fi
+if [ -z "$PY" ] || ! "$PY" -c 'import torch' 2>/dev/null; then
+  echo "gpu_check: no python with torch (make setup with DEPTHVLM_TORCH=<a CUDA torch>, or PY=...)" >&2
   exit 2
 fi
 OUT=${OUT:-outputs/gpu_check}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if ! "$PY" -c '
+import importlib.util, sys
+from importlib.metadata import version
+major, minor = (int(v) for v in version("transformers").split(".")[:2])
+sys.exit(not ((major, minor) >= (5, 18) and importlib.util.find_spec("pytest")))' 2>/dev/null; then
+  if [ -n "${DEPTHVLM_WHEELS:-}" ]; then
+    echo "gpu_check: adding the wheels in $DEPTHVLM_WHEELS (transformers older than 5.18, or no pytest)"
+    "$PY" -m pip install -q --no-index --no-deps --target "$OUT/deps" "$DEPTHVLM_WHEELS"/*.whl
+    export PYTHONPATH="$PYTHONPATH:$OUT/deps"
+  else
+    echo "gpu_check: this python needs transformers >= 5.18 and pytest (DEPTHVLM_WHEELS=DIR adds them)" >&2
+  fi
+fi
+DEPTHVLM=("$PY" -m depthvlm_ros)
 REPORT=$OUT/gpu_report.jsonl
 BENCH=$OUT/bench_cuda.json
 : > "$REPORT"
@@ -66,6 +88,11 @@ except ImportError:
     print("tensorrt: not installed (optional)")
 EOF
 
+if "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
+  echo "== DepthVLM-4B configuration, stage by stage (scripts/gpu_bench_4b.py)"
+  timeout 420 "$PY" scripts/gpu_bench_4b.py --budget-s 240 --out "$OUT/gpu_bench_4b.json" || status=$?
+fi
+
 echo "== GPU tests (test/test_gpu.py)"
 DEPTHVLM_GPU_REPORT=$REPORT "$PY" -m pytest test/test_gpu.py -v -rs || status=$?
 
@@ -89,11 +116,12 @@ if "$PY" -c 'import tensorrt' 2>/dev/null; then
   size=$("$PY" - <<'EOF'
 from depthvlm_ros.geometry import DEFAULT_MAX_IMAGE_TOKENS, Intrinsics
 from depthvlm_ros.model.default import default_model_dir
-from depthvlm_ros.model.pipeline import model_input_size
+from depthvlm_ros.pipeline import RouteSettings, model_input_size
 from depthvlm_ros.model.processing import ImageTextProcessor
 
 processor = ImageTextProcessor.from_folder(default_model_dir()[0])
-width, height = model_input_size(processor, Intrinsics.from_fx(320, 240, 277.1), max_tokens=DEFAULT_MAX_IMAGE_TOKENS)
+width, height = model_input_size(processor, Intrinsics.from_fx(320, 240, 277.1),
+                                 RouteSettings(max_tokens=DEFAULT_MAX_IMAGE_TOKENS))
 print(f"{width}x{height}")
 EOF
 )
@@ -101,8 +129,8 @@ EOF
   trap 'rm -rf "$work"' EXIT
   graph=$work/shipped_${size}_fp32.onnx
   engine=$work/shipped_${size}_fp32.engine
-  if "$DEPTHVLM" export --size "$size" --out "$graph" --check-images 1 \
-      && "$DEPTHVLM" build-engine --onnx "$graph" --out "$engine"; then
+  if "${DEPTHVLM[@]}" export --size "$size" --out "$graph" --check-images 1 \
+      && "${DEPTHVLM[@]}" build-engine --onnx "$graph" --out "$engine"; then
     backends+=,tensorrt
     engine_args=(--engine "$engine")
   else
@@ -112,7 +140,7 @@ EOF
 else
   echo "note: tensorrt does not import here; benching without it"
 fi
-"$DEPTHVLM" bench --backends "$backends" --device cuda --size 320x240 --fx 277.1 --runs 40 --json "$BENCH" \
+"${DEPTHVLM[@]}" bench --backends "$backends" --device cuda --size 320x240 --fx 277.1 --runs 40 --json "$BENCH" \
   ${engine_args[@]+"${engine_args[@]}"} || { rc=$?; [ "$status" -ne 0 ] || status=$rc; }
 
 echo "== summary"

@@ -50,7 +50,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_checkpoint: Path):
-    from depthvlm_ros.model.pipeline import DepthVLM
+    from depthvlm_ros.pipeline import DepthVLM
 
     return DepthVLM.from_pretrained(tiny_checkpoint)
 

@@ -84,10 +84,9 @@ def test_fixed_size_backend_resizes_and_rescales_depth_by_the_focal_ratio(export
     assert mk.size == (320, 256) and mk.fx == pytest.approx(500.0) and mk.fy == pytest.approx(500.0 * 256 / 240)
     # Same input straight through the reference, scaled by fx'/1000: the canonical-camera transform.
     reference = TorchBackend(model.model)
-    inputs, _, scale = model.prepare([rgb], [k], "Given this image, estimate the metric depth (in meters, rounded "
-                                     "to two decimal places) for every pixel of the image.", size=model.route(k)[1])
-    assert scale == pytest.approx(0.5)
-    np.testing.assert_allclose(got.depth_model, reference.depth(inputs)[0] * 0.5, rtol=1e-4)
+    plan = model.plan(k)
+    assert plan.size == (320, 256) and plan.image.scale == pytest.approx(0.5)
+    np.testing.assert_allclose(got.depth_model, reference.depth(plan.prepare([rgb]))[0] * 0.5, rtol=1e-4)
 
 
 def test_onnx_from_other_weights_is_refused(exports, tmp_path):
@@ -110,6 +109,23 @@ def test_backend_selection_and_fallback(tiny_model, exports):
                             log=messages.append)
     assert chosen.name == "onnxruntime"
     assert len(messages) == 1 and "falling back to onnxruntime" in messages[0]
+
+
+def test_auto_picks_onnxruntime_on_this_cpu_and_says_why(tiny_model, exports, tmp_path):
+    from depthvlm_ros.backends import choose_backend
+
+    assert not torch.cuda.is_available()  # this machine: the CPU rules apply
+    name, why = choose_backend("cpu")
+    assert name == "onnxruntime" and "no TensorRT engine given" in why and "ONNX Runtime on the CPU" in why
+    engine = tmp_path / "d.engine"
+    name, why = choose_backend("cpu", [engine])
+    assert name == "onnxruntime" and "no CUDA device (d.engine)" in why  # an engine alone is not enough
+    messages: list[str] = []
+    graph = exports[(320, 256)].path
+    chosen = create_backend(tiny_model, "auto", onnx=[graph, engine], engines=[graph, engine], log=messages.append)
+    assert chosen.name == "onnxruntime" and chosen.sizes() == [(320, 256)]  # the graph, not the engine file
+    assert chosen.choice_reason == messages[0] == why
+    assert create_backend(tiny_model, "torch").choice_reason == "torch (asked for)"
 
 
 SIDECAR = {"gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "tensorrt_version": "10.13.0",

@@ -1,4 +1,4 @@
-"""``depthvlm demo``: camera, node, recorder and queries in one process, scored against truth."""
+"""``depthvlm demo``: the node in its own process; camera, recorder and queries in the demo's, scored against truth."""
 
 from __future__ import annotations
 

@@ -116,7 +116,7 @@ def engines(exports, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def cuda_model(tiny_checkpoint):
     """The tiny model in fp32 on the GPU (the reference runs it under exact_fp32)."""
-    from depthvlm_ros.model.pipeline import DepthVLM
+    from depthvlm_ros.pipeline import DepthVLM
 
     return DepthVLM.from_pretrained(tiny_checkpoint, device="cuda", dtype="fp32")
 
@@ -206,7 +206,7 @@ def test_tensorrt_fp16_engine_is_finite_and_near_torch_fp32(engines, tiny_model,
 @needs("cuda")
 def test_bf16_on_cuda_follows_the_compute_capability(tiny_checkpoint, tiny_model):
     """(e) bf16 before Ampere (Jetson Xavier, Turing, Volta) is refused naming fp16; from 8.0 it runs."""
-    from depthvlm_ros.model.pipeline import DepthVLM
+    from depthvlm_ros.pipeline import DepthVLM
 
     capability = torch.cuda.get_device_capability()
     if capability < (8, 0):

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from depthvlm_ros.errors import CheckpointError, InputError
 from depthvlm_ros.geometry import Intrinsics
-from depthvlm_ros.model.pipeline import DepthVLM
+from depthvlm_ros.pipeline import DepthVLM
 
 from conftest import scene_image
 from reference_release import reference_depth
@@ -212,7 +212,7 @@ def test_model_input_is_bounded_whatever_the_lens(tiny_model):
     assert capped.intrinsics_model.fx == pytest.approx(10.0 * w / 640)  # the model saw focal fx', not 1000
     assert capped.depth.shape == (480, 640) and np.isfinite(capped.depth).all()
     # Without the node's cap, the model's own max_pixels (16.7 M px for the released processor) still bounds it.
-    from depthvlm_ros.model.pipeline import model_input_size
+    from depthvlm_ros.pipeline import model_input_size
 
     own_w, own_h = model_input_size(tiny_model.processor, wide)
     assert own_w * own_h <= 16777216 and own_w / own_h == pytest.approx(4 / 3, rel=0.05)

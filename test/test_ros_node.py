@@ -121,7 +121,14 @@ def stamp_key(i: int, frame_id: str = "cam_optical") -> str:
 
 #: Node parameters of every test here: reliable input (each published frame reaches the node; the
 #: camera peer paces itself on the node's diagnostics with ``--await``) and diagnostics at 5 Hz.
-TEST_PARAMS = {"input_reliability": "reliable", "diagnostics_period_s": 0.2}
+TEST_PARAMS = {"input_reliability": "reliable", "diagnostics_period_s": 0.2, "backend": "torch"}
+# (backend torch: the outputs are compared with the PyTorch reference exactly; auto's choice is tested
+# in test_backends and test_auto_backend_is_chosen_and_said below.)
+
+
+def node_depth(model, rgb: np.ndarray, k: Intrinsics) -> np.ndarray:
+    """What the node computes for a frame: the camera's plan with torch's resize (its per-frame path)."""
+    return model.infer(model.plan(k, exact=False), [rgb])[0].depth
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +173,7 @@ def test_stream_outputs_match_the_model_and_rep118(node, module_env, tiny_model,
         depth = arrays[f"depth|{key}"]
         assert depth.shape == (240, 320)
         # exactly what the library computes for this image and K
-        expected = tiny_model.predict_depth(frame_rgb(320, 240, i), k_in).depth
+        expected = node_depth(tiny_model, frame_rgb(320, 240, i), k_in)
         np.testing.assert_allclose(depth, expected, rtol=1e-4, atol=1e-5)
         info = meta["info"][key]
         assert (info["width"], info["height"]) == (320, 240)
@@ -195,7 +202,7 @@ def test_services_answer_from_another_process(node, module_env, tiny_model, tmp_
          "--fx", "300", "--reliable", "--await")
     k_in = Intrinsics.from_fx(320, 240, 300.0)
     last = frame_rgb(320, 240, 11)
-    depth = tiny_model.predict_depth(last, k_in).depth
+    depth = node_depth(tiny_model, last, k_in)
 
     res = peer(module_env, "call", "depth_at", json.dumps({"u": [0, 160, 319], "v": [0, 120, 239]}))
     assert res["success"], res["message"]
@@ -376,7 +383,8 @@ def test_without_camera_info_frames_wait_unless_fallback_fx(ros_env, tiny_checkp
 
 def test_flood_output_keeps_flowing_memory_stays_bounded(ros_env, tiny_checkpoint, tmp_path):
     """100 Hz best-effort input for 30 s: latest frame wins, every frame is accounted for, memory is flat."""
-    proc = NodeProcess(ros_env, {"model_path": tiny_checkpoint, "diagnostics_period_s": 0.2})
+    # PyTorch: no ONNX session appears mid-flood (the ONNX Runtime soak is in docs/benchmarks.md)
+    proc = NodeProcess(ros_env, {"model_path": tiny_checkpoint, "diagnostics_period_s": 0.2, "backend": "torch"})
     try:
         proc.wait_ready()
         out = tmp_path / "c"
@@ -530,8 +538,8 @@ def test_compiled_sizes_stay_bounded_and_depth_keeps_flowing(ros_env, tiny_check
     takes the nearest held size or PyTorch meanwhile, at most max_compiled_sizes sessions are held, every
     frame is published and memory stays flat."""
     sizes = ",".join(f"{256 + 8 * (i % 10)}x{256 + 16 * (i // 10)}" for i in range(30))  # 6 model-grid sizes
-    proc = NodeProcess(ros_env, {"model_path": tiny_checkpoint, "backend": "onnxruntime", "max_compiled_sizes": 2,
-                                 "compiled_size_idle_s": 1.0, **TEST_PARAMS})
+    proc = NodeProcess(ros_env, {**TEST_PARAMS, "model_path": tiny_checkpoint, "backend": "onnxruntime",
+                                 "max_compiled_sizes": 2, "compiled_size_idle_s": 1.0})
 
     def made() -> int:
         return sum("onnxruntime: size" in line and line.endswith("ready") for line in proc.lines)
@@ -570,8 +578,8 @@ def test_an_altered_onnx_graph_is_refused_and_pytorch_serves(ros_env, tiny_model
     graph = tmp_path / "d.onnx"
     export_onnx(tiny_model, 320, 256, graph, check_images=1, progress=lambda _: None)
     alter_onnx_weights(graph)
-    proc = NodeProcess(ros_env, {"model_path": tiny_model.folder, "backend": "onnxruntime",
-                                 "engine_paths": f"['{graph}']", **TEST_PARAMS})
+    proc = NodeProcess(ros_env, {**TEST_PARAMS, "model_path": tiny_model.folder, "backend": "onnxruntime",
+                                 "engine_paths": f"['{graph}']"})
     try:
         proc.wait_ready()
         peer(ros_env, "publish", "--count", "1", "--fx", "1000", "--reliable", "--await")
@@ -593,7 +601,7 @@ def test_a_grounded_answer_is_measured_on_the_depth_map(tiny_model):
     import rclpy
     from depthvlm_msgs.srv import SpatialQuery
 
-    from depthvlm_ros.model.pipeline import Answer
+    from depthvlm_ros.pipeline import Answer
     from depthvlm_ros.ros.messages import intrinsics_to_camera_info, rgb_to_image
     from depthvlm_ros.ros.node import DepthVLMNode, Frame
     from depthvlm_ros.spatial import answer_measurement

@@ -73,7 +73,7 @@ def test_stages_train_what_the_recipe_says(tiny_model, stage):
 
 
 def test_collator_labels_exactly_the_answer(tiny_init, generated):
-    from depthvlm_ros.model.pipeline import DepthVLM
+    from depthvlm_ros.pipeline import DepthVLM
 
     model = DepthVLM.from_pretrained(tiny_init)
     depth, qa = read_dataset_folder(generated, with_qa=True)
@@ -98,7 +98,7 @@ def test_collator_labels_exactly_the_answer(tiny_init, generated):
 def test_train_stage0_saves_loadable_checkpoints_and_resumes(tmp_path, generated):
     from safetensors.torch import load_file
 
-    from depthvlm_ros.model.pipeline import DepthVLM
+    from depthvlm_ros.pipeline import DepthVLM
 
     out = tmp_path / "run"
     common = ["--stage", "0", "--init-tiny", "--data", str(generated), "--out", str(out), "--batch-size", "2",
@@ -155,7 +155,7 @@ def test_packaging_stores_float16_weights_and_keeps_the_model_card(tmp_path, tin
     import torch
     from safetensors.torch import load_file
 
-    from depthvlm_ros.model.pipeline import DepthVLM
+    from depthvlm_ros.pipeline import DepthVLM
     from depthvlm_ros.training.tiny import package_model
 
     dest = tmp_path / "depthvlm-tiny"

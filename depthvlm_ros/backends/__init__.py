@@ -14,8 +14,39 @@ from pathlib import Path
 from depthvlm_ros.backends.base import BACKENDS, BackendError, DepthBackend, SizeNotReadyError
 from depthvlm_ros.backends.export_cache import export_cache_path
 
-__all__ = ["BACKENDS", "BackendError", "DepthBackend", "SizeNotReadyError", "TorchBackend", "create_backend",
-           "export_cache_path"]
+__all__ = ["AUTO", "BACKENDS", "BackendError", "DepthBackend", "SizeNotReadyError", "TorchBackend", "choose_backend",
+           "create_backend", "export_cache_path"]
+
+#: The backend name that picks one (:func:`choose_backend`): the default of the node and the tools.
+AUTO = "auto"
+#: Files TensorRT loads (engine plans); anything else in ``engine_paths`` is an ONNX graph.
+ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+
+
+def choose_backend(device: str = "cpu", paths: Sequence[str | Path] = ()) -> tuple[str, str]:
+    """What ``auto`` runs, and why (one line for logs and diagnostics).
+
+    1. ``tensorrt`` when a TensorRT engine is given and CUDA is available;
+    2. ``torch`` on the GPU when ``device`` is a CUDA device and CUDA is available (no engine: the
+       GPU's PyTorch beats any CPU path; a decision of ours, named in the README);
+    3. ``onnxruntime`` on the CPU when it is installed (the fastest CPU path measured here);
+    4. ``torch`` otherwise.
+    """
+    import importlib.util
+
+    import torch
+
+    engines = [Path(p) for p in paths if Path(p).suffix in ENGINE_SUFFIXES]
+    cuda = torch.cuda.is_available()
+    if engines and cuda:
+        return "tensorrt", f"auto: TensorRT engine {engines[0].name} given and CUDA available"
+    no_engine = f"engine given but no CUDA device ({engines[0].name})" if engines else "no TensorRT engine given"
+    if str(device).startswith("cuda") and cuda:
+        return "torch", f"auto: {no_engine}; device {device}: PyTorch on the GPU"
+    if importlib.util.find_spec("onnxruntime") is not None:
+        return "onnxruntime", f"auto: {no_engine}; ONNX Runtime on the CPU (the fastest CPU path)"
+    return "torch", f"auto: {no_engine}; onnxruntime not installed: PyTorch"
+
 
 
 def __getattr__(name: str) -> object:
@@ -75,13 +106,23 @@ def create_backend(
     the cache (``export_missing`` also allows that next to given files): in the caller's thread, or
     with ``background`` in a separate process while the nearest held size (or PyTorch) serves; a
     full set of held sizes is changed only by replacing one unused for ``idle_before_replaced_s``.
-    ``engines``: TensorRT engine files with their sidecars. ``max_sizes``: compiled sizes held at
-    once; 0 = the backend's default (4 ONNX Runtime sessions, 1 TensorRT engine: each engine holds
-    all the weights). ``compile``: torch.compile for the torch backend. A backend chosen by fallback carries
-    the reason in ``fallback_reason`` (shown in the node's diagnostics).
+    ``engines``: TensorRT engine files with their sidecars. ``name`` ``auto``: :func:`choose_backend`
+    picks one from ``device`` and the files given (its reason is logged and kept in
+    ``choice_reason``). ``max_sizes``: compiled sizes held at once; 0 = the backend's default (4 ONNX
+    Runtime sessions, 1 TensorRT engine: each engine holds all the weights). ``compile``:
+    torch.compile for the torch backend. A backend chosen by fallback carries the reason in
+    ``fallback_reason`` (shown in the node's diagnostics).
     """
+    choice = ""
+    if name == AUTO:
+        name, choice = choose_backend(device, [*onnx, *engines])
+        log(choice)
+        fallback = True  # auto always lands on a backend that runs
+        onnx = [p for p in onnx if Path(p).suffix not in ENGINE_SUFFIXES]  # graphs for onnxruntime,
+        engines = [p for p in engines if Path(p).suffix in ENGINE_SUFFIXES]  # engines for tensorrt
     if name not in BACKENDS:
-        raise BackendError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
+        raise BackendError(f"unknown backend {name!r} (choose from {AUTO}, {', '.join(BACKENDS)})")
+
     order = [name] + ([b for b in BACKENDS[BACKENDS.index(name) + 1 :]] if fallback else [])
     reason = ""
     for candidate in order:
@@ -96,6 +137,7 @@ def create_backend(
             else:
                 backend = _tensorrt(vlm, [Path(p) for p in engines], device, max_sizes)
             backend.fallback_reason = reason
+            backend.choice_reason = choice or f"{name} (asked for)"
             return backend
         except BackendError as exc:
             if candidate == order[-1]:

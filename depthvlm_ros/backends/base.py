@@ -3,7 +3,7 @@
 A backend computes the depth path — pixels of one processed size + the fixed depth prompt ->
 depth on the model grid (metres) — and nothing else: preprocessing (canonical-focal resize, the
 image processor) and postprocessing (back to the camera grid) are shared, in
-:class:`depthvlm_ros.model.pipeline.DepthVLM`. Answers (``ask``) always run on PyTorch.
+:mod:`depthvlm_ros.pipeline` (a camera's plan). Answers (``ask``) always run on PyTorch.
 
 Implementations: ``torch`` (reference; any size), ``onnxruntime`` and ``tensorrt`` (compiled for
 fixed sizes; a bounded set of sessions/engines keyed by size, each proven by its probe when loaded:
@@ -56,6 +56,8 @@ class DepthBackend(abc.ABC):
     name: str = ""
     #: Why this backend serves instead of the one asked for ("" when it is the one asked for).
     fallback_reason: str = ""
+    #: How this backend was chosen (``auto``'s reason, or "NAME (asked for)").
+    choice_reason: str = ""
 
     @abc.abstractmethod
     def sizes(self) -> list[tuple[int, int]] | None:
@@ -68,6 +70,10 @@ class DepthBackend(abc.ABC):
         ``stage(name)`` is a context manager the caller uses to time stages; backends that can
         separate vision / llm / head time them, compiled ones report one ``model`` stage.
         """
+
+    def input_device(self) -> str:
+        """Where this backend wants its ``pixel_values`` (a torch device string): preprocessing runs there."""
+        return "cpu"
 
     def describe(self) -> str:
         """One line for logs and diagnostics."""

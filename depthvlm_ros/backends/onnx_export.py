@@ -73,63 +73,26 @@ def inputs_for_size(
 
 
 class DepthExportModule(nn.Module):
-    """The depth path for one size with every prompt/size constant precomputed (export wrapper)."""
+    """The model's own forward with the depth prompt precomputed for one size (what is traced).
+
+    The :class:`~depthvlm_ros.model.modeling.StaticPrompt`'s tensors are registered as buffers so
+    they follow the module's device and trace as constants; the forward is the model's.
+    """
 
     def __init__(self, model: nn.Module, inputs: ModelInputs) -> None:
         super().__init__()
-        from transformers.vision_utils import (
-            get_vision_cu_seqlens,
-            get_vision_interpolation_indices_and_weights,
-            get_vision_position_ids,
-        )
-
         self.model = model
-        visual = model.model.visual
-        grid = inputs.image_grid_thw
-        merge = int(visual.spatial_merge_size)
-        indices, weights = get_vision_interpolation_indices_and_weights(
-            grid, num_grid_per_side=visual.num_grid_per_side, mode=visual.interpolation_mode,
-            align_corners=visual.interpolation_align_corners, spatial_merge_size=merge,
-        )
-        ids = inputs.input_ids
-        image_mask = ids == model.config.image_token_id
-        span = image_mask[0].nonzero()[:, 0]
-        self.start, self.end = int(span[0]), int(span[-1]) + 1
-        if int(image_mask.sum()) != self.end - self.start:
-            raise BackendError("the prompt's image tokens are not one contiguous span")
-        with torch.no_grad():
-            embeds = model.model.get_input_embeddings()(ids)
-        rope_positions, _ = model.model.get_rope_index(ids, inputs.mm_token_type_ids, image_grid_thw=grid)
-        self.grid_h, self.grid_w = int(grid[0, 1]) // merge, int(grid[0, 2]) // merge
-        constants = {
-            "grid_thw": grid,
-            "interp_indices": indices,
-            "interp_weights": weights,
-            "vision_position_ids": get_vision_position_ids(grid, merge),
-            "cu_seqlens": get_vision_cu_seqlens(grid),
-            "prefix_embeds": embeds[:, : self.start],
-            "suffix_embeds": embeds[:, self.end :],
-            "rope_position_ids": rope_positions,
-            "visual_pos_masks": image_mask,
-        }
-        for name, value in constants.items():
+        try:
+            self.prompt = model.static_prompt(inputs)
+        except ValueError as exc:
+            raise BackendError(str(exc)) from None
+        for name, value in self.prompt.tensors().items():
             self.register_buffer(name, value.detach().clone(), persistent=False)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(patches, C*T*P*P) processed pixels of one image -> (1, H, W) depth in metres."""
-        vision = self.model.model.visual(
-            pixel_values, grid_thw=self.grid_thw, interp_indices=self.interp_indices,
-            interp_weights=self.interp_weights, position_ids=self.vision_position_ids, cu_seqlens=self.cu_seqlens,
-        )
-        image_embeds = vision.pooler_output.to(self.prefix_embeds.dtype)[None]
-        embeds = torch.cat([self.prefix_embeds, image_embeds, self.suffix_embeds], dim=1)
-        hidden = self.model.model.language_model(
-            inputs_embeds=embeds, position_ids=self.rope_position_ids, visual_pos_masks=self.visual_pos_masks,
-            deepstack_visual_embeds=list(vision.deepstack_features), use_cache=False,
-        ).last_hidden_state
-        features = [f[None] for f in vision.deepstack_features] + [hidden[:, self.start : self.end]]
-        head_dtype = self.model.depth_head.norm.weight.dtype
-        return self.model.depth_head([f.to(head_dtype) for f in features], self.grid_h, self.grid_w)[:, 0]
+        prompt = self.prompt.with_tensors({name: getattr(self, name) for name in self.prompt.tensors()})
+        return self.model(pixel_values=pixel_values, static_prompt=prompt, return_logits=False).depth
 
 
 @dataclass
@@ -202,10 +165,10 @@ def export_onnx(
     check_images: int = 2,
     progress: Callable[[str], None] = print,
 ) -> ExportReport:
-    """Export ``vlm`` (a :class:`DepthVLM`) for a ``width`` x ``height`` model grid and check it.
+    """Export ``vlm`` (a ``DepthVLM`` or a ``LoadedModel``) for a ``width`` x ``height`` model grid; check it.
 
     The graph is traced from a CPU model of the export dtype (the caller's model is not changed)
-    and checked against the stock PyTorch depth path (``forward_depth``, not the export wrapper)
+    and checked against the model's forward on the processor's inputs (not the static prompt)
     of the fp32 model on ``check_images`` random images (seeded: the same images every time); the
     first becomes the graph's probe. It is written under a temporary folder and moved to
     ``out_path`` only once it passed, so a failed or interrupted export never leaves a graph that
@@ -276,10 +239,8 @@ def export_onnx(
             check_inputs = inputs_for_size(vlm.processor, width, height, image)
             with torch.inference_mode(), exact_fp32():  # no TF32 on a GPU: the reference is fp32
                 r = check_inputs.to(ref_device)
-                want = reference.forward_depth(
-                    r.input_ids, r.pixel_values.to(next(reference.parameters()).dtype), r.image_grid_thw,
-                    r.mm_token_type_ids, r.attention_mask,
-                ).float().cpu().numpy()
+                want = reference(**r.model_kwargs(next(reference.parameters()).dtype),
+                                 return_logits=False).depth.float().cpu().numpy()
             if i == 0:  # the probe: what every backend that loads this graph must reproduce
                 write_probe(staged, check_inputs.pixel_values.numpy(), want, (width, height))
             got = ort_backend.depth(check_inputs)
@@ -334,9 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         _end_with_parent(args.parent)
     try:
         width, height = (int(v) for v in args.size.lower().split("x"))
-        from depthvlm_ros.model.pipeline import DepthVLM
+        from depthvlm_ros.model.loading import load_depthvlm
 
-        vlm = DepthVLM.from_pretrained(args.model)
+        vlm = load_depthvlm(args.model)
         report = export_onnx(vlm, width, height, args.out, check_images=1,
                              progress=lambda line: print(line, flush=True))
     except (InputError, ValueError) as exc:

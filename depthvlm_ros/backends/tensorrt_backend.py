@@ -355,8 +355,12 @@ class TensorRTBackend(DepthBackend):
         """One image's processed pixels (a CPU tensor) through one engine -> (1, H, W) float32 depth."""
         torch = self._torch
         with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
-            slot["host_in"].copy_(pixels)  # converts dtype on the CPU
-            slot["buffers"][INPUT_NAME].copy_(slot["host_in"], non_blocking=True)
+            if pixels.is_cuda:  # preprocessed on this GPU: no trip through the host
+                self._stream.wait_stream(torch.cuda.default_stream(self.device))  # made on the default stream
+                slot["buffers"][INPUT_NAME].copy_(pixels)
+            else:
+                slot["host_in"].copy_(pixels)  # converts dtype on the CPU
+                slot["buffers"][INPUT_NAME].copy_(slot["host_in"], non_blocking=True)
             if not slot["context"].execute_async_v3(self._stream.cuda_stream):
                 raise BackendError(f"TensorRT execution failed for {slot['path']}")
             slot["host_out"].copy_(slot["buffers"][OUTPUT_NAME], non_blocking=True)
@@ -365,6 +369,9 @@ class TensorRTBackend(DepthBackend):
 
     def held_sizes(self) -> list[tuple[int, int]]:
         return self.sizes()
+
+    def input_device(self) -> str:
+        return str(self.device)
 
     def max_held_sizes(self) -> int:
         return self.max_engines

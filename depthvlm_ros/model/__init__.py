@@ -1,6 +1,9 @@
-"""DepthVLM: the model (stock Qwen3-VL + DPT head) and the end-to-end pipeline around it."""
+"""DepthVLM the model: stock Qwen3-VL + DPT head, its processor, and strict loading.
 
+The end-to-end pipeline around it (camera plans, backends) is :mod:`depthvlm_ros.pipeline`.
+"""
+
+from depthvlm_ros.model.loading import LoadedModel, load_depthvlm
 from depthvlm_ros.model.modeling import DepthVLMForConditionalGeneration
-from depthvlm_ros.model.pipeline import Answer, DepthResult, DepthVLM
 
-__all__ = ["Answer", "DepthResult", "DepthVLM", "DepthVLMForConditionalGeneration"]
+__all__ = ["DepthVLMForConditionalGeneration", "LoadedModel", "load_depthvlm"]

@@ -23,12 +23,14 @@ field                           default                      meaning
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+from transformers.utils import ModelOutput
 
 from depthvlm_ros.model.dpt_head import DPTDepthHead
 
@@ -62,6 +64,62 @@ class DepthFeatures:
     grid_w: int
 
 
+@dataclass
+class StaticPrompt:
+    """The depth path's constants for one model-grid size and batch (the fixed prompt, precomputed).
+
+    Built once per size by :meth:`DepthVLMForConditionalGeneration.static_prompt`; with it the
+    forward has no data-dependent operation (no rope-index search, no masked scatter), so the same
+    code traces for ONNX, compiles with ``torch.compile`` and replays as a CUDA graph.
+    """
+
+    vision_kwargs: dict[str, torch.Tensor]  # grid, position-embedding interpolation, rotary ids, cu_seqlens
+    prefix_embeds: torch.Tensor  # (1, start, hidden) prompt embeddings before the image
+    suffix_embeds: torch.Tensor  # (1, L - end, hidden) after it
+    position_ids: torch.Tensor  # (3, B, L) M-RoPE positions
+    visual_pos_masks: torch.Tensor  # (B, L) bool, the image tokens
+    start: int  # first image token
+    end: int  # one past the last
+    grid_h: int  # merged grid, tokens
+    grid_w: int
+
+    @property
+    def n_tokens(self) -> int:
+        return self.end - self.start
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor, by a flat name (an export wrapper registers them as buffers)."""
+        named = {f"vision_{k}": v for k, v in self.vision_kwargs.items()}
+        return named | {"prefix_embeds": self.prefix_embeds, "suffix_embeds": self.suffix_embeds,
+                        "position_ids": self.position_ids, "visual_pos_masks": self.visual_pos_masks}
+
+    def with_tensors(self, tensors: dict[str, torch.Tensor]) -> "StaticPrompt":
+        """The same prompt holding ``tensors`` (named as :meth:`tensors` names them)."""
+        vision = {k: tensors[f"vision_{k}"] for k in self.vision_kwargs}
+        return dataclasses.replace(self, vision_kwargs=vision, prefix_embeds=tensors["prefix_embeds"],
+                                   suffix_embeds=tensors["suffix_embeds"], position_ids=tensors["position_ids"],
+                                   visual_pos_masks=tensors["visual_pos_masks"])
+
+    def to(self, device: torch.device | str) -> "StaticPrompt":
+        return self.with_tensors({k: v.to(device) for k, v in self.tensors().items()})
+
+
+@dataclass
+class DepthVLMOutput(ModelOutput):
+    """The forward's outputs: transformers' LM fields plus the depth map.
+
+    ``depth``: (B, H, W) metres on the model grid, or None on a call without the image (decoding);
+    ``last_hidden_state``: the LLM's post-norm states, (B, L, hidden).
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    cache: Any = None  # the KV cache (transformers >= 5.2x names it ``cache``,
+    past_key_values: Any = None  # earlier 5.x ``past_key_values``: the stock output's own name is kept)
+    depth: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+
+
 class DepthVLMForConditionalGeneration(Qwen3VLForConditionalGeneration):
     """Qwen3-VL with DepthVLM's dense depth head (``depth_head.*`` in the state dict)."""
 
@@ -80,40 +138,123 @@ class DepthVLMForConditionalGeneration(Qwen3VLForConditionalGeneration):
         )
         self.post_init()
 
-    # -- the depth path, stage by stage (the pipeline times each stage) -----------------------
+    # -- the one forward ------------------------------------------------------------------------
 
     def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> Any:
         """Vision tower, once: merged image embeddings + DeepStack features (stock output type)."""
         return self.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
 
-    def run_language_model(
-        self,
-        input_ids: torch.Tensor,
-        image_grid_thw: torch.Tensor,
-        mm_token_type_ids: torch.Tensor,
-        image_outputs: Any,
-        attention_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """LLM prefill, once, over the prompt with the image embeddings in place; post-norm states."""
-        self.model.rope_deltas = None  # stock caches rope deltas between calls; a prefill starts fresh
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            image_grid_thw=image_grid_thw,
-            mm_token_type_ids=mm_token_type_ids,
-            mm_encoder_outputs={"image": image_outputs},
-            use_cache=False,
-        )
-        return out.last_hidden_state
+    def static_prompt(self, inputs: Any) -> StaticPrompt:
+        """Everything of the depth path that does not depend on the pixels, for ``inputs``' size and batch.
 
-    def gather_depth_features(
+        ``inputs`` (a :class:`~depthvlm_ros.model.processing.ModelInputs`) must hold one prompt per
+        image, the same for all, with its image tokens in one contiguous span (the depth prompt).
+        """
+        from transformers.vision_utils import (
+            get_vision_cu_seqlens,
+            get_vision_interpolation_indices_and_weights,
+            get_vision_position_ids,
+        )
+
+        visual = self.model.visual
+        grid = inputs.image_grid_thw
+        merge = int(visual.spatial_merge_size)
+        ids = inputs.input_ids
+        if bool((ids != ids[:1]).any()):
+            raise ValueError("a static prompt needs the same prompt for every image of the batch")
+        image_mask = ids == self.config.image_token_id
+        span = image_mask[0].nonzero()[:, 0]
+        start, end = int(span[0]), int(span[-1]) + 1
+        if int(image_mask[0].sum()) != end - start:
+            raise ValueError("the prompt's image tokens are not one contiguous span")
+        indices, weights = get_vision_interpolation_indices_and_weights(
+            grid, num_grid_per_side=visual.num_grid_per_side, mode=visual.interpolation_mode,
+            align_corners=visual.interpolation_align_corners, spatial_merge_size=merge,
+        )
+        with torch.no_grad():
+            embeds = self.model.get_input_embeddings()(ids[:1])
+            rope_positions, _ = self.model.get_rope_index(ids, inputs.mm_token_type_ids, image_grid_thw=grid)
+        return StaticPrompt(
+            vision_kwargs={
+                "grid_thw": grid, "interp_indices": indices, "interp_weights": weights,
+                "position_ids": get_vision_position_ids(grid, merge), "cu_seqlens": get_vision_cu_seqlens(grid),
+            },
+            prefix_embeds=embeds[:, :start].detach(), suffix_embeds=embeds[:, end:].detach(),
+            position_ids=rope_positions, visual_pos_masks=image_mask, start=start, end=end,
+            grid_h=int(grid[0, 1]) // merge, grid_w=int(grid[0, 2]) // merge,
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        return_logits: bool = True,
+        static_prompt: StaticPrompt | None = None,
+        **kwargs: Any,
+    ) -> DepthVLMOutput:
+        """The one forward: Qwen3-VL's, plus the depth map whenever the call sees the image.
+
+        Vision tower once, LLM once, then the depth head on the image tokens' features (the three
+        DeepStack levels and the post-norm last hidden state). ``generate()`` calls it as the stock
+        forward (depth on the prefill, None on decoding steps); the trainer asks for
+        ``return_logits=False`` and applies the LM head to the rows it needs; the torch backend and
+        the ONNX export pass a :class:`StaticPrompt` (the fixed depth prompt precomputed for one
+        size: no data-dependent ops, so it traces and compiles), which returns depth only.
+        """
+        if static_prompt is not None:
+            return self._static_depth(pixel_values, static_prompt)
+        image_outputs = None
+        if pixel_values is not None:
+            self.model.rope_deltas = None  # a prefill starts fresh (stock caches rope deltas between calls)
+            image_outputs = self.encode_images(pixel_values, image_grid_thw)
+            kwargs["mm_encoder_outputs"] = {"image": image_outputs}
+        outputs = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, image_grid_thw=image_grid_thw,
+            mm_token_type_ids=mm_token_type_ids, **kwargs,
+        )
+        hidden = outputs.last_hidden_state
+        depth = None
+        if image_outputs is not None:
+            depth = self._depth_from_features(self._image_token_features(
+                input_ids, image_grid_thw, list(image_outputs.deepstack_features), hidden))
+        logits = loss = None
+        if return_logits or labels is not None:
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden[:, keep, :])
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+        kv_name = next((name for name in ("cache", "past_key_values") if name in outputs), None)
+        kv = {kv_name: outputs[kv_name]} if kv_name else {}
+        return DepthVLMOutput(loss=loss, logits=logits, depth=depth, last_hidden_state=hidden, **kv)
+
+    def _static_depth(self, pixel_values: torch.Tensor, prompt: StaticPrompt) -> DepthVLMOutput:
+        batch = prompt.position_ids.shape[1]
+        vision = self.model.visual(pixel_values, **prompt.vision_kwargs)
+        image_embeds = vision.pooler_output.to(prompt.prefix_embeds.dtype).reshape(batch, prompt.n_tokens, -1)
+        embeds = torch.cat([prompt.prefix_embeds.expand(batch, -1, -1), image_embeds,
+                            prompt.suffix_embeds.expand(batch, -1, -1)], dim=1)
+        hidden = self.model.language_model(
+            inputs_embeds=embeds, position_ids=prompt.position_ids, visual_pos_masks=prompt.visual_pos_masks,
+            deepstack_visual_embeds=list(vision.deepstack_features), use_cache=False,
+        ).last_hidden_state
+        features = [f.reshape(batch, prompt.n_tokens, -1) for f in vision.deepstack_features]
+        features.append(hidden[:, prompt.start : prompt.end])
+        depth = self._depth_from_features(DepthFeatures(features, prompt.grid_h, prompt.grid_w))
+        return DepthVLMOutput(depth=depth, last_hidden_state=hidden)
+
+    def _image_token_features(
         self,
         input_ids: torch.Tensor,
         image_grid_thw: torch.Tensor,
         deepstack_features: Sequence[Sequence[torch.Tensor] | torch.Tensor],
         last_hidden_state: torch.Tensor,
     ) -> DepthFeatures:
-        """Pick the head's inputs at the image tokens: [DeepStack 1, 2, 3, LLM last hidden state].
+        """The head's inputs at the image tokens: [DeepStack 1, 2, 3, LLM last hidden state].
 
         All images of the batch must share one grid (one processed size), one image per sample.
         """
@@ -135,24 +276,8 @@ class DepthVLMForConditionalGeneration(Qwen3VLForConditionalGeneration):
         feats.append(last_hidden_state[image_mask].reshape(batch, n_tokens, -1))
         return DepthFeatures(features=feats, grid_h=grid_h, grid_w=grid_w)
 
-    def predict_depth_map(self, depth_features: DepthFeatures) -> torch.Tensor:
+    def _depth_from_features(self, depth_features: DepthFeatures) -> torch.Tensor:
         """Depth head: (B, H, W) metres at grid x 32 px."""
         head_dtype = self.depth_head.norm.weight.dtype
         feats = [f.to(head_dtype) for f in depth_features.features]
         return self.depth_head(feats, depth_features.grid_h, depth_features.grid_w)[:, 0]
-
-    def forward_depth(
-        self,
-        input_ids: torch.Tensor,
-        pixel_values: torch.Tensor,
-        image_grid_thw: torch.Tensor,
-        mm_token_type_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The whole depth path in one call: pixels + fixed prompt -> (B, H, W) depth in metres."""
-        image_outputs = self.encode_images(pixel_values, image_grid_thw)
-        deepstack = list(image_outputs.deepstack_features)
-        hidden = self.run_language_model(
-            input_ids, image_grid_thw, mm_token_type_ids, image_outputs, attention_mask
-        )
-        return self.predict_depth_map(self.gather_depth_features(input_ids, image_grid_thw, deepstack, hidden))

@@ -89,6 +89,12 @@ class ModelInputs:
     pixel_values: torch.Tensor  # (B * patches, C * T * P * P) float32
     image_grid_thw: torch.Tensor  # (B, 3) int64, in vision patches
 
+    def model_kwargs(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Keyword arguments of the model's forward (``pixel_values`` cast to ``dtype`` if given)."""
+        pixels = self.pixel_values if dtype is None else self.pixel_values.to(dtype)
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "pixel_values": pixels,
+                "image_grid_thw": self.image_grid_thw, "mm_token_type_ids": self.mm_token_type_ids}
+
     def to(self, device: torch.device | str) -> "ModelInputs":
         return ModelInputs(*(t.to(device) for t in (
             self.input_ids, self.attention_mask, self.mm_token_type_ids, self.pixel_values, self.image_grid_thw

@@ -8,6 +8,7 @@ points are in the image's optical frame (x right, y down, z forward, metres; REP
 
 from __future__ import annotations
 
+import array
 import io
 from collections.abc import Sequence
 
@@ -37,6 +38,38 @@ IMAGE_ENCODINGS: dict[str, tuple[int, tuple[int, ...]]] = {
 DEPTH_ENCODINGS = ("32FC1", "16UC1")
 #: Largest compressed image accepted, in bytes (a 8192x8192 PNG of noise is ~200 MB; real ones less).
 MAX_COMPRESSED_BYTES = 64 * 1024 * 1024
+
+
+class MessageBuffer:
+    """A reusable byte buffer for one topic's message ``data`` (the cheap way to build big messages).
+
+    rclpy copies a message's data when it publishes, and a message built with ``check_fields=True``
+    keeps an ``array.array('B')`` as its data without copying it. So a publisher's large payload
+    (a cloud, a depth image) is written straight into this buffer, wrapped, published, and the
+    buffer is written again for the next frame: no allocation, no ``tobytes``, no page faults.
+    One buffer per publisher, used by one thread.
+    """
+
+    def __init__(self) -> None:
+        self.data = array.array("B")
+
+    def array(self, dtype: np.dtype | type, shape: tuple[int, ...]) -> np.ndarray:
+        """A writable numpy view of exactly ``shape`` x ``dtype`` bytes (resized when that changes)."""
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        if len(self.data) != nbytes:
+            self.data = array.array("B", bytes(nbytes))
+        return np.frombuffer(self.data, dtype=dtype).reshape(shape)
+
+
+def _byte_data(values: np.ndarray, buffer: MessageBuffer | None) -> array.array:
+    """``values``' bytes as a message's ``data``: copied once, into ``buffer`` when given."""
+    if buffer is None:
+        buffer = MessageBuffer()
+    out = buffer.array(values.dtype, values.shape)
+    if out.__array_interface__["data"][0] != values.__array_interface__["data"][0]:  # not written in place
+        np.copyto(out, values)
+    return buffer.data
 
 
 def _check_size(what: str, width: int, height: int) -> None:
@@ -90,12 +123,12 @@ def compressed_to_rgb(msg: CompressedImage) -> np.ndarray:
         raise InputError(f"compressed image ({msg.format or 'no format'}): cannot decode ({exc})") from None
 
 
-def rgb_to_image(rgb: np.ndarray, header: Header) -> Image:
-    """An (H, W, 3) uint8 RGB array as an rgb8 ``sensor_msgs/Image``."""
+def rgb_to_image(rgb: np.ndarray, header: Header, buffer: MessageBuffer | None = None) -> Image:
+    """An (H, W, 3) uint8 RGB array as an rgb8 ``sensor_msgs/Image`` (copied once, into ``buffer`` if given)."""
     rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
     height, width = rgb.shape[:2]
-    return Image(header=header, height=height, width=width, encoding="rgb8", is_bigendian=0,
-                 step=width * 3, data=rgb.tobytes())
+    return Image(check_fields=True, header=header, height=height, width=width, encoding="rgb8", is_bigendian=0,
+                 step=width * 3, data=_byte_data(rgb, buffer))
 
 
 def rgb_to_compressed(rgb: np.ndarray, header: Header, fmt: str = "jpeg", quality: int = 90) -> CompressedImage:
@@ -108,8 +141,12 @@ def rgb_to_compressed(rgb: np.ndarray, header: Header, fmt: str = "jpeg", qualit
     return CompressedImage(header=header, format=kind.lower(), data=out.getvalue())
 
 
-def depth_to_image(depth: np.ndarray, header: Header, encoding: str = "32FC1") -> Image:
-    """Depth (H, W) metres as a REP 118 image: 32FC1 metres (NaN invalid) or 16UC1 mm (0 invalid)."""
+def depth_to_image(depth: np.ndarray, header: Header, encoding: str = "32FC1",
+                   buffer: MessageBuffer | None = None) -> Image:
+    """Depth (H, W) metres as a REP 118 image: 32FC1 metres (NaN invalid) or 16UC1 mm (0 invalid).
+
+    ``buffer``: the publisher's reusable :class:`MessageBuffer` (the depth is copied into it once).
+    """
     if encoding == "32FC1":
         data, step_bytes = depth_to_32fc1(depth), 4
     elif encoding == "16UC1":
@@ -117,9 +154,9 @@ def depth_to_image(depth: np.ndarray, header: Header, encoding: str = "32FC1") -
     else:
         raise InputError(f"depth encoding {encoding!r} (use {' or '.join(DEPTH_ENCODINGS)})")
     height, width = data.shape
-    return Image(header=header, height=height, width=width, encoding=encoding,
+    return Image(check_fields=True, header=header, height=height, width=width, encoding=encoding,
                  is_bigendian=int(np.little_endian is False), step=width * step_bytes,
-                 data=np.ascontiguousarray(data).tobytes())
+                 data=_byte_data(np.ascontiguousarray(data), buffer))
 
 
 def image_to_depth(msg: Image) -> np.ndarray:
@@ -180,17 +217,22 @@ def intrinsics_to_camera_info(intrinsics: Intrinsics, header: Header) -> CameraI
 
 # -- point clouds -------------------------------------------------------------------------------
 
-def cloud_to_msg(cloud: np.ndarray, header: Header) -> PointCloud2:
-    """An organized structured array (from :func:`organized_cloud`) as ``sensor_msgs/PointCloud2``."""
+def cloud_to_msg(cloud: np.ndarray, header: Header, buffer: MessageBuffer | None = None) -> PointCloud2:
+    """An organized structured array (from :func:`organized_cloud`) as ``sensor_msgs/PointCloud2``.
+
+    A cloud built in ``buffer`` (``organized_cloud(..., out=buffer.array(...))``) is wrapped without
+    a copy; any other is copied once.
+    """
     fields = [
         PointField(name=name, offset=int(cloud.dtype.fields[name][1]), datatype=PointField.FLOAT32, count=1)
         for name in cloud.dtype.names
     ]
     rows, cols = cloud.shape
+    raw = np.ascontiguousarray(cloud).view(np.uint8).reshape(rows, cols * cloud.dtype.itemsize)
     return PointCloud2(
-        header=header, height=rows, width=cols, fields=fields, is_bigendian=not np.little_endian,
+        check_fields=True, header=header, height=rows, width=cols, fields=fields, is_bigendian=not np.little_endian,
         point_step=cloud.dtype.itemsize, row_step=cloud.dtype.itemsize * cols,
-        data=np.ascontiguousarray(cloud).tobytes(), is_dense=False,
+        data=_byte_data(raw, buffer), is_dense=False,
     )
 
 

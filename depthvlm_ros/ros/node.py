@@ -22,6 +22,7 @@ and shown in diagnostics.
 from __future__ import annotations
 
 import math
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ from depthvlm_ros import spatial
 from depthvlm_ros.errors import InputError
 from depthvlm_ros.geometry import Intrinsics, depth_from_16uc1, depth_to_16uc1, resize_rgb
 from depthvlm_ros.model.processing import check_question
+from depthvlm_ros.pipeline.plan import RouteSettings
 from depthvlm_ros.pointcloud import organized_cloud
 from depthvlm_ros.ros import messages
 from depthvlm_ros.ros.flow import (
@@ -78,6 +80,11 @@ NO_INFO_AFTER_S = 2.0
 LOG_PERIOD_S = 5.0
 #: An error this recent makes diagnostics WARN.
 RECENT_ERROR_S = 10.0
+#: How often a thread waiting for the GIL gets it (Python's default is 5 ms). rclpy's executor loop
+#: holds the GIL while it looks for ready callbacks; at 5 ms the camera callbacks waited for it in a
+#: convoy and at 30 Hz most frames were lost before the node (runs delivered 11, 19, 150, 172 or
+#: 361 of 361 frames); at 0.5 ms, 342-361 of 361 in every run (docs/benchmarks.md).
+GIL_SWITCH_INTERVAL_S = 0.0005
 #: Executor threads besides the questions': inputs, depth_at, diagnostics, parameter services, a refusal.
 BASE_THREADS = 4
 
@@ -222,6 +229,10 @@ class DepthVLMNode(Node):
         self.create_timer(s["diagnostics_period_s"], self.publish_diagnostics,
                           callback_group=MutuallyExclusiveCallbackGroup())
 
+        # The worker's reusable message payloads (rclpy copies them when publishing).
+        self._depth_buffer = messages.MessageBuffer()
+        self._colored_buffer = messages.MessageBuffer()
+        self._cloud_buffer = messages.MessageBuffer()
         self._running = True
         self._worker = threading.Thread(target=self._inference_loop, name="depthvlm-inference", daemon=True)
         self._worker.start()
@@ -272,21 +283,21 @@ class DepthVLMNode(Node):
     def _load_model(self) -> Any:
         from depthvlm_ros.backends import create_backend
         from depthvlm_ros.model.default import default_model_dir
-        from depthvlm_ros.model.pipeline import DepthVLM
+        from depthvlm_ros.pipeline import DepthVLM
 
         s = self._settings
         folder, note = (s["model_path"], None) if s["model_path"] else default_model_dir()
         if note:
             self.get_logger().warning(note)
         model = DepthVLM.from_pretrained(folder, device=s["answer_device"] or s["device"], dtype=s["precision"])
-        if s["backend"] != "torch":
+        if s["backend"] != "torch":  # auto: TensorRT with an engine and CUDA, else ONNX Runtime, else PyTorch
             paths = [p for p in s["engine_paths"] if p]
             # Missing ONNX sizes are exported by a separate process while the nearest held size (or
             # PyTorch, before the first) serves: an export never runs on the frame path.
             model.backend = create_backend(
                 model, s["backend"], device=s["device"],
-                onnx=paths if s["backend"] == "onnxruntime" else (),
-                engines=paths if s["backend"] == "tensorrt" else (),
+                onnx=paths if s["backend"] in ("onnxruntime", "auto") else (),
+                engines=paths if s["backend"] in ("tensorrt", "auto") else (),
                 fallback=s["backend_fallback"], log=self.get_logger().warning,
                 max_sizes=s["max_compiled_sizes"], background=True,
                 idle_before_replaced_s=s["compiled_size_idle_s"],
@@ -414,16 +425,16 @@ class DepthVLMNode(Node):
         return Decoded(msg.header, rgb, k)
 
     def process(self, frame: Frame, s: dict[str, Any]) -> None:
-        """Decode, infer and publish one frame."""
+        """One frame's way: decode, the camera's plan (made once), infer, publish."""
         start = time.perf_counter()
         self._last_inference = time.monotonic()
         decoded = self.decode(frame, s)
         with self._latest_cond:
             self._decoded = decoded
             self._latest_cond.notify_all()
-        result = self.model.predict_depth(
-            decoded.rgb, decoded.intrinsics, s["canonical_fx"], s["match_fy"], s["max_side_px"], s["max_image_tokens"],
-        )
+        route = RouteSettings(s["canonical_fx"], s["match_fy"], s["max_side_px"], s["max_image_tokens"])
+        plan = self.model.plan(decoded.intrinsics, route, exact=False)  # torch's resize: model/preprocess.py
+        result = self.model.infer(plan, [decoded.rgb])[0]
         if s["output_grid"] == "camera":
             depth, k = result.depth, result.intrinsics
         else:
@@ -450,7 +461,7 @@ class DepthVLMNode(Node):
             depth = np.where((depth >= s["min_depth_m"]) & (depth <= far), depth, np.float32(np.nan))
         if s["depth_encoding"] == "16UC1":  # the cloud and ~/depth_at use exactly the published millimetres
             depth = depth_from_16uc1(depth_to_16uc1(depth))
-        self.pub_depth.publish(messages.depth_to_image(depth, header, s["depth_encoding"]))
+        self.pub_depth.publish(messages.depth_to_image(depth, header, s["depth_encoding"], self._depth_buffer))
         self.pub_depth_info.publish(messages.intrinsics_to_camera_info(k, header))
         with self._latest_cond:
             self._depth = LatestDepth(header, depth, k, (decoded.intrinsics.width, decoded.intrinsics.height))
@@ -458,13 +469,15 @@ class DepthVLMNode(Node):
         if self.pub_colored.get_subscription_count() > 0:
             auto = s["colormap_min_m"] == 0 and s["colormap_max_m"] == 0
             color = colorize_depth(depth, None if auto else s["colormap_min_m"], None if auto else s["colormap_max_m"])
-            self.pub_colored.publish(messages.rgb_to_image(color, header))
+            self.pub_colored.publish(messages.rgb_to_image(color, header, self._colored_buffer))
         if s["publish_pointcloud"] and self.pub_points.get_subscription_count() > 0:
             if s["pointcloud_color"]:
                 rgb = decoded.rgb if k.size == decoded.intrinsics.size else resize_rgb(decoded.rgb, *k.size)
-            cloud = organized_cloud(depth, k, rgb, s["pointcloud_stride"],
-                                    s["max_range_m"] if s["max_range_m"] > 0 else math.inf)
-            self.pub_points.publish(messages.cloud_to_msg(cloud, header))
+            stride = s["pointcloud_stride"]
+            shape = (-(-k.height // stride), -(-k.width // stride), 4 if rgb is not None else 3)
+            cloud = organized_cloud(depth, k, rgb, stride, s["max_range_m"] if s["max_range_m"] > 0 else math.inf,
+                                    out=self._cloud_buffer.array(np.float32, shape))
+            self.pub_points.publish(messages.cloud_to_msg(cloud, header, self._cloud_buffer))
 
     # -- services -----------------------------------------------------------------------------
 
@@ -597,6 +610,7 @@ class DepthVLMNode(Node):
             "frames_without_camera_info": str(c.unmatched),
             "frames_waiting_for_camera_info": str(self._sync.pending),
             "errors": str(c.errors),
+            "frames_pending": str(int(self.busy())),  # a frame waits for or is in the worker
             "frames_on_reference": str(c.reference_frames),  # PyTorch stood in: no compiled size ready yet
             "queries": str(c.queries),
             "query_errors": str(c.query_errors),
@@ -606,6 +620,7 @@ class DepthVLMNode(Node):
             "questions_waited_for_depth": str(self._gate.depth_turns),  # a frame went before the next question
             "backend": backend.describe(),
             "backend_fallback": backend.fallback_reason,
+            "backend_choice": backend.choice_reason or f"{backend.name} (asked for)",
             "compiled_sizes_held": str(len(backend.held_sizes())),
             "max_compiled_sizes": str(backend.max_held_sizes()),  # the parameter, or the backend's default
             "model": self.model_name,
@@ -658,6 +673,7 @@ def main(args: list[str] | None = None) -> int:
     from depthvlm_ros.ros.runtime import use_large_data_profile
 
     use_large_data_profile()
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     rclpy.init(args=args)
     node = executor = None
     try:

@@ -30,8 +30,9 @@ PARAMS: tuple[Param, ...] = (
     # model and backend (start-up only)
     Param("model_path", "", "DepthVLM folder (Hugging Face layout, safetensors); empty = the built-in model",
           read_only=True),
-    Param("backend", "torch", "what runs the depth path", read_only=True,
-          choices=("torch", "onnxruntime", "tensorrt")),
+    Param("backend", "auto", "what runs the depth path; auto = tensorrt with an engine in engine_paths and CUDA, "
+          "torch when device is cuda, else onnxruntime on the CPU, else torch", read_only=True,
+          choices=("auto", "torch", "onnxruntime", "tensorrt")),
     Param("backend_fallback", True, "if the backend is refused, fall back (tensorrt -> onnxruntime -> torch)",
           read_only=True),
     Param("device", "cpu", "cpu, cuda or cuda:N", read_only=True),

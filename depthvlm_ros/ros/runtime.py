@@ -41,3 +41,92 @@ def use_large_data_profile() -> str | None:
         if path.exists():
             os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = str(path)
     return os.environ.get("FASTDDS_DEFAULT_PROFILES_FILE")
+
+
+def private_ros_environment() -> dict[str, str]:
+    """This process's ROS environment for tools that start their own node: a private domain id
+    (unless one is set), localhost discovery, the shipped Fast DDS profile. Set in ``os.environ``
+    (before ``rclpy.init``) and returned for child processes."""
+    os.environ.setdefault("ROS_DOMAIN_ID", str(40 + os.getpid() % 50))
+    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    use_large_data_profile()
+    return dict(os.environ)
+
+
+class NodeProcess:
+    """``depthvlm node`` in its own process, as a robot runs it (``depthvlm demo`` and ``bench-node``).
+
+    Its output goes to ``log`` (a file: a pipe nobody reads would block the node). ``params`` are
+    ROS parameters (``-p name:=value``).
+    """
+
+    def __init__(self, params: dict[str, object], log: Path, env: dict[str, str] | None = None) -> None:
+        import subprocess
+        import sys
+
+        self.log = Path(log)
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        ros = ["--ros-args"] + [x for k, v in params.items() for x in ("-p", f"{k}:={v}")]
+        with self.log.open("wb") as out:
+            self.process = subprocess.Popen([sys.executable, "-m", "depthvlm_ros", "node", *ros],
+                                            env=env or private_ros_environment(), stdout=out,
+                                            stderr=subprocess.STDOUT)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def output_tail(self, chars: int = 2000) -> str:
+        """The end of the node's log (for error messages)."""
+        try:
+            return self.log.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def stop(self, timeout_s: float = 20.0) -> int:
+        """SIGTERM, then SIGKILL after ``timeout_s``; the exit code."""
+        import subprocess
+
+        if self.alive():
+            self.process.terminate()
+        try:
+            return self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+
+class NodeStatus:
+    """The latest ``depthvlm: depth`` diagnostics of a node, as a dict of strings (updated on arrival)."""
+
+    def __init__(self, node: object, name: str = "depthvlm: depth") -> None:
+        import threading
+
+        from diagnostic_msgs.msg import DiagnosticArray
+
+        self.name = name
+        self.latest: dict[str, str] = {}
+        self.count = 0
+        self._lock = threading.Lock()
+        self.sub = node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, 10)
+
+    def _on_diagnostics(self, msg: object) -> None:
+        for status in msg.status:
+            if status.name == self.name:
+                with self._lock:
+                    self.latest = {kv.key: kv.value for kv in status.values}
+                    self.count += 1
+
+    def get(self) -> tuple[int, dict[str, str]]:
+        """(how many diagnostics arrived so far, the latest values)."""
+        with self._lock:
+            return self.count, dict(self.latest)
+
+    def number(self, key: str, default: float = 0.0) -> float:
+        try:
+            return float(self.get()[1].get(key, default))
+        except ValueError:
+            return default

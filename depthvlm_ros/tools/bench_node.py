@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -66,15 +65,10 @@ def run_bench(args: argparse.Namespace) -> dict:
 
     from depthvlm_ros.geometry import Intrinsics
     from depthvlm_ros.ros.messages import intrinsics_to_camera_info, rgb_to_image
-    from depthvlm_ros.ros.runtime import use_large_data_profile
+    from depthvlm_ros.ros.runtime import private_ros_environment
 
     width, height = args.size
-    env = dict(os.environ)
-    env.setdefault("ROS_DOMAIN_ID", str(40 + os.getpid() % 50))
-    env.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
-    os.environ.update({k: env[k] for k in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE")})
-    use_large_data_profile()
-    env["FASTDDS_DEFAULT_PROFILES_FILE"] = os.environ["FASTDDS_DEFAULT_PROFILES_FILE"]
+    env = private_ros_environment()
     params = {"backend": args.backend, "max_side_px": args.max_side, "input_reliability": args.input_reliability}
     if args.model is not None:
         params["model_path"] = str(args.model)
@@ -226,7 +220,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=float, default=5.0,
                    help="seconds before measuring (at least; a compiled backend also waits for its first size)")
     p.add_argument("--model", type=Path, help="DepthVLM folder (default: the built-in model)")
-    p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"])
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime", "tensorrt"],
+                   help="the node's backend parameter (default auto, the node's default)")
     p.add_argument("--max-side", type=int, default=0, help="node parameter max_side_px (0 = protocol size)")
     p.add_argument("--input-reliability", default="best_effort", choices=["best_effort", "reliable"],
                    help="node parameter input_reliability (default best_effort, the node's default)")

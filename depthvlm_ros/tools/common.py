@@ -37,8 +37,9 @@ def add_backend_args(parser: argparse.ArgumentParser) -> None:
     from depthvlm_ros.backends.base import BACKENDS
 
     group = parser.add_argument_group("depth backend")
-    group.add_argument("--backend", default="torch", choices=BACKENDS,
-                       help="what runs the depth path (default torch)")
+    group.add_argument("--backend", default="torch", choices=("auto", *BACKENDS),
+                       help="what runs the depth path (default torch, the reference the parity tests hold; auto: "
+                            "tensorrt with an --engine and CUDA, torch on --device cuda, else onnxruntime on the CPU)")
     group.add_argument("--onnx", type=Path, action="append", default=[],
                        help="exported graph for onnxruntime (repeatable; default: export each size once, cached)")
     group.add_argument("--engine", type=Path, action="append", default=[], help="TensorRT engine (repeatable)")
@@ -80,7 +81,7 @@ def intrinsics_from_args(args: argparse.Namespace, width: int, height: int) -> I
 def load_model(args: argparse.Namespace):
     """Load --model (or the built-in default, telling the user which) on --device/--dtype."""
     from depthvlm_ros.model.default import default_model_dir
-    from depthvlm_ros.model.pipeline import DepthVLM
+    from depthvlm_ros.pipeline import DepthVLM
 
     folder, note = (args.model, None) if args.model is not None else default_model_dir()
     if note:

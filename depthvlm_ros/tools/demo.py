@@ -1,13 +1,16 @@
 """``depthvlm demo``: the whole system live, on a synthetic moving camera, with ground truth.
 
-One process, one ROS context, three parts on one executor:
+Two processes, as on a robot: the **node** ``depthvlm`` (``depthvlm node``, the built-in model
+unless ``--model``) in its own process, its log in ``--out``/node.log; and this one, with
 
 - a **camera**: a generated scene seen along a smooth trajectory, published as ``image`` +
   ``camera_info`` (frame ``camera_optical_frame``) at ``--rate`` Hz; the exact depth of every
   frame is kept (bounded) to score what comes back;
-- the **node** ``depthvlm`` (the same class ``depthvlm node`` runs) with the built-in model;
 - a **recorder** writing the topics to an MCAP bag, and a **client** asking scripted spatial
   questions through ``~/spatial_query`` about objects in view.
+
+Before the camera starts, its first frame is sent until the node runs the backend it chose (a
+first run exports the ONNX graph, cached) and has answered it.
 
 Prints once a second: rates, latency, live δ1/AbsRel against the generator's depth. Writes
 ``demo.mcap`` (a rosbag2 folder), coloured depth PNGs, ``cloud.ply`` (one frame's organized cloud)
@@ -52,9 +55,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="scene seed (default 5: a room with 3-4 objects in view all along the path)")
     p.add_argument("--queries", type=int, default=3, help="spatial questions to ask (default 3)")
     p.add_argument("--record-points", action="store_true", help="also record the point clouds (large)")
+    p.add_argument("--startup-timeout", type=float, default=300.0,
+                   help="seconds to wait for the node to start and run its backend (default 300)")
     add_model_args(p)
     add_backend_args(p)
-    p.set_defaults(func=run, backend="onnxruntime", backend_fallback=True)
+    p.set_defaults(func=run, backend="auto")
 
 
 class DemoCamera:
@@ -81,6 +86,20 @@ class DemoCamera:
         self.index = 0
         self.published = 0
         self.latest = None
+        self.sent: dict[int, float] = {}  # stamp (ns) -> time.monotonic() when published
+
+    def publish_warmup(self) -> None:
+        """The first pose again, not counted and not scored (the node's warm-up)."""
+        from std_msgs.msg import Header
+
+        from depthvlm_ros.ros.messages import intrinsics_to_camera_info, rgb_to_image
+        from depthvlm_ros.scenes.render import render
+
+        view = render(self.scene, self.intrinsics, self.poses[0], with_labels=False)
+        header = Header(frame_id=FRAME_ID)
+        header.stamp = self.node.get_clock().now().to_msg()
+        self.pub_info.publish(intrinsics_to_camera_info(self.intrinsics, header))
+        self.pub_image.publish(rgb_to_image(view.rgb, header))
 
     def publish_next(self) -> bool:
         """Render and publish the next frame; False when the trajectory is done."""
@@ -103,6 +122,7 @@ class DemoCamera:
             self.latest = view
         self.pub_info.publish(intrinsics_to_camera_info(self.intrinsics, header))
         self.pub_image.publish(rgb_to_image(view.rgb, header))
+        self.sent[stamp_ns] = time.monotonic()
         self.published += 1
         return True
 
@@ -123,12 +143,16 @@ class DepthScorer:
         self.scores: list[dict[str, float]] = []
         self.latencies_ms: list[float] = []
         self.received = 0
+        self.stamps: set[int] = set()  # of the depth images received (one per camera frame at most)
         self.pngs: list[str] = []
         self.cloud_written: str | None = None
         self.started = time.monotonic()
         # Its own callback group: scoring, PNG and PLY writing never hold up the recorder's callbacks.
         group = MutuallyExclusiveCallbackGroup()
-        self.subs = [node.create_subscription(Image, "depth/image", self.on_depth, 10, callback_group=group),
+        import open3d  # noqa: F401 (imported now: a first import in a callback would stall the camera for seconds)
+
+        # Deep enough that no depth image is replaced before it is scored.
+        self.subs = [node.create_subscription(Image, "depth/image", self.on_depth, 100, callback_group=group),
                      node.create_subscription(Image, "depth/colored", self.on_colored, 10, callback_group=group),
                      node.create_subscription(PointCloud2, "points", self.on_points, 2, callback_group=group)]
         self.node = node
@@ -139,6 +163,7 @@ class DepthScorer:
 
         stamp_ns = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
         self.received += 1
+        self.stamps.add(stamp_ns)
         self.latencies_ms.append((self.node.get_clock().now().nanoseconds - stamp_ns) / 1e6)
         view = self.camera.view_at(stamp_ns)
         if view is None:
@@ -201,10 +226,8 @@ def pick_questions(view: Any, n: int) -> list[tuple[str, Any]]:
 
 def run(args: argparse.Namespace) -> int:
     from rclpy.executors import MultiThreadedExecutor
-    from rclpy.parameter import Parameter
 
-    from depthvlm_ros.ros.node import DepthVLMNode
-    from depthvlm_ros.tools.common import load_model
+    from depthvlm_ros.ros.runtime import NodeProcess, NodeStatus, private_ros_environment
     from depthvlm_ros.tools.play import ros_node
     from depthvlm_ros.tools.record import TOPIC_TYPES, Recorder, final_path, move_into_place
 
@@ -213,69 +236,125 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.queries <= 20:
         raise InputError("--queries must be in 0..20")
     args.out.mkdir(parents=True, exist_ok=True)
-    model = load_model(args)
-    print(f"demo: model {model.name}, backend {model.backend.describe()}, {args.kind} scene seed {args.seed}, "
-          f"{args.size[0]}x{args.size[1]} at {args.rate:g} Hz for {args.seconds:g} s", flush=True)
+    # Reliable, deep enough that no camera frame is replaced in the subscription's history while the
+    # node is busy (the node's own slot still keeps only the latest).
+    params: dict[str, object] = {"input_reliability": "reliable", "input_depth": 50, "backend": args.backend,
+                                 "device": args.device, "precision": args.dtype}
+    if args.model is not None:
+        params["model_path"] = str(args.model.resolve())
+    for path in args.onnx + args.engine:
+        params.setdefault("engine_paths", [])
+        params["engine_paths"].append(str(path.resolve()))
+    if "engine_paths" in params:
+        params["engine_paths"] = "[" + ",".join(f'"{p}"' for p in params["engine_paths"]) + "]"
+    env = private_ros_environment()
     bag = args.out / "demo.mcap"
     if bag.is_file():
         bag.unlink()  # the previous run's
     bag_dir, tmp = final_path(bag)
-    with ros_node("depthvlm_demo") as (demo, stop):
-        from depthvlm_msgs.srv import SpatialQuery
-        from rosbags.rosbag2 import StoragePlugin, Writer
+    node = NodeProcess(params, args.out / "node.log", env)
+    print(f"demo: node started in its own process (pid {node.pid}, log {args.out / 'node.log'}); {args.kind} scene "
+          f"seed {args.seed}, {args.size[0]}x{args.size[1]} at {args.rate:g} Hz for {args.seconds:g} s", flush=True)
+    try:
+        with ros_node("depthvlm_demo") as (demo, stop):
+            from depthvlm_msgs.srv import SpatialQuery
+            from rosbags.rosbag2 import StoragePlugin, Writer
 
-        node = DepthVLMNode(model=model, context=demo.context, parameter_overrides=[
-            # reliable and deep enough that no camera frame is replaced in the subscription's history
-            # while this busy process takes it (the node's own slot still keeps only the latest)
-            Parameter("input_reliability", value="reliable"), Parameter("input_depth", value=10)])
-        camera = DemoCamera(demo, args)
-        # One forward before the clock starts: a first run exports the ONNX graph (cached) here,
-        # not while frames are arriving.
-        from depthvlm_ros.scenes.render import render
+            status = NodeStatus(demo)
+            camera = DemoCamera(demo, args)
+            client = demo.create_client(SpatialQuery, "/depthvlm/spatial_query")
+            executor = MultiThreadedExecutor(num_threads=3, context=demo.context)
+            executor.add_node(demo)
+            spinner = threading.Thread(target=executor.spin, daemon=True)
+            spinner.start()
+            writer = None
+            answers: list[dict[str, Any]] = []
+            try:
+                _wait(lambda: _node_alive(node) and min(camera.pub_image.get_subscription_count(),
+                                                        camera.pub_info.get_subscription_count()) >= 1
+                      and client.service_is_ready() and status.get()[0] > 0, args.startup_timeout,
+                      "the node to start (subscribe to the camera, serve questions, publish diagnostics)")
+                warm = time.monotonic()
+                baseline = _warm_up(camera, status, node, args.startup_timeout)
+                _, latest = status.get()
+                print(f"demo: node ready on {latest.get('backend', '?')} ({time.monotonic() - warm:.1f} s warm-up; "
+                      f"{latest.get('backend_choice', '')})", flush=True)
+                scorer = DepthScorer(demo, camera, args.out)
+                writer = Writer(bag_dir, version=9, storage_plugin=StoragePlugin.MCAP)
+                writer.open()
+                topics = list(RECORDED) + (["points"] if args.record_points else [])
+                recorder = Recorder(demo, writer, [(t, TOPIC_TYPES[t]) for t in topics],
+                                    argparse.Namespace(count=None, best_effort=False, qos_depth=100))  # never full
+                # Matched both ways: camera -> node + recorder; every recording and scoring subscription.
+                _wait(lambda: min(camera.pub_image.get_subscription_count(),
+                                  camera.pub_info.get_subscription_count()) >= 2
+                      and all(sub.get_publisher_count() >= 1 for sub in [*recorder.subs.values(), *scorer.subs]),
+                      30.0, "the scorer and the recorder to match the node's topics")
+                answers = _drive(args, camera, scorer, client, stop)
 
-        first = render(camera.scene, camera.intrinsics, camera.poses[0], with_labels=False)
-        warm = time.perf_counter()
-        model.predict_depth(first.rgb, camera.intrinsics, max_tokens=node.settings()["max_image_tokens"])
-        print(f"demo: model ready ({(time.perf_counter() - warm):.1f} s warm-up)", flush=True)
-        scorer = DepthScorer(demo, camera, args.out)
-        writer = Writer(bag_dir, version=9, storage_plugin=StoragePlugin.MCAP)
-        writer.open()
-        topics = list(RECORDED) + (["points"] if args.record_points else [])
-        recorder = Recorder(demo, writer, [(t, TOPIC_TYPES[t]) for t in topics],
-                            argparse.Namespace(count=None, best_effort=False, qos_depth=100))  # never full
-        client = demo.create_client(SpatialQuery, "/depthvlm/spatial_query")
-        executor = MultiThreadedExecutor(num_threads=4, context=demo.context)
-        executor.add_node(node)
-        executor.add_node(demo)
-        spinner = threading.Thread(target=executor.spin, daemon=True)
-        spinner.start()
-        answers: list[dict[str, Any]] = []
-        try:
-            # Matched both ways: camera -> node + recorder; depth -> scorer + recorder; depth/camera_info ->
-            # recorder (the publishers' view), and every recording and scoring subscription (theirs).
-            _wait(lambda: min(p.get_subscription_count() for p in (camera.pub_image, camera.pub_info, node.pub_depth))
-                  >= 2 and node.pub_depth_info.get_subscription_count() >= 1 and client.service_is_ready()
-                  and all(sub.get_publisher_count() >= 1 for sub in [*recorder.subs.values(), *scorer.subs]), 30.0,
-                  "the node, the scorer and the recorder to subscribe")
-            answers = _drive(args, camera, scorer, client, stop)
-            # Every frame: recorded, taken by the node, and (if processed) its depth scored here.
-            _wait(lambda: recorder.counts.get("/image", 0) >= camera.published
-                  and recorder.counts.get("/camera_info", 0) >= camera.published
-                  and node.counters.frames_in + node.counters.lost >= camera.published and not node.busy()
-                  and scorer.received >= node.counters.processed
-                  and recorder.counts.get("/depth/image", 0) >= node.counters.processed
-                  and recorder.counts.get("/depth/camera_info", 0) >= node.counters.processed, 30.0,
-                  lambda: f"the last frames to be processed (published {camera.published}, recorded "
-                          f"{recorder.counts}, node {node.counters}, busy {node.busy()}, scored {scorer.received})")
-        finally:
-            executor.shutdown(timeout_sec=2.0)
-            node.destroy_node()
-            writer.close()
-        move_into_place(bag_dir, tmp, bag)
-        summary = _summary(args, model, node, camera, scorer, recorder, answers)
+                def counted(key: str) -> int:
+                    return int(status.number(key)) - baseline.get(key, 0)
+
+                # Every frame: recorded, taken by the node, and (if processed) its depth scored here.
+                _wait(lambda: _node_alive(node) and recorder.counts.get("/image", 0) >= camera.published
+                      and recorder.counts.get("/camera_info", 0) >= camera.published
+                      and counted("frames_received") + counted("frames_lost_before_node") >= camera.published
+                      and status.get()[1].get("frames_pending") == "0"
+                      and scorer.received >= counted("frames_processed")
+                      and recorder.counts.get("/depth/image", 0) >= scorer.received, 30.0,
+                      lambda: f"the last frames to be processed (published {camera.published}, recorded "
+                              f"{recorder.counts}, node {status.get()[1]}, scored {scorer.received})")
+                node_counts = {key: counted(key) for key in baseline}
+            finally:
+                executor.shutdown(timeout_sec=2.0)
+                if writer is not None:
+                    writer.close()
+            _, latest = status.get()
+    finally:
+        code = node.stop()
+    if writer is None:
+        raise InputError(f"demo: the node did not get ready; its log ends:\n{node.output_tail()}")
+    move_into_place(bag_dir, tmp, bag)
+    summary = _summary(args, latest, node_counts, camera, scorer, recorder, answers)
+    summary["node"]["exit_code"] = code
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _print_summary(summary, args.out)
     return 0
+
+
+#: The node's counters the demo reads from its diagnostics (relative to the end of the warm-up).
+NODE_COUNTERS = ("frames_received", "frames_processed", "frames_dropped", "frames_lost_before_node", "errors")
+
+
+def _node_alive(node: Any) -> bool:
+    if not node.alive():
+        raise InputError(f"demo: the node exited; its log ends:\n{node.output_tail()}")
+    return True
+
+
+def _steady(latest: dict[str, str]) -> bool:
+    """The node runs the backend it chose: PyTorch, or a compiled size it holds."""
+    return latest.get("backend", "").startswith("torch") or int(latest.get("compiled_sizes_held", "0") or 0) >= 1
+
+
+def _warm_up(camera: DemoCamera, status: Any, node: Any, timeout_s: float) -> dict[str, int]:
+    """Send the first frame until the node has answered it on its chosen backend; then, once it is
+    idle, its counters (the baseline the demo's counts start from)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        _node_alive(node)
+        _, latest = status.get()
+        if _steady(latest) and int(latest.get("frames_processed", "0")) >= 1:
+            break
+        if time.monotonic() > deadline:
+            raise InputError(f"demo: the node did not run its backend within {timeout_s:g} s ({latest})")
+        camera.publish_warmup()
+        time.sleep(0.5)
+    seen = status.get()[0]
+    _wait(lambda: _node_alive(node) and status.get()[0] >= seen + 2 and status.get()[1].get("frames_pending") == "0",
+          30.0, "the node to finish the warm-up frames")
+    _, latest = status.get()
+    return {key: int(latest.get(key, "0")) for key in NODE_COUNTERS}
 
 
 def _wait(condition: Any, timeout_s: float, what: Any) -> None:
@@ -303,7 +382,7 @@ def _drive(args: argparse.Namespace, camera: DemoCamera, scorer: DepthScorer, cl
         now = time.monotonic()
         if now >= next_frame:
             camera.publish_next()
-            next_frame += period
+            next_frame = max(next_frame + period, time.monotonic() - period)  # late: no burst to catch up
             if camera.index in ask_at and camera.latest is not None:
                 choices = pick_questions(camera.latest, args.queries)
                 if choices:  # the n-th question is about the n-th biggest object in view
@@ -332,6 +411,7 @@ def _collect(pending: list[tuple[Any, str, Any, float]], answers: list[dict[str,
         if future.done():
             pending.remove(item)
             row = _answer_row(future.result(), question, label, time.monotonic() - asked)
+            row["asked_at"] = asked
             answers.append(row)
             print(f"  Q: {question}\n  A: {row['answer']!r}\n     measured {row['distance_m']:.2f} m, "
                   f"true {label.distance_m:.2f} m ({row['message']})", flush=True)
@@ -346,24 +426,36 @@ def _answer_row(result: Any, question: str, label: Any, seconds: float) -> dict[
             "seconds": round(seconds, 3)}
 
 
-def _summary(args: argparse.Namespace, model: Any, node: Any, camera: DemoCamera, scorer: DepthScorer,
-             recorder: Any, answers: list[dict[str, Any]]) -> dict[str, Any]:
+def _summary(args: argparse.Namespace, latest: dict[str, str], node: dict[str, int], camera: DemoCamera,
+             scorer: DepthScorer, recorder: Any, answers: list[dict[str, Any]]) -> dict[str, Any]:
     d1 = [s["delta1"] for s in scorer.scores]
     rel = [s["abs_rel"] for s in scorer.scores]
     lat = scorer.latencies_ms
+    # Frames published while no question was being answered, and how many of them got depth.
+    windows = [(a["asked_at"], a["asked_at"] + a["seconds"]) for a in answers]
+    quiet = [stamp for stamp, sent in camera.sent.items() if not any(t0 <= sent <= t1 for t0, t1 in windows)]
+    quiet_with_depth = sum(1 for stamp in quiet if stamp in scorer.stamps)
+    start = min(camera.sent.values(), default=0.0)
+    missed = [round(camera.sent[stamp] - start, 2) for stamp in quiet if stamp not in scorer.stamps][:20]
+    for a in answers:
+        a.pop("asked_at", None)
     return {
-        "model": model.name, "backend": model.backend.describe(), "scene": {"kind": args.kind, "seed": args.seed},
+        "model": latest.get("model", ""), "backend": latest.get("backend", ""),
+        "backend_choice": latest.get("backend_choice", ""), "scene": {"kind": args.kind, "seed": args.seed},
         "camera": {"size": list(args.size), "fx": camera.intrinsics.fx, "rate_hz": args.rate, "seconds": args.seconds},
         "frames_published": camera.published, "depth_received": scorer.received, "depth_scored": len(scorer.scores),
-        "node": {"frames_received": node.counters.frames_in, "frames_processed": node.counters.processed,
-                 "frames_dropped": node.counters.dropped, "frames_lost_before_node": node.counters.lost,
-                 "errors": node.counters.errors},
+        "frames_without_question": len(quiet), "depth_without_question": quiet_with_depth,
+        "missed_without_question_s": missed,  # when those frames were sent (s after the first; at most 20)
+        "question_windows_s": [[round(t0 - start, 2), round(t1 - start, 2)] for t0, t1 in windows],
+        "node": {"process": "own", **node, "forward_p50_ms": latest.get("forward_p50_ms"),
+                 "overhead_p50_ms": latest.get("overhead_p50_ms")},
         "depth_rate_hz": scorer.received / args.seconds,
         "delta1_mean": float(np.mean(d1)) if d1 else None, "abs_rel_mean": float(np.mean(rel)) if rel else None,
         "latency_ms_median": float(np.median(lat)) if lat else None,
         "latency_ms_p90": float(np.percentile(lat, 90)) if lat else None,
         "answers": answers,
-        "files": {"bag": "demo.mcap", "pngs": scorer.pngs, "cloud": scorer.cloud_written, "summary": "summary.json"},
+        "files": {"bag": "demo.mcap", "pngs": scorer.pngs, "cloud": scorer.cloud_written, "summary": "summary.json",
+                  "node_log": "node.log"},
         "recorded": {topic: count for topic, count in recorder.counts.items()},
     }
 
@@ -374,6 +466,9 @@ def _print_summary(s: dict[str, Any], out: Path) -> None:
     print(f"  camera frames {s['frames_published']}, depth images {s['depth_received']} "
           f"({s['depth_rate_hz']:.1f} Hz), latency median {fmt(s['latency_ms_median'], '.0f')} ms "
           f"p90 {fmt(s['latency_ms_p90'], '.0f')} ms")
+    quiet = s["frames_without_question"]
+    share = 100.0 * s["depth_without_question"] / quiet if quiet else float("nan")
+    print(f"  while no question ran: {s['depth_without_question']} of {quiet} camera frames got depth ({share:.0f} %)")
     print(f"  depth vs ground truth over {s['depth_scored']} frames: δ1 {fmt(s['delta1_mean'], '.3f')}, "
           f"AbsRel {fmt(s['abs_rel_mean'], '.3f')}")
     for a in s["answers"]:

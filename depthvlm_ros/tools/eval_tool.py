@@ -107,7 +107,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def model_predictor(model: Any, max_tokens: int = 0) -> Predictor:
-    """A :data:`Predictor` around a loaded :class:`~depthvlm_ros.model.pipeline.DepthVLM`."""
+    """A :data:`Predictor` around a loaded :class:`~depthvlm_ros.pipeline.DepthVLM`."""
 
     def predict(images: Sequence[np.ndarray], intrinsics: Sequence[Intrinsics]) -> list[np.ndarray]:
         return [r.depth for r in model.predict_depth_batch(images, intrinsics, max_tokens=max_tokens)]

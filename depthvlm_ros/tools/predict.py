@@ -25,7 +25,7 @@ from depthvlm_ros.tools.common import (
 from depthvlm_ros.visualize import add_scale_bar, colorize_depth, depth_range
 
 if TYPE_CHECKING:
-    from depthvlm_ros.model.pipeline import DepthResult
+    from depthvlm_ros.pipeline import DepthResult
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

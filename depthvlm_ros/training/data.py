@@ -2,7 +2,7 @@
 
 A depth record (any Bench JSONL) gives an image, its z-depth and fx; a QA record (``qa.jsonl``
 from ``depthvlm generate``: the same fields plus ``question`` and ``answer``) adds a text target.
-Both go through the inference pipeline's own :func:`~depthvlm_ros.model.pipeline.model_view`,
+Both go through the inference pipeline's own :class:`~depthvlm_ros.pipeline.plan.ImagePlan` (the node's preprocessing),
 so the model trains on exactly the inputs it will see, and the depth target is in the model's
 units (metres / depth scale) on the model's grid.
 """
@@ -13,6 +13,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -21,8 +22,8 @@ import torch
 from depthvlm_ros.errors import InputError
 from depthvlm_ros.evaluation.bench_data import BadRecord, bench_intrinsics, iter_records, read_depth_file
 from depthvlm_ros.geometry import Intrinsics, resize_depth
-from depthvlm_ros.model.pipeline import model_input_size, model_view
 from depthvlm_ros.model.processing import DEPTH_PROMPT, ImageTextProcessor
+from depthvlm_ros.pipeline.plan import image_plan, model_input_size
 
 #: Label value that the LM loss ignores (prompt and image tokens).
 IGNORE_INDEX = -100
@@ -116,10 +117,11 @@ class SampleDataset(torch.utils.data.Dataset):
         # (Key [seed, 0, index]: the one depthvlm-tiny was trained with.)
         if self.flip and ref.answer is None and np.random.default_rng([self.seed, 0, index]).random() < 0.5:
             rgb, gt = rgb[:, ::-1], gt[:, ::-1]
-        size = model_input_size(self.processor, k)
-        view = model_view(self.processor, np.ascontiguousarray(rgb), k, size)
-        target = resize_depth(gt, *size) / np.float32(view.scale)
-        return {"image": view.image, "target": target, "question": ref.question, "answer": ref.answer}
+        plan = image_plan(self.processor, k, model_input_size(self.processor, k))
+        pixels = plan.pixel_values(np.ascontiguousarray(rgb))  # the node's own preprocessing
+        target = resize_depth(gt, *plan.size) / np.float32(plan.scale)
+        return {"pixel_values": pixels, "grid_thw": plan.grid_thw(), "target": target, "question": ref.question,
+                "answer": ref.answer}
 
 
 def load_sample(ref: SampleRef) -> tuple[np.ndarray, np.ndarray, Intrinsics]:
@@ -155,7 +157,8 @@ class Collator:
     def one(self, sample: dict[str, Any]) -> tuple[Any, list[int], list[int]]:
         p = self.processor
         question = sample["question"] or DEPTH_PROMPT
-        inputs = p([sample["image"]], question)
+        inputs = SimpleNamespace(pixel_values=sample["pixel_values"],
+                                 image_grid_thw=torch.tensor([sample["grid_thw"]], dtype=torch.long))
         n_tokens = int(inputs.image_grid_thw[0].prod()) // (p.merge_size ** 2)
         prompt = p.token_ids(question, n_tokens)
         if sample["answer"] is None:

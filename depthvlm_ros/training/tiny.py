@@ -58,7 +58,7 @@ def package_model(src: Path, dest: Path) -> Path:
     from safetensors.torch import load_file, save_file
 
     from depthvlm_ros.model.checkpoint import weight_files
-    from depthvlm_ros.model.pipeline import DepthVLM
+    from depthvlm_ros.pipeline import DepthVLM
 
     src, dest = Path(src), Path(dest)
     DepthVLM.from_pretrained(src)  # strict: every key and shape checked

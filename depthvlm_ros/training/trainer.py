@@ -125,20 +125,16 @@ def set_trainable(model: DepthVLMForConditionalGeneration, stage: int) -> list[s
 def forward_losses(model: DepthVLMForConditionalGeneration, batch: Batch, stage: int) -> dict[str, torch.Tensor]:
     """One forward over a batch: depth (B, H, W) and the losses this stage uses.
 
-    The stages of :meth:`forward_depth`, spelled out because the LM loss needs the same prefill's
-    last hidden state (one vision pass, one LLM pass for both losses).
+    The model's own forward (the one the robot runs): one vision pass and one LLM pass give the
+    depth and, for the rows that have answers, the LM loss from the same last hidden state.
     """
-    image_outputs = model.encode_images(batch.pixel_values, batch.image_grid_thw)
-    deepstack = list(image_outputs.deepstack_features)
-    hidden = model.run_language_model(batch.input_ids, batch.image_grid_thw, batch.mm_token_type_ids,
-                                      image_outputs, batch.attention_mask)
-    feats = model.gather_depth_features(batch.input_ids, batch.image_grid_thw, deepstack, hidden)
-    depth = model.predict_depth_map(feats)
-    out = {"depth": depth, "silog": silog_loss(depth, batch.depth_target)}
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values,
+                image_grid_thw=batch.image_grid_thw, mm_token_type_ids=batch.mm_token_type_ids, return_logits=False)
+    losses = {"depth": out.depth, "silog": silog_loss(out.depth, batch.depth_target)}
     if stage != 1 and bool(batch.has_text.any()):
         rows = batch.has_text
-        out["lm"] = lm_loss(model.lm_head(hidden[rows]), batch.labels[rows])
-    return out
+        losses["lm"] = lm_loss(model.lm_head(out.last_hidden_state[rows]), batch.labels[rows])
+    return losses
 
 
 def _mixed_indices(n_depth: int, n_qa: int, qa_fraction: float, batch_size: int, seed: int) -> Iterator[list[int]]:
@@ -240,7 +236,7 @@ def latest_checkpoint(out: Path) -> Path | None:
 def evaluate(model: Any, processor: Any, folder: str, limit: int) -> dict[str, float]:
     """δ1 and AbsRel (metres, the evaluator's dense scoring) through the inference pipeline."""
     from depthvlm_ros.evaluation.metrics import mean_metrics, score_depths
-    from depthvlm_ros.model.pipeline import DepthVLM
+    from depthvlm_ros.pipeline import DepthVLM
     from depthvlm_ros.training.data import load_sample
 
     refs, _ = read_dataset_folder(Path(folder), with_qa=False)
@@ -259,7 +255,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     from accelerate import Accelerator
     from tqdm import tqdm
 
-    from depthvlm_ros.model.pipeline import DepthVLM
+    from depthvlm_ros.pipeline import DepthVLM
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
