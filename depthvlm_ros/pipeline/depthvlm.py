@@ -22,7 +22,7 @@ import torch
 from depthvlm_ros.backends.base import DepthBackend, SizeNotReadyError
 from depthvlm_ros.backends.torch_backend import TorchBackend
 from depthvlm_ros.errors import InputError
-from depthvlm_ros.geometry import CANONICAL_FX, Intrinsics
+from depthvlm_ros.geometry import CANONICAL_FX, Intrinsics, resize_depth
 from depthvlm_ros.model.loading import load_depthvlm
 from depthvlm_ros.model.modeling import DepthVLMForConditionalGeneration
 from depthvlm_ros.model.processing import ImageTextProcessor, check_question
@@ -101,12 +101,19 @@ class DepthVLM:
         #: Resize with PIL (True: the stock processor's pixels, bit for bit; the evaluator, predict)
         #: or torch (False: the node's per-frame path, within 2 grey levels; model/preprocess.py).
         self.exact_preprocessing = True
+        self._reference: TorchBackend | None = None
         self._wanted: OrderedDict[tuple, tuple[int, int]] = OrderedDict()
         self._plans: OrderedDict[tuple, CameraPlan] = OrderedDict()
 
     @property
     def _torch(self) -> DepthBackend:
-        return self.backend if isinstance(self.backend, TorchBackend) else TorchBackend(self.model)
+        """PyTorch: the backend itself, or the one reference that stands in for a compiled backend
+        (kept, so its static prompts and the plans that name it are made once)."""
+        if isinstance(self.backend, TorchBackend):
+            return self.backend
+        if self._reference is None:
+            self._reference = TorchBackend(self.model)
+        return self._reference
 
     @property
     def device(self) -> torch.device:
@@ -281,9 +288,9 @@ class DepthVLM:
         new_tokens = out[0, inputs.input_ids.shape[1]:]
         text = self.processor.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
         with clock.stage("postprocess"):
-            plan = CameraPlan(image, self.processor, self._torch, self.device)
-            depth_model = plan.metric(captured["depth"][0].float().cpu().numpy())
-            result = DepthResult(plan.restore(depth_model), plan.output_k, depth_model, image.model_k, backend="torch")
+            depth_model = image.metric(captured["depth"][0].float().cpu().numpy())
+            result = DepthResult(resize_depth(depth_model, *intrinsics.size), intrinsics, depth_model, image.model_k,
+                                 backend="torch")
         result.timings_ms = dict(clock.ms)
         return Answer(text=text, depth=result, num_tokens=int(new_tokens.numel()), timings_ms=dict(clock.ms),
                       stopped=stopped[0])

@@ -85,6 +85,11 @@ class ImagePlan:
         """The model grid (width, height), pixels."""
         return self.model_k.size
 
+    def metric(self, output: np.ndarray) -> np.ndarray:
+        """The model's output (model units) -> metres on the model grid (the route's scale applied)."""
+        output = np.asarray(output, dtype=np.float32)
+        return output * np.float32(self.scale) if self.scale != 1.0 else output
+
     def grid_thw(self) -> list[int]:
         """The image's grid in vision patches, as the processor reports it."""
         p = self.layout.patch_size
@@ -187,8 +192,7 @@ class CameraPlan:
 
     def metric(self, output: np.ndarray) -> np.ndarray:
         """The backend's output (model units) -> metres on the model grid (the route's scale applied)."""
-        output = np.asarray(output, dtype=np.float32)
-        return output * np.float32(self.image.scale) if self.image.scale != 1.0 else output
+        return self.image.metric(output)
 
     def restore(self, depth_model: np.ndarray) -> np.ndarray:
         """(h, w) metres on the model grid -> (H, W) float32 metres on the output grid (NaN invalid).
