@@ -22,7 +22,6 @@ and shown in diagnostics.
 from __future__ import annotations
 
 import math
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -80,13 +79,9 @@ NO_INFO_AFTER_S = 2.0
 LOG_PERIOD_S = 5.0
 #: An error this recent makes diagnostics WARN.
 RECENT_ERROR_S = 10.0
-#: How often a thread waiting for the GIL gets it (Python's default is 5 ms). rclpy's executor loop
-#: holds the GIL while it looks for ready callbacks; at 5 ms the camera callbacks waited for it in a
-#: convoy and at 30 Hz most frames were lost before the node (runs delivered 11, 19, 150, 172 or
-#: 361 of 361 frames); at 0.5 ms, 342-361 of 361 in every run (docs/benchmarks.md).
-GIL_SWITCH_INTERVAL_S = 0.0005
-#: Executor threads besides the questions': inputs, depth_at, diagnostics, parameter services, a refusal.
-BASE_THREADS = 4
+#: Executor threads besides the questions': images, camera_infos, depth_at, diagnostics, parameter
+#: services, a refusal.
+BASE_THREADS = 5
 
 
 def executor_threads() -> int:
@@ -210,13 +205,16 @@ class DepthVLMNode(Node):
 
         qos_in = _qos(s["input_reliability"], s["input_depth"])
         qos_out = _qos(s["output_reliability"], s["output_depth"])
-        inputs = MutuallyExclusiveCallbackGroup()
+        # Images and camera_infos in groups of their own: a camera_info that arrives while an image's
+        # callback runs is taken at once, instead of leaving the executor looping over a ready entity
+        # it may not run (the pairing state is under _sync_lock).
+        images, infos = MutuallyExclusiveCallbackGroup(), MutuallyExclusiveCallbackGroup()
         if s["use_compressed"]:
             self.create_subscription(CompressedImage, "image/compressed", self._on_image, qos_in,
-                                     callback_group=inputs)
+                                     callback_group=images)
         else:
-            self.create_subscription(Image, "image", self._on_image, qos_in, callback_group=inputs)
-        self.create_subscription(CameraInfo, "camera_info", self._on_info, qos_in, callback_group=inputs)
+            self.create_subscription(Image, "image", self._on_image, qos_in, callback_group=images)
+        self.create_subscription(CameraInfo, "camera_info", self._on_info, qos_in, callback_group=infos)
         self.pub_depth = self.create_publisher(Image, "depth/image", qos_out)
         self.pub_depth_info = self.create_publisher(CameraInfo, "depth/camera_info", qos_out)
         self.pub_colored = self.create_publisher(Image, "depth/colored", qos_out)
@@ -670,10 +668,10 @@ def main(args: list[str] | None = None) -> int:
     """
     from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 
-    from depthvlm_ros.ros.runtime import use_large_data_profile
+    from depthvlm_ros.ros.runtime import short_gil_switch, use_large_data_profile
 
     use_large_data_profile()
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    short_gil_switch()
     rclpy.init(args=args)
     node = executor = None
     try:

@@ -7,6 +7,19 @@ from pathlib import Path
 
 #: The shipped Fast DDS profile (64 MiB shared-memory segment; see the file's comment).
 FASTDDS_PROFILE = "fastdds_large_data.xml"
+#: How often a thread waiting for the GIL gets it (Python's default is 5 ms). rclpy's executor loop
+#: holds the GIL while it looks for ready callbacks; at 5 ms the node's camera callbacks waited for
+#: it in a convoy and at 30 Hz most frames were lost before the node in some runs (11, 19, 150, 172
+#: or 361 of 361 frames delivered); at 0.5 ms, 342-361 of 361 in every run (docs/benchmarks.md).
+GIL_SWITCH_INTERVAL_S = 0.0005
+
+
+def short_gil_switch() -> None:
+    """Hand the GIL over every :data:`GIL_SWITCH_INTERVAL_S` (a process with an rclpy executor and
+    other Python threads: the node, the demo, bench-node)."""
+    import sys
+
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
 
 
 def config_path(name: str) -> Path:

@@ -65,10 +65,11 @@ def run_bench(args: argparse.Namespace) -> dict:
 
     from depthvlm_ros.geometry import Intrinsics
     from depthvlm_ros.ros.messages import intrinsics_to_camera_info, rgb_to_image
-    from depthvlm_ros.ros.runtime import private_ros_environment
+    from depthvlm_ros.ros.runtime import private_ros_environment, short_gil_switch
 
     width, height = args.size
     env = private_ros_environment()
+    short_gil_switch()  # the camera thread and the receiving executor share this process's GIL
     params = {"backend": args.backend, "max_side_px": args.max_side, "input_reliability": args.input_reliability}
     if args.model is not None:
         params["model_path"] = str(args.model)

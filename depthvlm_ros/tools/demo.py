@@ -227,7 +227,7 @@ def pick_questions(view: Any, n: int) -> list[tuple[str, Any]]:
 def run(args: argparse.Namespace) -> int:
     from rclpy.executors import MultiThreadedExecutor
 
-    from depthvlm_ros.ros.runtime import NodeProcess, NodeStatus, private_ros_environment
+    from depthvlm_ros.ros.runtime import NodeProcess, NodeStatus, private_ros_environment, short_gil_switch
     from depthvlm_ros.tools.play import ros_node
     from depthvlm_ros.tools.record import TOPIC_TYPES, Recorder, final_path, move_into_place
 
@@ -248,6 +248,7 @@ def run(args: argparse.Namespace) -> int:
     if "engine_paths" in params:
         params["engine_paths"] = "[" + ",".join(f'"{p}"' for p in params["engine_paths"]) + "]"
     env = private_ros_environment()
+    short_gil_switch()  # the camera thread, the recorder and the executor share this process's GIL
     bag = args.out / "demo.mcap"
     if bag.is_file():
         bag.unlink()  # the previous run's
