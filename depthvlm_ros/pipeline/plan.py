@@ -160,15 +160,13 @@ class CameraPlan:
     """
 
     def __init__(self, image: ImagePlan, processor: ImageTextProcessor, backend: object, device: torch.device,
-                 exact: bool = True, output_size: tuple[int, int] | None = None) -> None:
+                 exact: bool = True) -> None:
         self.image = image
         self.exact = exact
         self.backend = backend
         self.device = device
         self._template = prompt_inputs(processor, image, DEPTH_PROMPT, torch.empty(0), device)
-        self.output_size = output_size or image.camera.size
-        same = self.output_size == image.camera.size
-        self.output_k = image.camera if same else image.camera.resized(*self.output_size)
+        self.output_k = image.camera  # the depth comes back on the camera's grid
 
     @property
     def size(self) -> tuple[int, int]:
@@ -195,10 +193,9 @@ class CameraPlan:
         return self.image.metric(output)
 
     def restore(self, depth_model: np.ndarray) -> np.ndarray:
-        """(h, w) metres on the model grid -> (H, W) float32 metres on the output grid (NaN invalid).
+        """(h, w) metres on the model grid -> (H, W) float32 metres on the camera grid (NaN invalid).
 
         :func:`~depthvlm_ros.geometry.resize_depth` (bilinear, pixel centres), on the host: the one
-        resampling every caller uses. (In torch it ran no faster here, and its OpenMP workers took
-        the cores from the node's executor: measured in docs/benchmarks.md.)
+        resampling every caller uses (in torch it ran no faster here; docs/benchmarks.md).
         """
-        return resize_depth(depth_model, *self.output_size)
+        return resize_depth(depth_model, *self.output_k.size)
