@@ -94,7 +94,7 @@ def test_plan_is_made_once_per_camera_and_follows_camera_info(tiny_model):
     assert tiny_model.plan(k) is plan  # the same camera and settings: not planned again
     assert tiny_model.plan(Intrinsics.from_fx(320, 240, 310.0)) is not plan  # new camera_info: new plan
     assert tiny_model.plan(k, RouteSettings(max_side=512)).size[0] <= 512 < plan.size[0]
-    assert plan.output_k == k and plan.image.model_k.size == plan.size
+    assert plan.image.camera == k and plan.image.model_k.size == plan.size
 
 
 def test_trainer_optimises_the_depth_the_robot_runs(tiny_model):

@@ -98,9 +98,6 @@ class DepthVLM:
         #: One forward at a time: ``ask`` hooks the shared model and the stock model keeps
         #: per-call state (rope deltas), so threads (a ROS executor) take turns.
         self.lock = threading.RLock()
-        #: Resize with PIL (True: the stock processor's pixels, bit for bit; the evaluator, predict)
-        #: or torch (False: the node's per-frame path, within 2 grey levels; model/preprocess.py).
-        self.exact_preprocessing = True
         self._reference: TorchBackend | None = None
         self._wanted: OrderedDict[tuple, tuple[int, int]] = OrderedDict()
         self._plans: OrderedDict[tuple, CameraPlan] = OrderedDict()
@@ -133,16 +130,16 @@ class DepthVLM:
 
     # -- depth ----------------------------------------------------------------------------------
 
-    def plan(self, intrinsics: Intrinsics, settings: RouteSettings = DEFAULT_ROUTE,
-             exact: bool | None = None) -> CameraPlan:
+    def plan(self, intrinsics: Intrinsics, settings: RouteSettings = DEFAULT_ROUTE, exact: bool = True) -> CameraPlan:
         """This camera's plan with the backend that serves it now (cached; see :mod:`~depthvlm_ros.pipeline.plan`).
 
         The configured backend at its nearest size; PyTorch at the wanted size while a compiled
         backend is still making its first size in the background (:class:`SizeNotReadyError`).
         A new plan is made only when the camera, the settings or the backend's size change.
-        ``exact``: PIL's resize (default :attr:`exact_preprocessing`) or torch's (the node's).
+        ``exact``: PIL's resize (True: the stock processor's pixels, bit for bit; the library,
+        ``predict``, ``eval``) or torch's (False: the node's per-frame path, within 2 grey levels;
+        :mod:`~depthvlm_ros.model.preprocess`).
         """
-        exact = self.exact_preprocessing if exact is None else exact
         key = (intrinsics, settings)
         wanted = self._wanted.get(key)
         if wanted is None:
@@ -195,7 +192,7 @@ class DepthVLM:
 
     @torch.inference_mode()
     def infer(self, plan: CameraPlan | Sequence[CameraPlan], images: Sequence[np.ndarray]) -> list[DepthResult]:
-        """A frame's way, in one line: ``plan.prepare -> backend.depth -> plan.metric -> plan.restore``.
+        """A frame's way, in one line: ``plan.prepare -> backend.depth -> plan.image.metric -> plan.restore``.
 
         ``plan``: the camera's plan, or one plan per image (equal sizes: one forward for all).
         """
@@ -213,8 +210,8 @@ class DepthVLM:
             with clock.stage("postprocess"):
                 results = []
                 for p, raw in zip(plans, output):
-                    depth_model = p.metric(raw)
-                    results.append(DepthResult(p.restore(depth_model), p.output_k, depth_model, p.image.model_k,
+                    depth_model = p.image.metric(raw)
+                    results.append(DepthResult(p.restore(depth_model), p.image.camera, depth_model, p.image.model_k,
                                                backend=backend.name))
         for r in results:
             r.timings_ms = dict(clock.ms)
@@ -265,7 +262,7 @@ class DepthVLM:
             settings = RouteSettings(canonical_fx, False, max_side, max_tokens)
             image = image_plan(self.processor, intrinsics, model_input_size(self.processor, intrinsics, settings),
                                settings)
-            pixels = image.pixel_values(rgb, self.device, self.exact_preprocessing)
+            pixels = image.pixel_values(rgb, self.device, exact=True)  # not per frame: the stock pixels
             inputs = prompt_inputs(self.processor, image, question, pixels, self.device)
         captured: dict[str, Any] = {}
 

@@ -166,7 +166,6 @@ class CameraPlan:
         self.backend = backend
         self.device = device
         self._template = prompt_inputs(processor, image, DEPTH_PROMPT, torch.empty(0), device)
-        self.output_k = image.camera  # the depth comes back on the camera's grid
 
     @property
     def size(self) -> tuple[int, int]:
@@ -188,14 +187,10 @@ class CameraPlan:
                            pixel_values=pixels[0] if n == 1 else torch.cat(pixels),
                            image_grid_thw=t.image_grid_thw.expand(n, -1))
 
-    def metric(self, output: np.ndarray) -> np.ndarray:
-        """The backend's output (model units) -> metres on the model grid (the route's scale applied)."""
-        return self.image.metric(output)
-
     def restore(self, depth_model: np.ndarray) -> np.ndarray:
         """(h, w) metres on the model grid -> (H, W) float32 metres on the camera grid (NaN invalid).
 
         :func:`~depthvlm_ros.geometry.resize_depth` (bilinear, pixel centres), on the host: the one
         resampling every caller uses (in torch it ran no faster here; docs/benchmarks.md).
         """
-        return resize_depth(depth_model, *self.output_k.size)
+        return resize_depth(depth_model, *self.image.camera.size)

@@ -242,11 +242,9 @@ def run(args: argparse.Namespace) -> int:
                                  "device": args.device, "precision": args.dtype}
     if args.model is not None:
         params["model_path"] = str(args.model.resolve())
-    for path in args.onnx + args.engine:
-        params.setdefault("engine_paths", [])
-        params["engine_paths"].append(str(path.resolve()))
-    if "engine_paths" in params:
-        params["engine_paths"] = "[" + ",".join(f'"{p}"' for p in params["engine_paths"]) + "]"
+    paths = [str(path.resolve()) for path in args.onnx + args.engine]
+    if paths:  # a ROS string array
+        params["engine_paths"] = "[" + ",".join(f'"{p}"' for p in paths) + "]"
     env = private_ros_environment()
     short_gil_switch()  # the camera thread, the recorder and the executor share this process's GIL
     bag = args.out / "demo.mcap"
