@@ -67,3 +67,41 @@ def add_scale_bar(color: np.ndarray, min_m: float, max_m: float, ticks: int = 5)
         value = max_m - frac * (max_m - min_m)  # top: far
         draw.text((x0, y), f"{value:.2f} m", fill=(0, 0, 0), font=font)
     return np.asarray(image)
+
+
+def draw_answer(rgb: np.ndarray, region_px: list[float] | None, truth_boxes: list[tuple[list[float], str]],
+                lines: list[str], scale: int = 2) -> np.ndarray:
+    """A spatial answer for people: the frame (enlarged ``scale`` times) with the true boxes of the named
+    objects (green, labelled), the answer's place (magenta: a cross for a point, a rectangle for a box) and
+    ``lines`` of text in a white strip below. Boxes and the region are ``[u_min, v_min, u_max, v_max]``
+    pixels of ``rgb``."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    height, width = rgb.shape[:2]
+    font = ImageFont.load_default()
+    strip = 14 * len(lines) + 8
+    image = Image.new("RGB", (width * scale, height * scale + strip), (255, 255, 255))
+    image.paste(Image.fromarray(np.ascontiguousarray(rgb[..., :3])).resize((width * scale, height * scale),
+                                                                          Image.Resampling.NEAREST))
+    draw = ImageDraw.Draw(image)
+
+    def px(u: float, v: float) -> tuple[float, float]:
+        return ((u + 0.5) * scale, (v + 0.5) * scale)
+
+    for box, label in truth_boxes:
+        (x0, y0), (x1, y1) = px(box[0] - 0.5, box[1] - 0.5), px(box[2] + 0.5, box[3] + 0.5)
+        draw.rectangle([x0, y0, x1, y1], outline=(0, 230, 0), width=2)
+        draw.text((x0 + 3, max(0.0, y0 - 12)), label, fill=(0, 230, 0), font=font)
+    if region_px:
+        u0, v0, u1, v1 = region_px
+        if u1 - u0 < 1 and v1 - v0 < 1:  # a point
+            x, y = px((u0 + u1) / 2, (v0 + v1) / 2)
+            r = 4 * scale
+            draw.line([x - r, y, x + r, y], fill=(255, 0, 255), width=3)
+            draw.line([x, y - r, x, y + r], fill=(255, 0, 255), width=3)
+            draw.ellipse([x - r, y - r, x + r, y + r], outline=(255, 0, 255), width=2)
+        else:
+            draw.rectangle([*px(u0, v0), *px(u1, v1)], outline=(255, 0, 255), width=3)
+    for i, line in enumerate(lines):
+        draw.text((6, height * scale + 4 + 14 * i), line, fill=(0, 0, 0), font=font)
+    return np.asarray(image)

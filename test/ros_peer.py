@@ -1,7 +1,7 @@
 """Peer processes for the node tests: a camera that publishes, a subscriber that records, a diagnostics
 watcher and a service client.
 
-Run as ``python test/ros_peer.py publish|collect|watch|call ...`` in the test's ROS environment
+Run as ``python test/ros_peer.py publish|collect|watch|call|ask_scenes ...`` in the test's ROS environment
 (private ROS_DOMAIN_ID, localhost discovery, the shipped Fast DDS profile). Each peer is its own
 process, so the node is exercised over real Fast DDS exactly as a robot's software would use it.
 Peers never wait a fixed time: they wait for matched endpoints, acknowledged messages, message
@@ -375,6 +375,62 @@ def call(args: argparse.Namespace) -> None:
     node.destroy_node()
 
 
+def ask_scenes(args: argparse.Namespace) -> None:
+    """Publish generated frames one at a time and ask each frame's own questions about it.
+
+    Frame ``i`` of ``depthvlm generate --seed SEED --kind KIND`` (320x240, the default focal range) is
+    published (image + camera_info, stamp 2000 s + i ms); once the node's depth image of that stamp
+    arrives, its questions of the ``--kinds`` kinds are asked through ``~/spatial_query`` one by one.
+    Prints a list: each generated QA record with the response's answer, region_px, distance_m and stamp.
+    """
+    from depthvlm_msgs.srv import SpatialQuery
+
+    from depthvlm_ros.scenes.dataset import FrameSpec, default_fx_range, frame_records
+
+    node = rclpy.create_node("test_scene_camera")
+    pub_image = node.create_publisher(Image, "image", RELIABLE)
+    pub_info = node.create_publisher(CameraInfo, "camera_info", RELIABLE)
+    depth_stamps: set[tuple[int, int]] = set()
+    sub = node.create_subscription(Image, "depth/image",
+                                   lambda m: depth_stamps.add((m.header.stamp.sec, m.header.stamp.nanosec)), RELIABLE)
+    client = node.create_client(SpatialQuery, "/depthvlm/spatial_query")
+    wait_matched(node, [pub_image, pub_info, sub], 30.0, "the node's camera topics and depth")
+    assert client.wait_for_service(timeout_sec=30.0), "spatial_query not available"
+
+    def until(done, what: str):
+        deadline = time.monotonic() + args.timeout
+        while not done():
+            if time.monotonic() > deadline:
+                print(json.dumps({"timeout": what}), flush=True)
+                raise SystemExit(1)
+            rclpy.spin_once(node, timeout_sec=0.05)
+
+    kinds = set(args.kinds.split(","))
+    spec = FrameSpec(args.kind, 320, 240, *default_fx_range(320))
+    out = []
+    for index in range(args.first, args.first + args.frames):
+        view, _, records = frame_records(args.seed, index, spec)
+        records = [r for r in records if r["qa_kind"] in kinds]
+        if not records:
+            continue
+        header = Header(frame_id="cam_optical")
+        header.stamp.sec, header.stamp.nanosec = 2000, index * 1_000_000
+        pub_info.publish(intrinsics_to_camera_info(view.intrinsics, header))
+        pub_image.publish(rgb_to_image(view.rgb, header))
+        stamp = (2000, index * 1_000_000)
+        until(lambda stamp=stamp: stamp in depth_stamps, f"depth of frame {index}")
+        for record in records:
+            future = client.call_async(SpatialQuery.Request(question=record["question"]))
+            until(future.done, f"an answer to {record['question']!r}")
+            res = future.result()
+            out.append({"record": record, "index": index, "success": res.success, "answer": res.answer,
+                        "message": res.message, "distance_m": float(res.distance_m),
+                        "region_px": [float(v) for v in res.region_px],
+                        "stamp": [res.point.header.stamp.sec, res.point.header.stamp.nanosec]})
+    print(json.dumps(out, allow_nan=True), flush=True)
+    node.destroy_node()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -416,10 +472,17 @@ def main() -> None:
     q.add_argument("request", help="JSON object: request fields (set_parameters: name -> value)")
     q.add_argument("--repeat", type=int, default=1, help="send this many identical requests at once")
     q.add_argument("--timeout", type=float, default=60.0)
+    a = sub.add_parser("ask_scenes")
+    a.add_argument("--seed", type=int, required=True)
+    a.add_argument("--kind", choices=["indoor", "outdoor"], required=True)
+    a.add_argument("--first", type=int, default=0)
+    a.add_argument("--frames", type=int, default=4)
+    a.add_argument("--kinds", default="distance,where", help="comma list of QA kinds to ask")
+    a.add_argument("--timeout", type=float, default=120.0)
     args = parser.parse_args()
     rclpy.init()
     try:
-        {"publish": publish, "collect": collect, "watch": watch, "call": call}[args.cmd](args)
+        {"publish": publish, "collect": collect, "watch": watch, "call": call, "ask_scenes": ask_scenes}[args.cmd](args)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:

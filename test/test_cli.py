@@ -57,7 +57,11 @@ def test_default_model_is_the_shipped_depthvlm_tiny(tmp_path):
     run = depthvlm("predict", str(SAMPLE_IMAGE), "--fx", "300", "--out", str(tmp_path / "o"),
                    env={"DEPTHVLM_CACHE": str(tmp_path / "cache")})
     assert run.returncode == 0, run.stderr
-    assert "initialised" not in run.stderr  # a trained model: no warning
+    from depthvlm_ros.model.default import BUILTIN_NOTE
+
+    assert "initialised" not in run.stderr  # a trained model
+    # ... which has never seen a real photograph: said once, in one line, at start
+    assert run.stderr.count(BUILTIN_NOTE) == 1 and run.stderr.splitlines()[0] == f"note: {BUILTIN_NOTE}"
     assert not (tmp_path / "cache").exists()  # nothing generated, nothing downloaded
     summary = json.loads((tmp_path / "o" / "sample_room.json").read_text())
     assert summary["model"] == "depthvlm-tiny"

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from depthvlm_ros.model.default import PACKAGED_MODEL_DIR, default_model_dir
+from depthvlm_ros.model.default import BUILTIN_NOTE, PACKAGED_MODEL_DIR, default_model_dir, resolve_model
 
 
 def test_shipped_model_is_the_default_small_and_documented():
     folder, note = default_model_dir()
-    assert folder == PACKAGED_MODEL_DIR and note is None
+    assert folder == PACKAGED_MODEL_DIR and note == BUILTIN_NOTE
+    assert resolve_model(None) == resolve_model("") == (PACKAGED_MODEL_DIR, BUILTIN_NOTE)
+    assert resolve_model(PACKAGED_MODEL_DIR / ".." / "depthvlm-tiny")[1] == BUILTIN_NOTE  # named explicitly
+    assert resolve_model("/models/DepthVLM-4B") == (Path("/models/DepthVLM-4B"), None)
     size_mb = (folder / "model.safetensors").stat().st_size / 2**20
     assert size_mb <= 25.0
     card = (folder / "README.md").read_text()

@@ -12,7 +12,7 @@ import numpy as np
 def test_demo_runs_and_writes_bag_pngs_cloud_and_summary(tmp_path, ros_env):
     out = tmp_path / "demo"
     run = subprocess.run([sys.executable, "-m", "depthvlm_ros", "demo", "--seconds", "4", "--rate", "4",
-                          "--queries", "1", "--out", str(out)], capture_output=True, text=True, timeout=420,
+                          "--queries", "3", "--out", str(out)], capture_output=True, text=True, timeout=420,
                          env=ros_env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "live δ1" in run.stdout and "demo summary" in run.stdout
@@ -25,9 +25,18 @@ def test_demo_runs_and_writes_bag_pngs_cloud_and_summary(tmp_path, ros_env):
     assert node["frames_lost_before_node"] == 0
     assert s["depth_received"] == s["depth_scored"] == node["frames_processed"] >= 1
     assert s["delta1_mean"] > 0.6, s  # the shipped model measures the room (its card: live δ1 ~0.9)
-    (answer,) = s["answers"]
-    assert answer["success"] and np.isfinite(answer["distance_m"])
-    assert answer["question"].startswith("How far is the ")
+    # the three kinds of question, each answered and drawn on the frame it was measured on
+    kinds = [a["kind"] for a in s["answers"]]
+    assert kinds[:2] == ["distance", "where"] and kinds[2:] in ([], ["closer"]), kinds
+    assert s["answers"][0]["question"].startswith("How far is the ")
+    from PIL import Image
+
+    for n, answer in enumerate(s["answers"]):
+        assert answer["success"] and np.isfinite(answer["distance_m"]) and answer["true_distance_m"] > 0
+        assert answer["image"] == f"answer_{n}.png" == s["files"]["answer_pngs"][n]
+        with Image.open(out / answer["image"]) as image:
+            assert image.size[0] == 640 and image.size[1] > 480  # the frame at 2x and the text below
+        assert f"answer_{n}.png" in run.stdout
 
     from rosbags.highlevel import AnyReader
 

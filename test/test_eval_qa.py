@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from depthvlm_ros.evaluation.qa import score_answer, summarize
+from depthvlm_ros.evaluation.qa import score_answer, score_response, summarize
 from depthvlm_ros.scenes.dataset import FrameSpec, generate_frame
 from depthvlm_ros.scenes.qa import make_qa
 
@@ -42,6 +42,20 @@ def test_wrong_or_missing_places_fail():
         wrong = answer.replace(answer[answer.index("["):answer.index("]") + 1], f"[{outside[0]}, {outside[1]}]", 1)
         assert score_answer(record, wrong, view.depth, view.intrinsics).grounded is False
         assert score_answer(record, "no idea", view.depth, view.intrinsics).grounded is False
+
+
+def test_a_service_response_is_scored_like_the_answer_it_came_from():
+    """score_response (what a robot gets: region_px, distance_m) agrees with score_answer (text + depth)."""
+    from depthvlm_ros.spatial import answer_measurement
+
+    for record, answer, view in _records(4):
+        found = answer_measurement(answer, view.depth, view.intrinsics, (320, 240))
+        region = list(found.measurement.region_px) if found is not None else []
+        distance = found.measurement.distance_m if found is not None else float("nan")
+        assert score_response(record, answer, region, distance) == score_answer(record, answer, view.depth,
+                                                                                 view.intrinsics)
+        if record["qa_kind"] in ("where", "distance"):
+            assert score_response(record, answer, [], float("nan")).grounded is False  # no place: not grounded
 
 
 def test_eval_qa_command_scores_the_builtin_model(tmp_path):

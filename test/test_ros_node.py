@@ -641,3 +641,92 @@ def test_a_grounded_answer_is_measured_on_the_depth_map(tiny_model):
     finally:
         node.destroy_node()
         rclpy.shutdown(context=context)
+
+
+#: Held-out scenes of the grounded-answer tests: seed 4243 (training used seed 1), per scene kind.
+GROUNDED_SEED, GROUNDED_FRAMES = 4243, 8
+#: The issue's bar for answers through the service, set where a model answering one constant point (the
+#: image centre, even measured on the true depth) fails: 21 % grounded, 27 % distances within 25 % here.
+MIN_GROUNDED, MIN_DISTANCE_OK = 0.6, 0.5
+
+
+@pytest.fixture(scope="module")
+def scene_answers(private_cache) -> tuple[list[dict], str]:
+    """Generated frames go to the node with the built-in model, their questions go through
+    ``~/spatial_query`` from another process; returns the responses and the node's output."""
+    from conftest import ros_environment
+
+    env = ros_environment(private_cache)
+    proc = NodeProcess(env, TEST_PARAMS)  # no model_path: the built-in model
+    proc.wait_ready()
+    try:
+        rows = []
+        for kind in ("indoor", "outdoor"):
+            rows += peer(env, "ask_scenes", "--seed", str(GROUNDED_SEED), "--kind", kind,
+                         "--frames", str(GROUNDED_FRAMES), timeout=600.0)
+    finally:
+        assert proc.stop() == 0, proc.output
+    return rows, proc.output
+
+
+def test_the_built_in_model_answers_generated_questions_over_dds(scene_answers):
+    """The package's third job end to end, what holds today: every question is answered, about the
+    object it names, measured on the depth map of the frame it was asked about."""
+    from depthvlm_ros.model.default import BUILTIN_NOTE
+    from depthvlm_ros.spatial import parse_grounding
+
+    rows, output = scene_answers
+    assert output.count(BUILTIN_NOTE) == 1  # said once, at start
+    assert len(rows) >= 20 and all(r["success"] for r in rows), rows
+    named = 0
+    for r in rows:
+        places = parse_grounding(r["answer"])
+        asked = r["record"]["truth"]["objects"][0]["label"]
+        named += bool(places) and places[0].label == asked
+        if places:  # a place was named: measured there, on the frame asked about
+            assert len(r["region_px"]) == 4 and math.isfinite(r["distance_m"]) and r["distance_m"] > 0, r
+            assert r["stamp"] == [2000, r["index"] * 1_000_000]
+        else:
+            assert r["region_px"] == [] and math.isnan(r["distance_m"])
+    assert named >= 0.9 * len(rows), rows  # the answer's place is labelled with the object asked about
+
+
+def grounded_questions() -> list[tuple[dict, object]]:
+    """The generated distance/where questions the node is asked, with their frames' renderings."""
+    from depthvlm_ros.scenes.dataset import FrameSpec, default_fx_range, frame_records
+
+    out = []
+    for kind in ("indoor", "outdoor"):
+        for index in range(GROUNDED_FRAMES):
+            view, _, records = frame_records(GROUNDED_SEED, index, FrameSpec(kind, 320, 240, *default_fx_range(320)))
+            out += [(r, view) for r in records if r["qa_kind"] in ("distance", "where")]
+    return out
+
+
+def test_a_constant_point_fails_the_grounding_bar():
+    """The bar of the next test is not met by answering the image centre, even measured on the true depth."""
+    from depthvlm_ros.evaluation.qa import score_response, summarize
+
+    constant = []
+    for record, view in grounded_questions():
+        k, z = view.intrinsics, float(view.depth[120, 160])
+        distance = z * math.hypot((160 - k.cx) / k.fx, (120 - k.cy) / k.fy, 1.0) if math.isfinite(z) else math.nan
+        constant.append(score_response(record, '{"point_2d": [500, 500]}', [160, 120, 160, 120], distance))
+    baseline = summarize(constant)
+    assert baseline["grounded"]["n"] >= 20 and baseline["distance_ok"]["n"] >= 10
+    assert baseline["grounded"]["rate"] < MIN_GROUNDED - 0.2
+    assert baseline["distance_ok"]["rate"] < MIN_DISTANCE_OK - 0.15
+
+
+@pytest.mark.xfail(strict=True, reason="depthvlm-tiny does not localise objects (its model card, 'What limits "
+                                       "it'); a model that does turns this into an XPASS, i.e. a failure: "
+                                       "then remove this mark")
+def test_the_built_in_model_grounds_and_measures_answers_over_dds(scene_answers):
+    """The issue's target through the service: the answers' places lie on the named objects and the
+    distances measured there are right (a constant point fails this bar: the test above)."""
+    from depthvlm_ros.evaluation.qa import score_response, summarize
+
+    rows, _ = scene_answers
+    summary = summarize(score_response(r["record"], r["answer"], r["region_px"], r["distance_m"]) for r in rows)
+    assert summary["grounded"]["rate"] >= MIN_GROUNDED, summary
+    assert summary["distance_ok"]["rate"] >= MIN_DISTANCE_OK, summary

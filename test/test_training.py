@@ -72,6 +72,16 @@ def test_stages_train_what_the_recipe_says(tiny_model, stage):
     set_trainable(tiny_model.model, 0)
 
 
+def test_freeze_keeps_named_parameters_fixed_and_refuses_unknown_names(tiny_model):
+    from depthvlm_ros.errors import InputError
+
+    names = set(set_trainable(tiny_model.model, 0, ["model.visual.pos_embed"]))
+    assert "model.visual.pos_embed.weight" not in names and "model.visual.patch_embed.proj.weight" in names
+    with pytest.raises(InputError, match="--freeze model.visual.nothing"):
+        set_trainable(tiny_model.model, 0, ["model.visual.nothing"])
+    set_trainable(tiny_model.model, 0)
+
+
 def test_collator_labels_exactly_the_answer(tiny_init, generated):
     from depthvlm_ros.pipeline import DepthVLM
 
@@ -93,6 +103,42 @@ def test_collator_labels_exactly_the_answer(tiny_init, generated):
     fx_model = ref.fx * 320 / ref.rgb_size[0]
     expected = np.nanmedian(np.where(gt > 0, gt, np.nan)) * 1000.0 / fx_model
     assert float(batch.depth_target[0].nanmedian()) == pytest.approx(expected, rel=0.05)
+
+
+def test_tiny_init_vision_positions_start_as_a_2d_grid(tiny_init):
+    """Stage 0 starts with the column and the row in the vision position table (grounding needs both)."""
+    from depthvlm_ros.pipeline import DepthVLM
+    from depthvlm_ros.training.tiny import sincos_position_table
+
+    table = DepthVLM.from_pretrained(tiny_init).model.model.visual.pos_embed.weight.detach()
+    assert torch.equal(table, sincos_position_table(32, table.shape[1]))
+    grid = table.reshape(32, 32, -1)
+    half = table.shape[1] // 2
+    assert torch.equal(grid[0, :, :half], grid[17, :, :half])  # first half: the column only
+    assert torch.equal(grid[:, 0, half:], grid[:, 17, half:])  # second half: the row only
+    assert len({tuple(row.tolist()) for row in table}) == 1024  # every cell its own code
+
+
+def test_each_draw_of_a_sample_flips_on_its_own_coin(tiny_init, generated):
+    """Mirroring is drawn per (sample, draw): one depth sample is seen both ways over a run,
+    reproducibly; question samples are never mirrored (their answers name points)."""
+    from depthvlm_ros.pipeline import DepthVLM
+
+    processor = DepthVLM.from_pretrained(tiny_init).processor
+    depth, qa = read_dataset_folder(generated, with_qa=True)
+    data = SampleDataset([depth[0], qa[0]], processor, flip=True, seed=0)
+    plain = SampleDataset([depth[0]], processor, flip=False)[0]["target"]
+
+    def close(a: np.ndarray, b: np.ndarray) -> bool:
+        return np.allclose(a, b, rtol=1e-5, equal_nan=True)
+
+    mirrored = [close(data[(0, draw)]["target"], plain[:, ::-1]) for draw in range(12)]
+    same = [close(data[(0, draw)]["target"], plain) for draw in range(12)]
+    assert all(m != s for m, s in zip(mirrored, same))  # each draw is one way or the other
+    assert 0 < sum(mirrored) < 12
+    again = SampleDataset([depth[0], qa[0]], processor, flip=True, seed=0)
+    assert all(close(again[(0, d)]["target"], data[(0, d)]["target"]) for d in range(12))
+    assert all(np.array_equal(data[(1, d)]["pixel_values"], data[(1, 0)]["pixel_values"]) for d in range(4))
 
 
 def test_train_stage0_saves_loadable_checkpoints_and_resumes(tmp_path, generated):

@@ -41,39 +41,50 @@ class QAScore:
     text_distance_ok: bool | None = None
 
 
-def _inside(box_px: Sequence[float], u: float, v: float) -> bool:
+def inside_box(box_px: Sequence[float], u: float, v: float) -> bool:
+    """Whether pixel (u, v) lies in the inclusive pixel box ``[u_min, v_min, u_max, v_max]``."""
     u0, v0, u1, v1 = box_px
     return u0 - 0.5 <= u <= u1 + 0.5 and v0 - 0.5 <= v <= v1 + 0.5
 
 
 def score_answer(record: Mapping[str, Any], answer: str, depth: np.ndarray, depth_k: Intrinsics) -> QAScore:
-    """Score one answer to a generated question, measuring on ``depth`` (metres, camera grid)."""
+    """Score one answer to a generated question, measuring on ``depth`` (metres, camera grid) as the
+    node does: the answer's first place, and the distance on the depth map there."""
+    width, height = (int(v) for v in record["original_rgb_size"])
+    places = parse_grounding(answer)
+    region = grounding_to_pixels(places[0], width, height) if places else None
+    measured = math.nan
+    if str(record["qa_kind"]) == "distance":
+        found = answer_measurement(answer, depth, depth_k, (width, height))
+        measured = found.measurement.distance_m if found is not None else math.nan
+    return score_response(record, answer, region, measured)
+
+
+def score_response(record: Mapping[str, Any], answer: str, region_px: Sequence[float] | None,
+                   distance_m: float) -> QAScore:
+    """Score what a robot gets for a generated question (``~/spatial_query``'s response): the answer's
+    text, the image region its first place names (``[u_min, v_min, u_max, v_max]``, pixels of the
+    input image; None or empty = none) and the distance measured there (metres; NaN = none)."""
     kind = str(record["qa_kind"])
     truth = record["truth"]
-    width, height = (int(v) for v in record["original_rgb_size"])
     score = QAScore(kind)
-    places = parse_grounding(answer)
-    first = places[0] if places else None
+    region = list(region_px) if region_px is not None and len(region_px) == 4 else None
     if kind in ("where", "distance", "size"):
         box = truth["objects"][0]["box_px"]
-        if first is None:
-            score.grounded = False
-        else:
-            u0, v0, u1, v1 = grounding_to_pixels(first, width, height)
-            score.grounded = _inside(box, (u0 + u1) / 2, (v0 + v1) / 2)
+        centre = ((region[0] + region[2]) / 2, (region[1] + region[3]) / 2) if region is not None else None
+        score.grounded = centre is not None and inside_box(box, *centre)
     if kind == "distance":
-        found = answer_measurement(answer, depth, depth_k, (width, height))
         true = float(truth["distance_m"])
-        measured = found.measurement.distance_m if found is not None else math.nan
-        if math.isfinite(measured):
-            score.distance_rel_err = abs(measured - true) / true
+        if math.isfinite(distance_m):
+            score.distance_rel_err = abs(distance_m - true) / true
             score.distance_ok = score.distance_rel_err <= DISTANCE_TOLERANCE
         else:
             score.distance_ok = False
         said = _METRES_RE.search(answer)
         score.text_distance_ok = bool(said) and abs(float(said.group(1)) - true) / true <= DISTANCE_TOLERANCE
     if kind in ("closer", "at_pixel"):
-        score.label_ok = first is not None and (first.label or "").strip().lower() == str(truth["label"]).lower()
+        places = parse_grounding(answer)
+        score.label_ok = bool(places) and (places[0].label or "").strip().lower() == str(truth["label"]).lower()
     return score
 
 

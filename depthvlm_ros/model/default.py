@@ -21,6 +21,14 @@ TINY_INIT_NOTE = (
 )
 
 
+#: Said once, at start, by every tool and the node when the shipped depthvlm-tiny serves.
+BUILTIN_NOTE = (
+    "serving the built-in depthvlm-tiny: it was trained only on this package's generated rooms and streets "
+    "and has never seen a real photograph; for a real camera use the released DepthVLM-4B (--model / "
+    "model_path: its folder; see README, 'Real cameras')"
+)
+
+
 def cache_dir() -> Path:
     """Where generated models live: $DEPTHVLM_CACHE, else $XDG_CACHE_HOME/depthvlm_ros."""
     if os.environ.get("DEPTHVLM_CACHE"):
@@ -28,10 +36,20 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "depthvlm_ros"
 
 
-def default_model_dir() -> tuple[Path, str | None]:
-    """Folder of the default model, and a note to show the user (None for a trained model)."""
+def resolve_model(folder: str | Path | None) -> tuple[Path, str | None]:
+    """The folder to load (``folder``, or the default when None/empty) and the one-line note to show
+    at start: :data:`BUILTIN_NOTE` when the built-in model serves, the initialised model's note, or None."""
+    if not folder:
+        return default_model_dir()
+    folder = Path(folder)
+    is_builtin = folder.is_dir() and PACKAGED_MODEL_DIR.is_dir() and folder.resolve() == PACKAGED_MODEL_DIR
+    return folder, BUILTIN_NOTE if is_builtin else None
+
+
+def default_model_dir() -> tuple[Path, str]:
+    """Folder of the default model, and the note to show the user about it."""
     if (PACKAGED_MODEL_DIR / "config.json").is_file():
-        return PACKAGED_MODEL_DIR, None
+        return PACKAGED_MODEL_DIR, BUILTIN_NOTE
     folder = cache_dir() / TINY_INIT_NAME
     if not (folder / "model.safetensors").is_file():
         from depthvlm_ros.model.factory import make_tiny_checkpoint

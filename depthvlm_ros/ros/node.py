@@ -280,11 +280,11 @@ class DepthVLMNode(Node):
 
     def _load_model(self) -> Any:
         from depthvlm_ros.backends import create_backend
-        from depthvlm_ros.model.default import default_model_dir
+        from depthvlm_ros.model.default import resolve_model
         from depthvlm_ros.pipeline import DepthVLM
 
         s = self._settings
-        folder, note = (s["model_path"], None) if s["model_path"] else default_model_dir()
+        folder, note = resolve_model(s["model_path"])
         if note:
             self.get_logger().warning(note)
         model = DepthVLM.from_pretrained(folder, device=s["answer_device"] or s["device"], dtype=s["precision"])

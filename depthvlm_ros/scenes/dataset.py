@@ -72,7 +72,8 @@ def generate_frame(seed: int, index: int, spec: FrameSpec) -> tuple[Scene, Rende
     return scene, render(scene, k, pose, noise_seed=int(rng.integers(2**31)))
 
 
-def _records(seed: int, index: int, spec: FrameSpec) -> tuple[Rendering, dict[str, Any], list[dict[str, Any]]]:
+def frame_records(seed: int, index: int, spec: FrameSpec) -> tuple[Rendering, dict[str, Any], list[dict[str, Any]]]:
+    """Frame ``index`` of a dataset: its rendering, its Bench depth record and its QA records."""
     from depthvlm_ros.model.processing import DEPTH_PROMPT  # (imports torch: only where a record is made)
 
     scene, view = generate_frame(seed, index, spec)
@@ -106,7 +107,7 @@ def _write_one(job: tuple[Path, int, int, FrameSpec]) -> tuple[int, dict[str, An
     from PIL import Image
 
     out, seed, index, spec = job
-    view, record, qa = _records(seed, index, spec)
+    view, record, qa = frame_records(seed, index, spec)
     Image.fromarray(view.rgb).save(out / record["image"], compress_level=1)
     Image.fromarray(depth_to_16uc1(view.depth)).save(out / record["depth_path"], compress_level=1)
     return index, record, qa

@@ -164,7 +164,7 @@ def _at_pixel(template: str, view: Rendering, rng: np.random.Generator) -> dict[
 
 
 def tokenizer_corpus() -> list[str]:
-    """Every word the generated questions and answers use, for the tiny model's tokenizer."""
+    """Every word and number the generated questions and answers use, for the tiny model's tokenizer."""
     from depthvlm_ros.model.processing import DEPTH_ANSWER, DEPTH_PROMPT, SYSTEM_PROMPT
     from depthvlm_ros.scenes.layouts import COLOURS, INDOOR_NAMES, OUTDOOR_NAMES
 
@@ -181,4 +181,9 @@ def tokenizer_corpus() -> list[str]:
             lines.append(f"The {label} is closer. The {label} is 1.2 meters tall. They are 3.5 meters apart.")
     for surface in surfaces:
         lines.append(f'{{"point_2d": [500, 900], "label": "{surface}"}} The {surface}, 1.5 meters away.')
+    # Every number an answer writes, as a word of its own: coordinates (0-1000 in POINT_STEP) and
+    # the whole metres of distances (0-99). The tokenizer keeps digit runs together, so each one
+    # becomes a single token (a coordinate is one prediction, not three digits).
+    numbers = sorted(set(range(0, 1001, POINT_STEP)) | set(range(100)))
+    lines += [f"[{n}, {n}] {n}.5 meters" for n in numbers for _ in range(2)]
     return lines

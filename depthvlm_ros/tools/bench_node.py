@@ -66,7 +66,9 @@ def run_bench(args: argparse.Namespace) -> dict:
     from depthvlm_ros.geometry import Intrinsics
     from depthvlm_ros.ros.messages import intrinsics_to_camera_info, rgb_to_image
     from depthvlm_ros.ros.runtime import private_ros_environment, short_gil_switch
+    from depthvlm_ros.tools.common import announce_model
 
+    announce_model(args.model)  # (the node's own log says it too)
     width, height = args.size
     env = private_ros_environment()
     short_gil_switch()  # the camera thread and the receiving executor share this process's GIL

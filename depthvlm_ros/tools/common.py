@@ -78,15 +78,22 @@ def intrinsics_from_args(args: argparse.Namespace, width: int, height: int) -> I
     return Intrinsics.from_fx(width, height, args.fx, args.fy, args.cx, args.cy)
 
 
+def announce_model(folder: Path | None) -> Path:
+    """The folder ``--model`` means (None: the built-in default); its one-line note, if it has one (the
+    built-in model's limits, or that the initialised model means nothing), goes to stderr once."""
+    from depthvlm_ros.model.default import resolve_model
+
+    folder, note = resolve_model(folder)
+    if note:
+        print(f"note: {note}", file=sys.stderr, flush=True)
+    return folder
+
+
 def load_model(args: argparse.Namespace):
     """Load --model (or the built-in default, telling the user which) on --device/--dtype."""
-    from depthvlm_ros.model.default import default_model_dir
     from depthvlm_ros.pipeline import DepthVLM
 
-    folder, note = (args.model, None) if args.model is not None else default_model_dir()
-    if note:
-        print(f"note: {note}", file=sys.stderr)
-    model = DepthVLM.from_pretrained(folder, device=args.device, dtype=args.dtype)
+    model = DepthVLM.from_pretrained(announce_model(args.model), device=args.device, dtype=args.dtype)
     if getattr(args, "backend", "torch") != "torch" or getattr(args, "compile", False):
         model.backend = make_backend(model, args, args.backend)
     return model

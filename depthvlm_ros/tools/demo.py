@@ -7,14 +7,16 @@ unless ``--model``) in its own process, its log in ``--out``/node.log; and this 
   ``camera_info`` (frame ``camera_optical_frame``) at ``--rate`` Hz; the exact depth of every
   frame is kept (bounded) to score what comes back;
 - a **recorder** writing the topics to an MCAP bag, and a **client** asking scripted spatial
-  questions through ``~/spatial_query`` about objects in view.
+  questions through ``~/spatial_query`` about objects in view, in turn "how far is X", "where is X"
+  and "which is closer, X or Y"; each answer is drawn on the frame it was measured on
+  (``answer_N.png``: the answer's place, the named objects' true boxes, measured and true metres).
 
 Before the camera starts, its first frame is sent until the node runs the backend it chose (a
 first run exports the ONNX graph, cached) and has answered it.
 
 Prints once a second: rates, latency, live δ1/AbsRel against the generator's depth. Writes
-``demo.mcap`` (a rosbag2 folder), coloured depth PNGs, ``cloud.ply`` (one frame's organized cloud)
-and ``summary.json`` into ``--out``.
+``demo.mcap`` (a rosbag2 folder), coloured depth PNGs, the answers' PNGs, ``cloud.ply`` (one frame's
+organized cloud) and ``summary.json`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -215,13 +218,47 @@ class DepthScorer:
         }
 
 
-def pick_questions(view: Any, n: int) -> list[tuple[str, Any]]:
-    """Questions about the biggest objects in view: "How far is the <colour> <name>?"."""
-    from depthvlm_ros.scenes.qa import askable
+#: The demo's questions in turn (kinds of :mod:`depthvlm_ros.scenes.qa`): how far, where, which is closer.
+DEMO_QUESTION_KINDS = ("distance", "where", "closer")
+
+
+@dataclass
+class DemoQuestion:
+    """A scripted question about the frame in view when it was asked."""
+
+    kind: str  # one of DEMO_QUESTION_KINDS
+    question: str
+    objects: list[Any]  # the named objects' ObjectLabels (closer: both)
+    view: Any  # the Rendering in view when asked
+
+    @property
+    def target(self) -> Any:
+        """The object the answer should point at (closer: the nearer one)."""
+        return min(self.objects, key=lambda lab: lab.distance_m)
+
+
+def pick_question(view: Any, number: int) -> DemoQuestion | None:
+    """Question ``number`` (0, 1, ...) about the frame ``view``: its kind cycles through
+    :data:`DEMO_QUESTION_KINDS`; it names the biggest objects in view (the n-th question of a kind the
+    n-th biggest), with the generator's first template of that kind."""
+    from depthvlm_ros.scenes.qa import TEMPLATES, askable
 
     k = view.intrinsics
     objects = sorted(askable(view.labels, k.width, k.height), key=lambda lab: -lab.visible_px)
-    return [(f"How far is the {lab.label}?", lab) for lab in objects[:n]]
+    kind = DEMO_QUESTION_KINDS[number % len(DEMO_QUESTION_KINDS)]
+    turn = number // len(DEMO_QUESTION_KINDS)
+    template = TEMPLATES[kind][0]
+    if kind != "closer":
+        if not objects:
+            return None
+        a = objects[turn % len(objects)]
+        return DemoQuestion(kind, template.format(a=a.label), [a], view)
+    pairs = [(a, b) for i, a in enumerate(objects) for b in objects[i + 1:]
+             if max(a.distance_m, b.distance_m) >= 1.2 * min(a.distance_m, b.distance_m)]  # clearly closer
+    if not pairs:
+        return None
+    a, b = pairs[turn % len(pairs)]
+    return DemoQuestion(kind, template.format(a=a.label, b=b.label), [a, b], view)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -235,6 +272,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--seconds must be in 0.5..3600 and --rate in 0.5..60")
     if not 0 <= args.queries <= 20:
         raise InputError("--queries must be in 0..20")
+    from depthvlm_ros.tools.common import announce_model
+
+    announce_model(args.model)  # (the node's log, node.log, says it too)
     args.out.mkdir(parents=True, exist_ok=True)
     # Reliable, deep enough that no camera frame is replaced in the subscription's history while the
     # node is busy (the node's own slot still keeps only the latest).
@@ -373,7 +413,7 @@ def _drive(args: argparse.Namespace, camera: DemoCamera, scorer: DepthScorer, cl
     period = 1.0 / args.rate
     total = len(camera.poses)
     ask_at = {int(total * (i + 1) / (args.queries + 1)) for i in range(args.queries)}
-    pending: list[tuple[Any, str, Any, float]] = []
+    pending: list[tuple[Any, DemoQuestion, float]] = []
     answers: list[dict[str, Any]] = []
     asked = 0
     started = next_frame = last_print = time.monotonic()
@@ -383,12 +423,12 @@ def _drive(args: argparse.Namespace, camera: DemoCamera, scorer: DepthScorer, cl
             camera.publish_next()
             next_frame = max(next_frame + period, time.monotonic() - period)  # late: no burst to catch up
             if camera.index in ask_at and camera.latest is not None:
-                choices = pick_questions(camera.latest, args.queries)
-                if choices:  # the n-th question is about the n-th biggest object in view
-                    question, label = choices[asked % len(choices)]
-                    pending.append((client.call_async(SpatialQuery.Request(question=question)), question, label, now))
+                question = pick_question(camera.latest, asked)
+                if question is not None:
+                    pending.append((client.call_async(SpatialQuery.Request(question=question.question)), question,
+                                    now))
                     asked += 1
-        _collect(pending, answers)
+        _collect(pending, answers, camera, args.out)
         if now - last_print >= 1.0:
             last_print = now
             live = scorer.live()
@@ -398,31 +438,73 @@ def _drive(args: argparse.Namespace, camera: DemoCamera, scorer: DepthScorer, cl
         time.sleep(max(0.0, min(next_frame - time.monotonic(), 0.02)))
     deadline = time.monotonic() + 30.0
     while pending and time.monotonic() < deadline:
-        _collect(pending, answers)
+        _collect(pending, answers, camera, args.out)
         time.sleep(0.05)
     return answers
 
 
-def _collect(pending: list[tuple[Any, str, Any, float]], answers: list[dict[str, Any]]) -> None:
-    """Move finished service calls from ``pending`` to ``answers`` and print them."""
+def _collect(pending: list[tuple[Any, DemoQuestion, float]], answers: list[dict[str, Any]], camera: DemoCamera,
+             out: Path) -> None:
+    """Move finished service calls from ``pending`` to ``answers``; print them and draw ``answer_N.png``."""
     for item in list(pending):
-        future, question, label, asked = item
+        future, question, asked = item
         if future.done():
             pending.remove(item)
-            row = _answer_row(future.result(), question, label, time.monotonic() - asked)
+            result = future.result()
+            stamp = result.point.header.stamp
+            view = camera.view_at(stamp.sec * 1_000_000_000 + stamp.nanosec) or question.view
+            row = _answer_row(result, question, view, time.monotonic() - asked)
+            row["image"] = f"answer_{len(answers)}.png"
+            _draw_answer(row, question, view, out / row["image"])
             row["asked_at"] = asked
             answers.append(row)
-            print(f"  Q: {question}\n  A: {row['answer']!r}\n     measured {row['distance_m']:.2f} m, "
-                  f"true {label.distance_m:.2f} m ({row['message']})", flush=True)
+            print(f"  Q: {question.question}\n  A: {row['answer']!r}\n     {_verdict(row)} ({row['message']}; "
+                  f"{row['image']})", flush=True)
 
 
-def _answer_row(result: Any, question: str, label: Any, seconds: float) -> dict[str, Any]:
+def _answer_row(result: Any, question: DemoQuestion, view: Any, seconds: float) -> dict[str, Any]:
+    """The answer, scored on the frame it was measured on (``view``): is its place on the object it
+    should name (the target's visible box there), the measured distance against the target's true one."""
+    from depthvlm_ros.evaluation.qa import DISTANCE_TOLERANCE, inside_box
+    from depthvlm_ros.spatial import parse_grounding
+
     measured = float(result.distance_m) if result.success else math.nan
-    true = float(label.distance_m)
-    return {"question": question, "answer": result.answer, "success": bool(result.success),
-            "message": result.message, "distance_m": measured, "true_distance_m": round(true, 3),
-            "rel_err": abs(measured - true) / true if math.isfinite(measured) else None,
+    in_frame = {lab.label: lab for lab in view.labels}
+    target = in_frame.get(question.target.label, question.target)
+    true = float(target.distance_m)
+    region = [float(v) for v in result.region_px] if result.success else []
+    places = parse_grounding(result.answer) if result.success else []
+    rel_err = abs(measured - true) / true if math.isfinite(measured) else None
+    return {"kind": question.kind, "question": question.question, "answer": result.answer,
+            "success": bool(result.success), "message": result.message, "region_px": region,
+            "named": places[0].label if places and places[0].label else None, "target": target.label,
+            "grounded": bool(region) and inside_box(target.box_px, (region[0] + region[2]) / 2,
+                                                    (region[1] + region[3]) / 2),
+            "distance_m": measured, "true_distance_m": round(true, 3), "rel_err": rel_err,
+            "distance_ok": rel_err is not None and rel_err <= DISTANCE_TOLERANCE,
             "seconds": round(seconds, 3)}
+
+
+def _verdict(row: dict[str, Any]) -> str:
+    place = "on" if row["grounded"] else ("not on" if row["region_px"] else "names no place; wanted")
+    return (f"place {place} the {row['target']}; measured {row['distance_m']:.2f} m, "
+            f"true {row['true_distance_m']:.2f} m")
+
+
+def _draw_answer(row: dict[str, Any], question: DemoQuestion, view: Any, path: Path) -> None:
+    from PIL import Image as PILImage
+
+    from depthvlm_ros.visualize import draw_answer
+
+    in_frame = {lab.label: lab for lab in view.labels}
+    boxes = [(list(in_frame[lab.label].box_px), lab.label) for lab in question.objects if lab.label in in_frame]
+    answer = " ".join(row["answer"].split())
+    lines = [f"Q: {row['question']}", f"A: {answer[:96]}"] + ([f"   {answer[96:192]}"] if len(answer) > 96 else [])
+    lines.append(_verdict(row) + (" (within 25 %)" if row["distance_ok"] else ""))
+    if row["kind"] == "closer":
+        lines.append(f"true: the {question.target.label} is closer; the answer named "
+                     f"{row['named'] or 'nothing'}")
+    PILImage.fromarray(draw_answer(view.rgb, row["region_px"] or None, boxes, lines)).save(path)
 
 
 def _summary(args: argparse.Namespace, latest: dict[str, str], node: dict[str, int], camera: DemoCamera,
@@ -453,8 +535,8 @@ def _summary(args: argparse.Namespace, latest: dict[str, str], node: dict[str, i
         "latency_ms_median": float(np.median(lat)) if lat else None,
         "latency_ms_p90": float(np.percentile(lat, 90)) if lat else None,
         "answers": answers,
-        "files": {"bag": "demo.mcap", "pngs": scorer.pngs, "cloud": scorer.cloud_written, "summary": "summary.json",
-                  "node_log": "node.log"},
+        "files": {"bag": "demo.mcap", "pngs": scorer.pngs, "answer_pngs": [a["image"] for a in answers],
+                  "cloud": scorer.cloud_written, "summary": "summary.json", "node_log": "node.log"},
         "recorded": {topic: count for topic, count in recorder.counts.items()},
     }
 
@@ -471,6 +553,7 @@ def _print_summary(s: dict[str, Any], out: Path) -> None:
     print(f"  depth vs ground truth over {s['depth_scored']} frames: δ1 {fmt(s['delta1_mean'], '.3f')}, "
           f"AbsRel {fmt(s['abs_rel_mean'], '.3f')}")
     for a in s["answers"]:
-        print(f"  {a['question']} -> measured {a['distance_m']:.2f} m, true {a['true_distance_m']:.2f} m")
+        print(f"  {a['question']} -> {a['named'] or 'no place'}: {_verdict(a)} ({a['image']})")
     print(f"  wrote {out}/: {s['files']['bag']}, {len(s['files']['pngs'])} depth PNGs, "
+          f"{len(s['files']['answer_pngs'])} answer PNGs, "
           f"{s['files']['cloud'] or 'no cloud'}, summary.json", file=sys.stdout)

@@ -32,6 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-limit", type=int, default=64, metavar="N", help="images per periodic evaluation")
     p.add_argument("--workers", type=int, default=1, help="data-loading processes (default 1)")
     p.add_argument("--no-flip", action="store_true", help="no horizontal-flip augmentation")
+    p.add_argument("--freeze", action="append", default=[], metavar="PREFIX",
+                   help="also keep parameters whose names start with PREFIX frozen (repeatable), "
+                        "e.g. model.visual.pos_embed")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.set_defaults(func=run)
 
@@ -56,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         stage=args.stage, data=[str(d) for d in args.data], out=str(args.out), init=str(init), steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, qa_fraction=args.qa_fraction,
         seed=args.seed, save_every=args.save_every, eval_every=args.eval_every, eval_data=args.eval_data,
-        eval_limit=args.eval_limit, flip=not args.no_flip, workers=args.workers,
+        eval_limit=args.eval_limit, flip=not args.no_flip, workers=args.workers, freeze=list(args.freeze),
     )
     final = train(cfg, resume=args.resume)
     print(f"stage {args.stage} done: {final}")

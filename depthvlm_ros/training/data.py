@@ -109,13 +109,14 @@ class SampleDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.refs)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
+        """``item``: a sample index, or ``(index, draw)`` — the training sampler numbers its draws
+        (the step), so each time a sample is drawn its flip coin is a new one, reproducibly."""
+        index, draw = (item, 0) if isinstance(item, int) else item
         ref = self.refs[index]
         rgb, gt, k = load_sample(ref)
-        # Mirror (depth prompts only: answers name left/right points). The coin is seeded per
-        # sample, not per draw: half of the depth set is seen mirrored, always the same half.
-        # (Key [seed, 0, index]: the one depthvlm-tiny was trained with.)
-        if self.flip and ref.answer is None and np.random.default_rng([self.seed, 0, index]).random() < 0.5:
+        # Mirror (depth prompts only: answers name points). Coin keyed by [seed, draw, index].
+        if self.flip and ref.answer is None and np.random.default_rng([self.seed, draw, index]).random() < 0.5:
             rgb, gt = rgb[:, ::-1], gt[:, ::-1]
         plan = image_plan(self.processor, k, model_input_size(self.processor, k))
         pixels = plan.pixel_values(np.ascontiguousarray(rgb))  # the node's own preprocessing

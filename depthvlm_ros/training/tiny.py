@@ -11,14 +11,35 @@ from pathlib import Path
 
 import torch
 
-#: Vocabulary size asked of depthvlm-tiny's BPE trainer (learned on the generator's QA templates). An upper
-#: bound: the templates' corpus allows 510 tokens (256 bytes + 254 merges), plus the 26 special tokens.
+#: Vocabulary size asked of depthvlm-tiny's BPE trainer (learned on the generator's QA templates and every
+#: number its answers write, each of which becomes one token). An upper bound: the corpus allows fewer.
 TINY_VOCAB = 1024
 #: Files of a model folder that the package ships (besides model.safetensors and the model card README.md).
 PACKAGED_FILES = ("config.json", "generation_config.json", "preprocessor_config.json", "tokenizer.json",
                   "tokenizer_config.json", "chat_template.jinja")
 #: Initial output of the depth head (model units: metres at the canonical camera).
 TINY_INIT_DEPTH = 10.0
+
+
+#: Amplitude of the 2D sine-cosine table the vision tower's position embeddings start from (and keep:
+#: scripts/train_tiny.sh trains stage 0 with ``--freeze model.visual.pos_embed``).
+TINY_POSITION_AMPLITUDE = 1.0
+
+
+def sincos_position_table(side: int, dim: int, amplitude: float = TINY_POSITION_AMPLITUDE) -> torch.Tensor:
+    """(side * side, dim) 2D sine-cosine position embeddings of a side x side grid, row-major: the first
+    half of the channels encode the column, the second half the row (frequencies 1 / 10000^(2i/d))."""
+    quarter = dim // 4
+    freq = 1.0 / 10000.0 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    grid = torch.arange(side, dtype=torch.float64)
+    rows, cols = torch.meshgrid(grid, grid, indexing="ij")
+
+    def encode(pos: torch.Tensor) -> torch.Tensor:
+        angles = pos.reshape(-1, 1) * freq.reshape(1, -1)
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    table = torch.cat([encode(cols), encode(rows)], dim=1)
+    return (amplitude * torch.nn.functional.pad(table, (0, dim - table.shape[1]))).float()
 
 
 def init_tiny_model(folder: Path, seed: int = 0) -> Path:
@@ -35,12 +56,21 @@ def init_tiny_model(folder: Path, seed: int = 0) -> Path:
     from depthvlm_ros.model.modeling import DepthVLMForConditionalGeneration
     from depthvlm_ros.scenes.qa import tokenizer_corpus
 
-    tokenizer = build_tokenizer(TINY_VOCAB, corpus=tokenizer_corpus(), split_digits=True)
+    tokenizer = build_tokenizer(TINY_VOCAB, corpus=tokenizer_corpus(), split_digits=False)
     config = depthvlm_tiny_config(tokenizer)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = DepthVLMForConditionalGeneration(config)
         init_weights(model, seed=seed, mean_depth_m=TINY_INIT_DEPTH)
+        # The vision tower's position table is a 2D sine-cosine grid (as MAE's, fixed in training), not
+        # N(0, 0.02) learned: trained from N(0, 0.02) the image tokens keep the row but not the column
+        # (a linear probe on the merged tokens after 3000 stage-0 steps: row R^2 0.46, column < 0), and
+        # a point's x cannot be learned. Learned from a 0.5-amplitude grid, the column was gone again
+        # by step 2000 (R^2 < 0); fixed at amplitude 1, it stays (0.82 after 800 steps).
+        pos = model.model.visual.pos_embed
+        side = int(round(pos.num_embeddings ** 0.5))
+        with torch.no_grad():
+            pos.weight.copy_(sincos_position_table(side, pos.embedding_dim))
     hf_logging.disable_progress_bar()
     try:
         return write_checkpoint(model, tokenizer, folder, tiny_preprocessor())

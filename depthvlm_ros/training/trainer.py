@@ -23,7 +23,7 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,7 @@ class TrainConfig:
     flip: bool = True
     workers: int = 1
     log_every: int = 10
+    freeze: list[str] = field(default_factory=list)  # parameter-name prefixes kept frozen besides the stage's
 
 
 @dataclass
@@ -108,12 +109,19 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
 
 
-def set_trainable(model: DepthVLMForConditionalGeneration, stage: int) -> list[str]:
-    """Freeze/unfreeze by stage (see the module table); returns the trainable parameter names."""
+def set_trainable(model: DepthVLMForConditionalGeneration, stage: int, freeze: Sequence[str] = ()) -> list[str]:
+    """Freeze/unfreeze by stage (see the module table), then freeze the names starting with a ``freeze``
+    prefix; returns the trainable parameter names."""
     if stage not in STAGES:
         raise InputError(f"--stage must be 0, 1 or 2, got {stage}")
+    names = [name for name, _ in model.named_parameters()]
+    for prefix in freeze:
+        if not any(name.startswith(prefix) for name in names):
+            raise InputError(f"--freeze {prefix}: no parameter name starts with it")
     for name, p in model.named_parameters():
-        if stage == 0:
+        if any(name.startswith(prefix) for prefix in freeze):
+            p.requires_grad_(False)
+        elif stage == 0:
             p.requires_grad_(True)
         elif stage == 1:
             p.requires_grad_(name.startswith("depth_head."))
@@ -159,12 +167,12 @@ class _BatchSampler(torch.utils.data.Sampler):
         self.args = (n_depth, n_qa, cfg.qa_fraction, cfg.batch_size, cfg.seed)
         self.total, self.skip = cfg.steps, skip
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         it = _mixed_indices(*self.args)
         for i in range(self.total):
             batch = next(it)
             if i >= self.skip:
-                yield batch
+                yield [(index, i) for index in batch]  # (sample, draw): the draw keys the flip coin
 
     def __len__(self) -> int:
         return self.total - self.skip
@@ -280,7 +288,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=Collator(processor),
                                          num_workers=cfg.workers, persistent_workers=cfg.workers > 0)
 
-    trainable = set_trainable(model, cfg.stage)
+    trainable = set_trainable(model, cfg.stage, cfg.freeze)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if start_from is not None:
