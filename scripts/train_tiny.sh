@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the shipped depthvlm-tiny: generate data, train stages 0 -> 1 -> 2, then store the result
 # (float16 weights) in depthvlm_ros/models/depthvlm-tiny/; measure it with scripts/eval_tiny.sh.
-# Usage: scripts/train_tiny.sh [WORKDIR]   (default build/tiny; about 70 min on 2 CPU cores)
+# Usage: scripts/train_tiny.sh [WORKDIR]   (default build/tiny; about 60 min on 2 CPU cores)
 # A step already done in WORKDIR (its data, or a stage's final folder) is not done again. Training runs
 # through Accelerate, so on a machine with a GPU the same script trains there (data generated there too).
 set -euo pipefail

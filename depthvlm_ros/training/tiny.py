@@ -66,7 +66,8 @@ def init_tiny_model(folder: Path, seed: int = 0) -> Path:
         # N(0, 0.02) learned: trained from N(0, 0.02) the image tokens keep the row but not the column
         # (a linear probe on the merged tokens after 3000 stage-0 steps: row R^2 0.46, column < 0), and
         # a point's x cannot be learned. Learned from a 0.5-amplitude grid, the column was gone again
-        # by step 2000 (R^2 < 0); fixed at amplitude 1, it stays (0.82 after 800 steps).
+        # by step 2000 (R^2 < 0). Fixed at amplitude 1 it survives a short run (0.82 after 800 steps)
+        # but not the full schedule (-0.03 at step 3000; the model card): necessary, not sufficient.
         pos = model.model.visual.pos_embed
         side = int(round(pos.num_embeddings ** 0.5))
         with torch.no_grad():
