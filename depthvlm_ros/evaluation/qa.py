@@ -41,10 +41,23 @@ class QAScore:
     text_distance_ok: bool | None = None
 
 
-def inside_box(box_px: Sequence[float], u: float, v: float) -> bool:
-    """Whether pixel (u, v) lies in the inclusive pixel box ``[u_min, v_min, u_max, v_max]``."""
+def place_on(box_px: Sequence[float], region_px: Sequence[float] | None) -> bool:
+    """Whether a place (``[u_min, v_min, u_max, v_max]`` pixels; a point has u_min = u_max; None or
+    empty = no place) lies on the inclusive pixel box ``box_px``: its centre must be inside."""
+    if region_px is None or len(region_px) != 4:
+        return False
+    u, v = (region_px[0] + region_px[2]) / 2, (region_px[1] + region_px[3]) / 2
     u0, v0, u1, v1 = box_px
     return u0 - 0.5 <= u <= u1 + 0.5 and v0 - 0.5 <= v <= v1 + 0.5
+
+
+def distance_error(measured_m: float, true_m: float) -> tuple[float | None, bool]:
+    """Relative error of a measured distance (None when there is none: NaN) and whether it is within
+    :data:`DISTANCE_TOLERANCE`."""
+    if not math.isfinite(measured_m):
+        return None, False
+    error = abs(measured_m - true_m) / true_m
+    return error, error <= DISTANCE_TOLERANCE
 
 
 def score_answer(record: Mapping[str, Any], answer: str, depth: np.ndarray, depth_k: Intrinsics) -> QAScore:
@@ -68,18 +81,11 @@ def score_response(record: Mapping[str, Any], answer: str, region_px: Sequence[f
     kind = str(record["qa_kind"])
     truth = record["truth"]
     score = QAScore(kind)
-    region = list(region_px) if region_px is not None and len(region_px) == 4 else None
     if kind in ("where", "distance", "size"):
-        box = truth["objects"][0]["box_px"]
-        centre = ((region[0] + region[2]) / 2, (region[1] + region[3]) / 2) if region is not None else None
-        score.grounded = centre is not None and inside_box(box, *centre)
+        score.grounded = place_on(truth["objects"][0]["box_px"], region_px)
     if kind == "distance":
         true = float(truth["distance_m"])
-        if math.isfinite(distance_m):
-            score.distance_rel_err = abs(distance_m - true) / true
-            score.distance_ok = score.distance_rel_err <= DISTANCE_TOLERANCE
-        else:
-            score.distance_ok = False
+        score.distance_rel_err, score.distance_ok = distance_error(distance_m, true)
         said = _METRES_RE.search(answer)
         score.text_distance_ok = bool(said) and abs(float(said.group(1)) - true) / true <= DISTANCE_TOLERANCE
     if kind in ("closer", "at_pixel"):

@@ -83,20 +83,17 @@ def tokenizer_corpus() -> list[str]:
     return lines
 
 
-def build_tokenizer(vocab_size: int = 1024, corpus: list[str] | None = None, split_digits: bool = False) -> Any:
+def build_tokenizer(vocab_size: int = 1024, corpus: list[str] | None = None) -> Any:
     """A small byte-level BPE (no unknown tokens) + Qwen3-VL's special tokens + chat template.
 
-    ``corpus``: the text to learn merges from (default :func:`tokenizer_corpus`). ``split_digits``
-    makes every digit its own token, as Qwen's tokenizer does (numbers are then read and written
-    digit by digit).
+    ``corpus``: the text to learn merges from (default :func:`tokenizer_corpus`). Digit runs stay
+    together (GPT-2's pre-tokenizing rule), so a number in the corpus can become one token.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    bpe.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-                         if split_digits else byte_level)
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size - len(QWEN3_VL_SPECIAL_TOKENS),

@@ -465,7 +465,7 @@ def _collect(pending: list[tuple[Any, DemoQuestion, float]], answers: list[dict[
 def _answer_row(result: Any, question: DemoQuestion, view: Any, seconds: float) -> dict[str, Any]:
     """The answer, scored on the frame it was measured on (``view``): is its place on the object it
     should name (the target's visible box there), the measured distance against the target's true one."""
-    from depthvlm_ros.evaluation.qa import DISTANCE_TOLERANCE, inside_box
+    from depthvlm_ros.evaluation.qa import distance_error, place_on
     from depthvlm_ros.spatial import parse_grounding
 
     measured = float(result.distance_m) if result.success else math.nan
@@ -474,14 +474,13 @@ def _answer_row(result: Any, question: DemoQuestion, view: Any, seconds: float) 
     true = float(target.distance_m)
     region = [float(v) for v in result.region_px] if result.success else []
     places = parse_grounding(result.answer) if result.success else []
-    rel_err = abs(measured - true) / true if math.isfinite(measured) else None
+    rel_err, distance_ok = distance_error(measured, true)
     return {"kind": question.kind, "question": question.question, "answer": result.answer,
             "success": bool(result.success), "message": result.message, "region_px": region,
             "named": places[0].label if places and places[0].label else None, "target": target.label,
-            "grounded": bool(region) and inside_box(target.box_px, (region[0] + region[2]) / 2,
-                                                    (region[1] + region[3]) / 2),
+            "grounded": place_on(target.box_px, region),
             "distance_m": measured, "true_distance_m": round(true, 3), "rel_err": rel_err,
-            "distance_ok": rel_err is not None and rel_err <= DISTANCE_TOLERANCE,
+            "distance_ok": distance_ok,
             "seconds": round(seconds, 3)}
 
 

@@ -56,7 +56,7 @@ def init_tiny_model(folder: Path, seed: int = 0) -> Path:
     from depthvlm_ros.model.modeling import DepthVLMForConditionalGeneration
     from depthvlm_ros.scenes.qa import tokenizer_corpus
 
-    tokenizer = build_tokenizer(TINY_VOCAB, corpus=tokenizer_corpus(), split_digits=False)
+    tokenizer = build_tokenizer(TINY_VOCAB, corpus=tokenizer_corpus())
     config = depthvlm_tiny_config(tokenizer)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
