@@ -50,6 +50,11 @@ setup(
             "ros-geometry-msgs",
             "ros-diagnostic-msgs",
             "ros-rcl-interfaces",
+            "ros-lifecycle-msgs",  # the node is a managed (lifecycle) node
+            "ros-rcl-lifecycle",
+            "ros-rcl-action",  # ~/ask
+            "ros-action-msgs",
+            "ros-visualization-msgs",  # ~/answer_markers
             "rosbags>=0.10",
         ],
         # The trainer (`depthvlm train`): Accelerate runs it on CPU, one GPU or many (FSDP);

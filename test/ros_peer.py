@@ -1,7 +1,7 @@
 """Peer processes for the node tests: a camera that publishes, a subscriber that records, a diagnostics
 watcher and a service client.
 
-Run as ``python test/ros_peer.py publish|collect|watch|call|ask_scenes ...`` in the test's ROS environment
+Run as ``python test/ros_peer.py publish|collect|watch|call|ask_scenes|lifecycle|ask ...`` in the test's ROS environment
 (private ROS_DOMAIN_ID, localhost discovery, the shipped Fast DDS profile). Each peer is its own
 process, so the node is exercised over real Fast DDS exactly as a robot's software would use it.
 Peers never wait a fixed time: they wait for matched endpoints, acknowledged messages, message
@@ -112,17 +112,19 @@ def parse_condition(text: str):
 
 
 class Diagnostics:
-    """The node's /diagnostics as seen by this peer: the latest ``<node>: depth`` status as a dict."""
+    """The node's /diagnostics as seen by this peer: the latest ``<node>: depth`` status as a dict (or the
+    status called ``name``: ``depthvlm: left: depth`` for camera ``left``)."""
 
-    def __init__(self, node) -> None:
+    def __init__(self, node, name: str | None = None) -> None:
         self.node = node
+        self.name = name
         self.latest: dict | None = None
         self.count = 0
         node.create_subscription(DiagnosticArray, "/diagnostics", self._on, 10)
 
     def _on(self, msg: DiagnosticArray) -> None:
         for status in msg.status:
-            if status.name.endswith(": depth"):
+            if status.name == self.name if self.name else status.name.endswith(": depth"):
                 level = status.level
                 self.latest = {"level": int.from_bytes(level, "little") if isinstance(level, bytes) else int(level),
                                "message": status.message, **{kv.key: kv.value for kv in status.values}}
@@ -159,6 +161,16 @@ def wait_matched(node, endpoints, timeout: float, what: str) -> None:
         rclpy.spin_once(node, timeout_sec=0.05)
 
 
+def spin_until(node, done, what: str, timeout: float, report: object = None) -> None:
+    """Spin until ``done()``; after ``timeout`` s print what was awaited (and ``report``) and exit 1."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            print(json.dumps({"timeout": what, "report": report}), flush=True)
+            raise SystemExit(1)
+        rclpy.spin_once(node, timeout_sec=0.01)
+
+
 def publish(args: argparse.Namespace) -> None:
     """Publish ``--count`` frames (image + camera_info with one stamp) at ``--rate`` Hz.
 
@@ -168,12 +180,12 @@ def publish(args: argparse.Namespace) -> None:
     publishers wait until every subscriber acknowledged the last frame. ``--until`` conditions are
     then waited for on the diagnostics.
     """
-    node = rclpy.create_node("test_camera")
+    node = rclpy.create_node("test_camera", namespace=args.ns)
     qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=args.depth,
                      reliability=ReliabilityPolicy.RELIABLE if args.reliable else ReliabilityPolicy.BEST_EFFORT)
     pub_image = node.create_publisher(Image, "image", qos)
     pub_info = node.create_publisher(CameraInfo, "camera_info", qos)
-    diagnostics = Diagnostics(node) if (args.await_each or args.until) else None
+    diagnostics = Diagnostics(node, args.status) if (args.await_each or args.until) else None
     wait_matched(node, [pub_image] if args.no_info else [pub_image, pub_info], 30.0, "the node's inputs")
     status = first = diagnostics.wait(lambda _s: True, 30.0, "first diagnostics") if diagnostics else None
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")] if args.sizes else [
@@ -244,7 +256,7 @@ def collect(args: argparse.Namespace) -> None:
     that, or with ``--until-stdin-closes`` when its standard input is closed (the test says when; or at
     ``--timeout``).
     """
-    node = rclpy.create_node("test_listener")
+    node = rclpy.create_node("test_listener", namespace=args.ns)
     got: dict[str, dict[str, object]] = {"depth": {}, "info": {}, "colored": {}, "points": {}}
     diagnostics: list[dict[str, object]] = []
     arrival: dict[str, float] = {}
@@ -286,7 +298,7 @@ def collect(args: argparse.Namespace) -> None:
     if not args.no_heavy:
         subs.append(node.create_subscription(Image, "depth/colored", on_colored, RELIABLE))
         subs.append(node.create_subscription(PointCloud2, "points", on_points, RELIABLE))
-    watch = Diagnostics(node)
+    watch = Diagnostics(node, args.status)
     wait_matched(node, subs, 30.0, "the node's outputs")
     print(json.dumps({"ready": True}), flush=True)
     conditions = [parse_condition(text) for text in args.until]
@@ -397,13 +409,8 @@ def ask_scenes(args: argparse.Namespace) -> None:
     wait_matched(node, [pub_image, pub_info, sub], 30.0, "the node's camera topics and depth")
     assert client.wait_for_service(timeout_sec=30.0), "spatial_query not available"
 
-    def until(done, what: str):
-        deadline = time.monotonic() + args.timeout
-        while not done():
-            if time.monotonic() > deadline:
-                print(json.dumps({"timeout": what}), flush=True)
-                raise SystemExit(1)
-            rclpy.spin_once(node, timeout_sec=0.05)
+    def until(done, what: str) -> None:
+        spin_until(node, done, what, args.timeout)
 
     kinds = set(args.kinds.split(","))
     spec = FrameSpec(args.kind, 320, 240, *default_fx_range(320))
@@ -427,6 +434,191 @@ def ask_scenes(args: argparse.Namespace) -> None:
                         "message": res.message, "distance_m": float(res.distance_m),
                         "region_px": [float(v) for v in res.region_px],
                         "stamp": [res.point.header.stamp.sec, res.point.header.stamp.nanosec]})
+    print(json.dumps(out, allow_nan=True), flush=True)
+    node.destroy_node()
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of process ``pid`` (MiB), from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    raise SystemExit(f"no VmRSS for {pid}")
+
+
+def lifecycle(args: argparse.Namespace) -> None:
+    """Drive the node through its lifecycle from here, as a lifecycle manager does, while a camera in this
+    process publishes at ``--rate`` Hz the whole time.
+
+    configure -> activate (depth flows; one question) -> deactivate (no depth while frames keep arriving: the node's
+    ``frames_ignored_inactive`` grows by ``--ignored`` frames and at least 2 s pass) -> activate (flows
+    again) -> deactivate -> cleanup (the node's RSS before and after) -> shutdown (the process ends).
+    Prints what it saw at each step.
+    """
+    from depthvlm_msgs.srv import SpatialQuery
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState, GetState
+
+    node = rclpy.create_node("test_lifecycle_manager")
+    pub_image = node.create_publisher(Image, "image", RELIABLE)
+    pub_info = node.create_publisher(CameraInfo, "camera_info", RELIABLE)
+    depth: list[float] = []  # arrival times of depth images
+    sub = node.create_subscription(Image, "depth/image", lambda _m: depth.append(time.monotonic()), RELIABLE)
+    asker = node.create_client(SpatialQuery, "/depthvlm/spatial_query")
+    change = node.create_client(ChangeState, "/depthvlm/change_state")
+    get = node.create_client(GetState, "/depthvlm/get_state")
+    diagnostics = Diagnostics(node)
+    frames = [frame_rgb(160, 120, i) for i in range(4)]
+    sent = [0]
+
+    def camera() -> None:
+        i = sent[0]
+        header = Header(frame_id="cam_optical")
+        header.stamp.sec, header.stamp.nanosec = 3000 + i // 1000, (i % 1000) * 1_000_000
+        pub_image.publish(rgb_to_image(frames[i % 4], header))
+        pub_info.publish(intrinsics_to_camera_info(Intrinsics.from_fx(160, 120, 150.0), header))
+        sent[0] += 1
+
+    def until(done, what: str) -> None:
+        spin_until(node, done, what, 90.0, report)
+
+    def alive() -> bool:
+        return Path(f"/proc/{args.pid}").exists() and "zombie" not in Path(f"/proc/{args.pid}/status").read_text()
+
+    def state() -> str:
+        future = get.call_async(GetState.Request())
+        until(future.done, "get_state")
+        return future.result().current_state.label
+
+    def transition(transition_id: int) -> bool | None:
+        future = change.call_async(ChangeState.Request(transition=Transition(id=transition_id)))
+        until(lambda: future.done() or not alive(), f"transition {transition_id}")
+        return future.result().success if future.done() else None
+
+    report: dict[str, object] = {}
+    assert change.wait_for_service(timeout_sec=60.0) and get.wait_for_service(timeout_sec=60.0)
+    report["initial"] = state()
+    report["rss_unconfigured"] = rss_mb(args.pid)
+    report["configure"] = transition(Transition.TRANSITION_CONFIGURE)
+    report["after_configure"] = state()
+    report["rss_configured"] = rss_mb(args.pid)
+    wait_matched(node, [pub_image, pub_info, sub], 30.0, "the node's camera topics and depth")
+    node.create_timer(1.0 / args.rate, camera)
+    report["activate"] = transition(Transition.TRANSITION_ACTIVATE)
+    until(lambda: len(depth) >= 3, "depth after activate")
+    answer = asker.call_async(SpatialQuery.Request(question="How far is it?"))
+    until(answer.done, "an answer")  # the answer's LM head reads every weight of the tied embedding
+    report["answered"] = answer.result().success
+    report["rss_answered"] = rss_mb(args.pid)
+    report["deactivate"] = transition(Transition.TRANSITION_DEACTIVATE)
+    before, started = len(depth), time.monotonic()
+    ignored = diagnostics.wait(lambda st: True, 30.0, "diagnostics")["frames_ignored_inactive"]
+    until(lambda: diagnostics.latest is not None
+          and int(diagnostics.latest["frames_ignored_inactive"]) >= int(ignored) + args.ignored
+          and time.monotonic() - started >= 2.0, "frames ignored while inactive")
+    report["inactive_status"] = diagnostics.latest
+    report["depth_while_inactive"] = len(depth) - before
+    report["inactive_seconds"] = time.monotonic() - started
+    report["reactivate"] = transition(Transition.TRANSITION_ACTIVATE)
+    before = len(depth)
+    until(lambda: len(depth) >= before + 3, "depth after the second activate")
+    report["deactivate_again"] = transition(Transition.TRANSITION_DEACTIVATE)
+    report["rss_before_cleanup"] = rss_mb(args.pid)
+    report["cleanup"] = transition(Transition.TRANSITION_CLEANUP)
+    report["after_cleanup"] = state()
+    report["rss_after_cleanup"] = rss_mb(args.pid)
+    report["shutdown"] = transition(Transition.TRANSITION_UNCONFIGURED_SHUTDOWN)
+    until(lambda: not alive(), "the node's process to end after shutdown")
+    report["frames_sent"] = sent[0]
+    print(json.dumps(report), flush=True)
+    node.destroy_node()
+
+
+def ask(args: argparse.Namespace) -> None:
+    """Publish one frame, wait for its depth, then ask about it through the ``~/ask`` action (feedback and
+    result, with the time each arrived) and the same question through ``~/spatial_query``; with
+    ``--cancel-after N`` the goal is canceled once N feedback messages arrived. ``--markers``: also
+    record ``~/answer_markers``. Prints all of it."""
+    from action_msgs.msg import GoalStatus
+    from depthvlm_msgs.action import Ask
+    from depthvlm_msgs.srv import SpatialQuery
+    from rclpy.action import ActionClient
+    from visualization_msgs.msg import MarkerArray
+
+    node = rclpy.create_node("test_asker")
+    pub_image = node.create_publisher(Image, "image", RELIABLE)
+    pub_info = node.create_publisher(CameraInfo, "camera_info", RELIABLE)
+    depth_stamps: list[tuple[int, int]] = []
+    sub = node.create_subscription(Image, "depth/image",
+                                   lambda m: depth_stamps.append((m.header.stamp.sec, m.header.stamp.nanosec)),
+                                   RELIABLE)
+    markers: list[dict] = []
+
+    def on_markers(msg: MarkerArray) -> None:
+        markers.append({"markers": [{"type": m.type, "ns": m.ns, "frame_id": m.header.frame_id,
+                                     "stamp": [m.header.stamp.sec, m.header.stamp.nanosec], "text": m.text,
+                                     "position": [m.pose.position.x, m.pose.position.y, m.pose.position.z],
+                                     "lifetime": m.lifetime.sec + m.lifetime.nanosec * 1e-9}
+                                    for m in msg.markers]})
+
+    marker_sub = node.create_subscription(MarkerArray, "/depthvlm/answer_markers", on_markers, RELIABLE)
+    client = ActionClient(node, Ask, "/depthvlm/ask")
+    service = node.create_client(SpatialQuery, "/depthvlm/spatial_query")
+    wait_matched(node, [pub_image, pub_info, sub] + ([marker_sub] if args.markers else []), 30.0,
+                 "the node's topics")
+    assert client.wait_for_server(timeout_sec=30.0) and service.wait_for_service(timeout_sec=30.0)
+
+    def until(done, what: str) -> None:
+        spin_until(node, done, what, args.timeout)
+
+    header = Header(frame_id="cam_optical")
+    header.stamp.sec, header.stamp.nanosec = 4000, 0
+    k = Intrinsics.from_fx(args.width, args.height, args.fx)
+    pub_info.publish(intrinsics_to_camera_info(k, header))
+    pub_image.publish(rgb_to_image(frame_rgb(args.width, args.height, 0), header))
+    until(lambda: (4000, 0) in depth_stamps, "the frame's depth")
+
+    feedback: list[dict] = []
+    goal = Ask.Goal(question=args.question, camera=args.camera, max_new_tokens=args.max_new_tokens)
+    sent = client.send_goal_async(goal, feedback_callback=lambda fb: feedback.append(
+        {"answer": fb.feedback.answer, "tokens": fb.feedback.tokens, "at": time.monotonic()}))
+    until(sent.done, "the goal's acceptance")
+    handle = sent.result()
+    assert handle.accepted
+    result_future = handle.get_result_async()
+    canceled_at = None
+    if args.cancel_after:
+        until(lambda: len(feedback) >= args.cancel_after or result_future.done(), "feedback before cancelling")
+        if not result_future.done():
+            canceled_at = {"tokens": feedback[-1]["tokens"], "at": time.monotonic()}
+            cancel = handle.cancel_goal_async()
+            until(cancel.done, "the cancel's response")
+    until(result_future.done, "the action's result")
+    result_at = time.monotonic()
+    wrapped = result_future.result()
+    res = wrapped.result
+    p = res.point.point
+    out = {"status": {GoalStatus.STATUS_SUCCEEDED: "succeeded", GoalStatus.STATUS_CANCELED: "canceled",
+                      GoalStatus.STATUS_ABORTED: "aborted"}.get(wrapped.status, str(wrapped.status)),
+           "feedback": feedback, "result_at": result_at, "canceled_at": canceled_at,
+           "result": {"success": res.success, "answer": res.answer, "message": res.message,
+                      "distance_m": float(res.distance_m), "point": [p.x, p.y, p.z],
+                      "frame_id": res.point.header.frame_id,
+                      "stamp": [res.point.header.stamp.sec, res.point.header.stamp.nanosec],
+                      "region_px": [float(v) for v in res.region_px]}}
+    if args.compare_service:
+        future = service.call_async(SpatialQuery.Request(question=args.question, camera=args.camera))
+        until(future.done, "the service's answer")
+        r = future.result()
+        q = r.point.point
+        out["service"] = {"success": r.success, "answer": r.answer, "message": r.message,
+                          "distance_m": float(r.distance_m), "point": [q.x, q.y, q.z],
+                          "frame_id": r.point.header.frame_id,
+                          "stamp": [r.point.header.stamp.sec, r.point.header.stamp.nanosec],
+                          "region_px": [float(v) for v in r.region_px]}
+    if args.markers:
+        until(lambda: len(markers) >= args.markers, "the answer markers")
+        out["markers"] = markers
     print(json.dumps(out, allow_nan=True), flush=True)
     node.destroy_node()
 
@@ -464,6 +656,9 @@ def main() -> None:
     c.add_argument("--until", action="append", default=[], help="also wait for this diagnostics condition")
     c.add_argument("--no-heavy", action="store_true", help="do not subscribe to depth/colored and points")
     c.add_argument("--until-stdin-closes", action="store_true", help="end when stdin is closed (not on --count)")
+    for parser_ in (p, c):
+        parser_.add_argument("--ns", default="", help="namespace of this peer's topics (a camera of the node)")
+        parser_.add_argument("--status", help="the diagnostics status to follow (default: the one '...: depth')")
     w = sub.add_parser("watch")
     w.add_argument("--until", action="append", default=[], required=True)
     w.add_argument("--timeout", type=float, default=60.0)
@@ -479,10 +674,27 @@ def main() -> None:
     a.add_argument("--frames", type=int, default=4)
     a.add_argument("--kinds", default="distance,where", help="comma list of QA kinds to ask")
     a.add_argument("--timeout", type=float, default=120.0)
+    a.add_argument("--markers", action="store_true", help="also record ~/answer_markers")
+    lc = sub.add_parser("lifecycle")
+    lc.add_argument("--pid", type=int, required=True, help="the node's process (its RSS is read from /proc)")
+    lc.add_argument("--rate", type=float, default=10.0)
+    lc.add_argument("--ignored", type=int, default=10, help="frames the inactive node must have ignored")
+    k = sub.add_parser("ask")
+    k.add_argument("question")
+    k.add_argument("--camera", default="")
+    k.add_argument("--max-new-tokens", type=int, default=0)
+    k.add_argument("--cancel-after", type=int, default=0, help="cancel once this many feedback messages arrived")
+    k.add_argument("--compare-service", action="store_true", help="then ask ~/spatial_query the same question")
+    k.add_argument("--markers", type=int, default=0, help="wait for this many ~/answer_markers messages")
+    k.add_argument("--width", type=int, default=320)
+    k.add_argument("--height", type=int, default=240)
+    k.add_argument("--fx", type=float, default=300.0)
+    k.add_argument("--timeout", type=float, default=120.0)
     args = parser.parse_args()
     rclpy.init()
     try:
-        {"publish": publish, "collect": collect, "watch": watch, "call": call, "ask_scenes": ask_scenes}[args.cmd](args)
+        {"publish": publish, "collect": collect, "watch": watch, "call": call, "ask_scenes": ask_scenes,
+         "lifecycle": lifecycle, "ask": ask}[args.cmd](args)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:

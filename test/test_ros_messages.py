@@ -16,7 +16,7 @@ from depthvlm_ros.errors import InputError
 from depthvlm_ros.geometry import MAX_IMAGE_SIDE, Intrinsics, depth_to_points
 from depthvlm_ros.pointcloud import organized_cloud, pack_rgb, unpack_rgb
 from depthvlm_ros.ros import messages as M
-from depthvlm_ros.ros.flow import KindThrottle, LatestSlot, QuestionGate, StampSync, error_kind
+from depthvlm_ros.ros.flow import KindThrottle, LatestSlots, QuestionGate, StampSync, error_kind
 from depthvlm_ros.ros.params import PARAMS, check_settings
 
 from conftest import REPO
@@ -151,15 +151,35 @@ def test_stamp_sync_forgets_camera_infos_when_time_goes_back():
     assert sync.push_image(11, "c") == [] and sync.pending == 1  # waits for its info, not refused as too old
 
 
-def test_latest_slot_keeps_one_frame_and_counts_the_replaced():
-    slot: LatestSlot[int] = LatestSlot()
-    assert slot.put(1) is False
-    assert slot.put(2) is True
-    assert slot.pending()
-    assert slot.take(0.0) == 2 and slot.pending()  # taken, not done yet: still the worker's
-    slot.done()
-    assert not slot.pending() and slot.take(0.0) is None
-    assert slot.dropped == 1
+def test_latest_slots_keep_one_frame_per_camera_and_count_the_replaced():
+    slots: LatestSlots[int] = LatestSlots(1)
+    assert slots.put(0, 1) is False
+    assert slots.put(0, 2) is True
+    assert slots.pending()
+    assert slots.take(0.0) == (0, 2) and slots.pending()  # taken, not done yet: still the worker's
+    slots.done()
+    assert not slots.pending() and slots.take(0.0) is None
+    assert slots.dropped == [1]
+
+
+def test_latest_slots_serve_cameras_in_turn():
+    """A camera that always has a frame waiting cannot starve the other one."""
+    slots: LatestSlots[str] = LatestSlots(3)
+    slots.put(0, "a0")
+    slots.put(2, "c0")
+    assert slots.pending(0) and not slots.pending(1) and slots.pending(2)
+    assert slots.take(0.0) == (0, "a0")
+    assert slots.pending(0) and not slots.pending(1)  # in the worker
+    slots.done()
+    slots.put(0, "a1")  # camera 0 again, before camera 2 was served
+    assert slots.take(0.0) == (2, "c0")
+    slots.done()
+    assert slots.take(0.0) == (0, "a1")
+    slots.done()
+    slots.put(1, "b0")
+    slots.put(2, "c1")
+    assert slots.clear() == 2 and not slots.pending() and slots.take(0.0) is None
+    assert slots.dropped == [0, 0, 0]
 
 
 def test_question_gate_admits_one_lets_one_wait_and_refuses_the_rest_at_once():
@@ -207,7 +227,12 @@ def test_log_throttle_is_per_kind():
 
 
 def test_shipped_parameter_file_matches_the_declared_parameters():
-    data = yaml.safe_load((REPO / "config" / "depthvlm.yaml").read_text())
+    from depthvlm_ros.ros.params import GROUPS, parameter_file
+
+    text = (REPO / "config" / "depthvlm.yaml").read_text()
+    assert text == parameter_file(), "regenerate: python -m depthvlm_ros.ros.params > config/depthvlm.yaml"
+    assert [p.group for p in PARAMS] == sorted((p.group for p in PARAMS), key=GROUPS.index)  # grouped, in order
+    data = yaml.safe_load(text)
     values = data["/**/depthvlm"]["ros__parameters"]
     declared = {p.name: p.default for p in PARAMS if p.default != []}
     assert values == declared
@@ -224,3 +249,15 @@ def test_sequence_gaps_count_what_never_arrived():
     assert gaps.seen("other", 40) == 0  # a new publisher starts its own count
     assert gaps.seen("camera", 5) == 0  # late or restarted: nothing counted twice
     assert gaps.seen("camera", None) == 0  # a middleware without sequence numbers
+
+
+def test_camera_names_are_relative_namespaces_given_once():
+    from depthvlm_ros.ros.params import MAX_CAMERAS, check_cameras
+
+    assert check_cameras([]) == [""]  # one camera on the plain topic names
+    assert check_cameras(["front", "rear/left_1"]) == ["front", "rear/left_1"]
+    for bad, why in ((["/front"], "relative namespace"), (["front", "front"], "each name once"),
+                     (["a b"], "relative namespace"), ([""], "relative namespace"),
+                     ([f"c{i}" for i in range(MAX_CAMERAS + 1)], f"at most {MAX_CAMERAS}")):
+        with pytest.raises(ValueError, match=why):
+            check_cameras(bad)

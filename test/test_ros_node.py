@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
@@ -354,6 +355,83 @@ def test_questions_cannot_starve_depth(node, module_env, tmp_path):
     assert node.proc.poll() is None
 
 
+def test_an_ask_action_is_canceled_within_a_decoding_step(node, module_env):
+    """~/ask streams the answer as feedback; a cancel stops generation at the next token and the result says
+    how many were generated. (The untrained tiny model never writes an end token, so without the cancel
+    it would generate all 1024.)"""
+    ok = peer(module_env, "call", "set_parameters", json.dumps({"max_answer_tokens": 1024}))
+    assert all(r["successful"] for r in ok["results"]), ok
+    try:
+        out = peer(module_env, "ask", "How far is the blue disc?", "--max-new-tokens", "1024", "--cancel-after", "3")
+        refused = peer(module_env, "ask", "How far is the blue disc?", "--max-new-tokens", "1025")
+    finally:
+        peer(module_env, "call", "set_parameters", json.dumps({"max_answer_tokens": 64}))
+    assert out["status"] == "canceled" and not out["result"]["success"], out["result"]
+    stopped = re.fullmatch(r"stopped after (\d+) tokens: canceled", out["result"]["message"])
+    assert stopped, out["result"]["message"]
+    generated = int(stopped.group(1))
+    assert out["canceled_at"]["tokens"] <= generated < 1024
+    assert all(f["tokens"] <= generated for f in out["feedback"]) and len(out["feedback"]) >= 3
+    assert out["result"]["answer"].startswith(out["feedback"][2]["answer"])  # the same answer, streamed
+    assert refused["status"] == "aborted" and "max_answer_tokens" in refused["result"]["message"], refused
+    status = peer(module_env, "watch", "--until", "queries_canceled>=1")
+    assert status["query_active"] == "false"
+    assert node.proc.poll() is None
+
+
+def test_two_cameras_are_served_by_one_model(node, ros_env, tiny_checkpoint, tiny_model, tmp_path):
+    """cameras [left, right]: two cameras of different sizes and intrinsics at 10 Hz each get their own depth,
+    camera_info, frame ids and stamps under their namespaces; questions name a camera; the model is loaded
+    once (the two-camera node's RSS is within 100 MB of the one-camera module node's)."""
+    cams = {"left": (320, 240, 300.0, 0), "right": (256, 192, 200.0, 100)}  # width, height, fx, first index
+    proc = NodeProcess(ros_env, {"model_path": tiny_checkpoint, "cameras": "[left, right]", **TEST_PARAMS})
+    try:
+        proc.wait_ready()
+        assert "left/image + left/camera_info, right/image + right/camera_info" in proc.output
+        listeners = {name: start_peer(ros_env, "collect", "--ns", name, "--out", str(tmp_path / name), "--count", "3",
+                                      "--keep", "3", "--status", f"depthvlm: {name}: depth",
+                                      "--until", "frames_processed>=3") for name in cams}
+        cameras = [subprocess.Popen([PY, PEER, "publish", "--ns", name, "--width", str(w), "--height", str(h),
+                                     "--fx", str(fx), "--start", str(start), "--count", "40", "--rate", "10",
+                                     "--reliable", "--frame-id", f"{name}_optical"], env=ros_env, cwd=REPO,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                   for name, (w, h, fx, start) in cams.items()]
+        try:
+            results = {name: finish(listener) for name, listener in listeners.items()}
+            question = {"question": "What is this?"}
+            answer = peer(ros_env, "call", "spatial_query", json.dumps({**question, "camera": "right"}))
+            nowhere = peer(ros_env, "call", "spatial_query", json.dumps({**question, "camera": "top"}))
+            depth_at = peer(ros_env, "call", "depth_at", json.dumps({"u": [10], "v": [10], "camera": "left"}))
+        finally:
+            for camera in cameras:
+                camera.kill()
+                camera.communicate()
+        two, one = proc.rss_mb(), node.rss_mb()
+    finally:
+        assert proc.stop() == 0, proc.output
+    for name, (width, height, fx, start) in cams.items():
+        assert results[name]["depth_count"] >= 3
+        meta, arrays = load_collected(tmp_path / name)
+        k = Intrinsics.from_fx(width, height, fx)
+        assert meta["depth"], meta
+        for key, item in meta["depth"].items():
+            stamp, frame_id = key.split("|")
+            index = round((float(stamp) - 1000.0) * 1000)
+            assert frame_id == f"{name}_optical" and start <= index < start + 40
+            assert (item["width"], item["height"]) == (width, height)
+            info = meta["info"][key]
+            assert info["k"] == pytest.approx(list(k.k.reshape(-1)))
+            expected = node_depth(tiny_model, frame_rgb(width, height, index % 8), k)
+            np.testing.assert_allclose(arrays[f"depth|{key}"], expected, rtol=1e-4, atol=1e-5)
+        status = meta["diagnostics"][-1]
+        assert status["camera"] == name and int(status["frames_processed"]) >= 3, status
+    assert answer["success"] and answer["frame_id"] == "right_optical", answer
+    assert not nowhere["success"] and nowhere["message"] == "no camera 'top' here; cameras: 'left', 'right'"
+    assert depth_at["success"] and depth_at["frame_id"] == "left_optical", depth_at
+    assert proc.output.count("configured: model") == 1  # one model for both
+    assert two <= one + 100.0, (two, one)
+
+
 def test_without_camera_info_frames_wait_unless_fallback_fx(ros_env, tiny_checkpoint, tmp_path):
     proc = NodeProcess(ros_env, {"model_path": tiny_checkpoint, "fallback_fx": 900.0, **TEST_PARAMS})
     try:
@@ -592,6 +670,42 @@ def test_an_altered_onnx_graph_is_refused_and_pytorch_serves(ros_env, tiny_model
     assert "falling back to torch" in proc.output
 
 
+#: Rows of the lifecycle test model's embedding: 480,000 x 64 float32 = 117 MiB of weights, so that freeing
+#: them shows in the process's RSS (everything else of the tiny model is under 2 MiB). The weights are
+#: memory-mapped from the safetensors file and become resident as they are read; an answer's LM head (tied
+#: to the embedding) reads all of them.
+FAT_VOCAB_ROWS = 480_000
+
+
+def test_a_lifecycle_manager_drives_the_node(ros_env, tmp_path):
+    """autostart false: the node waits unconfigured; from another process configure -> activate (depth
+    flows, a question is answered) -> deactivate (no depth while frames keep arriving, for at least 2 s)
+    -> activate (flows again) -> deactivate -> cleanup (the weights' memory returns) -> shutdown (the
+    process exits 0)."""
+    from depthvlm_ros.model.factory import make_tiny_checkpoint
+
+    model_mb = FAT_VOCAB_ROWS * 64 * 4 / 2**20
+    fat = make_tiny_checkpoint(tmp_path / "fat", seed=0, vocab_rows=FAT_VOCAB_ROWS)
+    proc = NodeProcess(ros_env, {"model_path": fat, **TEST_PARAMS}, "--no-autostart")
+    try:
+        proc.wait_for_line("unconfigured (autostart false)")
+        report = peer(ros_env, "lifecycle", "--pid", str(proc.proc.pid), timeout=300.0)
+        code = proc.proc.wait(timeout=60)
+    finally:
+        proc.stop()
+    assert code == 0, proc.output
+    assert report["initial"] == "unconfigured" and report["configure"] and report["after_configure"] == "inactive"
+    assert report["activate"] and report["answered"] and report["deactivate"] and report["reactivate"], report
+    assert report["rss_answered"] - report["rss_unconfigured"] > 0.8 * model_mb, report  # the weights came in
+    assert report["depth_while_inactive"] == 0 and report["inactive_seconds"] >= 2.0, report
+    status = report["inactive_status"]
+    assert status["lifecycle_state"] == "inactive" and status["message"].startswith("inactive"), status
+    assert report["cleanup"] and report["after_cleanup"] == "unconfigured", report
+    freed = report["rss_before_cleanup"] - report["rss_after_cleanup"]
+    assert freed > 0.6 * model_mb, report  # most of the model's memory went back to the system
+    assert "unconfigured: the model is freed" in proc.output and "Traceback" not in proc.output, proc.output
+
+
 def test_a_grounded_answer_is_measured_on_the_depth_map(tiny_model):
     """The service glue: a box in the answer becomes a distance and a 3D point from the depth map.
 
@@ -602,8 +716,9 @@ def test_a_grounded_answer_is_measured_on_the_depth_map(tiny_model):
     from depthvlm_msgs.srv import SpatialQuery
 
     from depthvlm_ros.pipeline import Answer
+    from depthvlm_ros.ros.intake import Frame
     from depthvlm_ros.ros.messages import intrinsics_to_camera_info, rgb_to_image
-    from depthvlm_ros.ros.node import DepthVLMNode, Frame
+    from depthvlm_ros.ros.node import DepthVLMNode
     from depthvlm_ros.spatial import answer_measurement
 
     grounded = '```json\n[{"bbox_2d": [250, 300, 750, 700], "label": "blue disc"}]\n```'
@@ -625,10 +740,11 @@ def test_a_grounded_answer_is_measured_on_the_depth_map(tiny_model):
         header = Header(frame_id="cam")
         rgb = frame_rgb(320, 240, 0)
         k = Intrinsics.from_fx(320, 240, 1000.0)
-        node.process(Frame(rgb_to_image(rgb, header), intrinsics_to_camera_info(k, header), time.monotonic()),
-                     node.settings())
-        res = node._on_spatial_query(SpatialQuery.Request(question="Where is the blue disc?"),
-                                     SpatialQuery.Response())
+        assert node.state == "active"  # autostart
+        node.worker.process(node.cameras[0], Frame(rgb_to_image(rgb, header), intrinsics_to_camera_info(k, header),
+                                                   time.monotonic()), node.settings())
+        res = node.questions._on_spatial_query(SpatialQuery.Request(question="Where is the blue disc?"),
+                                               SpatialQuery.Response())
         assert res.success and res.answer == grounded
         expected = answer_measurement(grounded, tiny_model.ask(rgb, k, "Where is the blue disc?").depth.depth, k,
                                       (320, 240))
@@ -664,9 +780,43 @@ def scene_answers(private_cache) -> tuple[list[dict], str]:
         for kind in ("indoor", "outdoor"):
             rows += peer(env, "ask_scenes", "--seed", str(GROUNDED_SEED), "--kind", kind,
                          "--frames", str(GROUNDED_FRAMES), timeout=600.0)
+        asked = peer(env, "ask", "How far is the red chair?", "--compare-service", "--markers", "2")
+        cli = subprocess.run([PY, "-m", "depthvlm_ros", "query", "How far is the red chair?"], env=env, cwd=REPO,
+                             capture_output=True, text=True, timeout=120)
     finally:
         assert proc.stop() == 0, proc.output
+    SCENE_EXTRAS.update(asked=asked, cli=cli)
     return rows, proc.output
+
+
+#: What the scene_answers node also answered: the ~/ask action and ``depthvlm query``.
+SCENE_EXTRAS: dict[str, object] = {}
+
+
+def test_the_ask_action_streams_the_services_answer_and_marks_it(scene_answers):
+    """The action's feedback arrives before its result and ends in its answer; the result equals the
+    service's response for the same frame and question; each answer that names a place is drawn on
+    ~/answer_markers: a sphere at the response's point and a label, in the image's frame."""
+    asked = SCENE_EXTRAS["asked"]
+    result, service = asked["result"], asked["service"]
+    assert asked["status"] == "succeeded" and result["success"], asked
+    assert asked["feedback"] and asked["feedback"][0]["at"] < asked["result_at"]
+    assert asked["feedback"][-1]["answer"] == result["answer"]
+    assert [f["tokens"] for f in asked["feedback"]] == sorted(f["tokens"] for f in asked["feedback"])
+    assert result == service, (result, service)  # same frame, same question, same code: the same answer
+    assert result["frame_id"] == "cam_optical" and result["stamp"] == [4000, 0]
+    assert math.isfinite(result["distance_m"]), result  # the built-in model names a place
+    for drawn in asked["markers"]:
+        sphere, label = drawn["markers"]
+        assert sphere["type"] == 2 and label["type"] == 9  # Marker.SPHERE, Marker.TEXT_VIEW_FACING
+        assert sphere["frame_id"] == label["frame_id"] == "cam_optical" and sphere["stamp"] == [4000, 0]
+        assert sphere["position"] == pytest.approx(result["point"], rel=1e-5)
+        assert label["text"] == f"red chair {result['distance_m']:.2f} m", label
+        assert sphere["lifetime"] == pytest.approx(10.0)
+    cli = SCENE_EXTRAS["cli"]
+    assert cli.returncode == 0, cli.stderr
+    assert cli.stdout.startswith(f"answer: {result['answer']}\n"), cli.stdout
+    assert f"distance_m: {result['distance_m']:.3f}" in cli.stdout
 
 
 def test_the_built_in_model_answers_generated_questions_over_dds(scene_answers):

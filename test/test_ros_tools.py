@@ -241,7 +241,8 @@ def test_launch_file_structure():
             top_imports.add(node.module.split(".")[0])
     assert {"launch", "launch_ros"} <= top_imports <= {"os", "launch", "launch_ros", "ament_index_python"}
     strings = launch_strings()
-    for argument in ("params_file", "image", "camera_info", "namespace", "rviz", "use_compressed"):
+    for argument in ("params_file", "image", "camera_info", "namespace", "rviz", "use_compressed", "autostart",
+                     "model_path"):
         assert argument in strings, argument
     assert {"depthvlm_ros", "depthvlm_node", "depthvlm", "FASTDDS_DEFAULT_PROFILES_FILE"} <= set(strings)
 
@@ -264,11 +265,15 @@ def test_rviz_config_shows_the_node_topics():
     manager = config["Visualization Manager"]
     assert manager["Global Options"]["Fixed Frame"] == "camera_optical_frame"
     displays = {d["Topic"]["Value"]: d for d in manager["Displays"] if "Topic" in d}
-    assert set(displays) == {"/image", "/depth/image", "/depth/colored", "/points"}
+    assert set(displays) == {"/image", "/depth/image", "/depth/colored", "/points", "/depthvlm/answer_markers"}
     for topic in ("/image", "/depth/image", "/depth/colored"):
         assert displays[topic]["Class"] == "rviz_default_plugins/Image"
     assert displays["/points"]["Class"] == "rviz_default_plugins/PointCloud2"
     assert displays["/points"]["Color Transformer"] == "RGB8"
+    from depthvlm_ros.ros.questions import MARKER_NS
+
+    markers = displays["/depthvlm/answer_markers"]  # the node's ~/answer_markers
+    assert markers["Class"] == "rviz_default_plugins/MarkerArray" and markers["Namespaces"] == {MARKER_NS: True}
     assert {p["Class"] for p in config["Panels"]} >= {"rviz_common/Displays", "rviz_common/Views"}
 
 

@@ -121,15 +121,18 @@ def _token_ids(tokenizer: Any) -> dict[str, int]:
     }
 
 
-def tiny_config(tokenizer: Any, **overrides: Any) -> Any:
+def tiny_config(tokenizer: Any, vocab_rows: int = 0, **overrides: Any) -> Any:
     """A tiny Qwen3-VL config (hidden 64, 4 LLM layers, 3 ViT layers) with a narrow DPT head.
 
     ``overrides`` replace top-level fields (e.g. ``depth_head_features=256`` for a full-width head).
+    ``vocab_rows``: rows of the (tied) embedding, at least the tokenizer's; 0 = the tokenizer's,
+    rounded up to 64. More rows make a model of a chosen size (4 B x 64 per row) at no compute cost:
+    the depth path never applies the LM head.
     """
     from transformers import Qwen3VLConfig
 
     hidden = 64
-    vocab = int(math.ceil(len(tokenizer) / 64) * 64)
+    vocab = max(int(math.ceil(len(tokenizer) / 64) * 64), int(vocab_rows))
     fields: dict[str, Any] = {
         "text_config": {
             "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": 192,

@@ -230,6 +230,7 @@ class DepthVLM:
         max_side: int = 0,
         max_tokens: int = 0,
         should_stop: Callable[[], bool] | None = None,
+        on_text: Callable[[str, int], None] | None = None,
     ) -> Answer:
         """Answer a question about the image (greedy) and return the depth from the same prefill.
 
@@ -237,18 +238,23 @@ class DepthVLM:
         map with the first token's logits (a forward hook keeps it): the vision tower and the prefill
         each run once for both the answer and the depth map. ``should_stop()`` is checked after
         every generated token; when it returns True generation ends there (``Answer.stopped``).
+        ``on_text(text, num_tokens)`` is called after every generated token with the answer so far.
         """
         question = check_question(question)
         if not 1 <= int(max_new_tokens) <= 4096:
             raise InputError(f"max_new_tokens must be in 1..4096, got {max_new_tokens}")
         with self.lock:
             return self._ask(rgb, intrinsics, question, int(max_new_tokens), canonical_fx, max_side, max_tokens,
-                             should_stop)
+                             should_stop, on_text)
 
     def _ask(self, rgb: np.ndarray, intrinsics: Intrinsics, question: str, max_new_tokens: int,
              canonical_fx: float, max_side: int = 0, max_tokens: int = 0,
-             should_stop: Callable[[], bool] | None = None) -> Answer:
+             should_stop: Callable[[], bool] | None = None,
+             on_text: Callable[[str, int], None] | None = None) -> Answer:
         from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers.generation.streamers import BaseStreamer
+
+        tokenizer = self.processor.tokenizer
 
         stopped = [False]
 
@@ -256,6 +262,23 @@ class DepthVLM:
             def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
                 stopped[0] = stopped[0] or bool(should_stop is not None and should_stop())
                 return torch.full((input_ids.shape[0],), stopped[0], dtype=torch.bool, device=input_ids.device)
+
+        class TextSoFar(BaseStreamer):
+            """``generate`` hands it the prompt, then each new token: ``on_text`` gets the answer so far."""
+
+            def __init__(self) -> None:
+                self.prompt_seen = False
+                self.ids: list[int] = []
+
+            def put(self, value: torch.Tensor) -> None:
+                if not self.prompt_seen:
+                    self.prompt_seen = True
+                    return
+                self.ids += [int(t) for t in value.reshape(-1).tolist()]
+                on_text(tokenizer.decode(self.ids, skip_special_tokens=True).strip(), len(self.ids))
+
+            def end(self) -> None:
+                pass
 
         clock = _StageClock(self.device)
         with clock.stage("preprocess"):
@@ -277,13 +300,14 @@ class DepthVLM:
                     **inputs.model_kwargs(self.dtype),
                     max_new_tokens=int(max_new_tokens),
                     do_sample=False,
-                    pad_token_id=self.processor.tokenizer.pad_token_id,
+                    pad_token_id=tokenizer.pad_token_id,
                     stopping_criteria=StoppingCriteriaList([StopWhenAsked()]) if should_stop else None,
+                    streamer=TextSoFar() if on_text is not None else None,
                 )
         finally:
             hook.remove()
         new_tokens = out[0, inputs.input_ids.shape[1]:]
-        text = self.processor.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+        text = tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
         with clock.stage("postprocess"):
             depth_model = image.metric(captured["depth"][0].float().cpu().numpy())
             result = DepthResult(resize_depth(depth_model, *intrinsics.size), intrinsics, depth_model, image.model_k,

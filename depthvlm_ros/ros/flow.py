@@ -1,8 +1,8 @@
 """Frame flow of the node, without ROS: stamp pairing, the latest-frame-wins slot, the question gate,
 per-kind log throttling, rates and latencies.
 
-Everything here is bounded: the pairing keeps a few images and camera_infos, the slot holds one
-frame, the gate admits one question and a fixed number waiting, the throttle remembers a fixed number
+Everything here is bounded: the pairing keeps a few images and camera_infos, the slots hold one
+frame per camera, the gate admits one question and a fixed number waiting, the throttle remembers a fixed number
 of kinds, and the meters keep fixed-size windows, so no input rate can make the node grow.
 """
 
@@ -87,47 +87,73 @@ class StampSync(Generic[T, I]):
         self._infos.clear()
 
 
-class LatestSlot(Generic[T]):
-    """A one-item hand-off: ``put`` replaces what the worker has not taken yet (counted as dropped).
+class LatestSlots(Generic[T]):
+    """One latest-wins slot per camera and one worker that serves the cameras in turn.
 
-    The worker calls :meth:`done` when it finished what it took; :meth:`pending` is True from ``put``
-    until then, so others can tell whether a frame is waiting for (or in) the worker.
+    ``put(camera, item)`` replaces what the worker has not taken yet from that camera (counted as
+    dropped). ``take`` returns the next camera's item after the one served last (round robin), so a
+    fast camera cannot starve a slow one. The worker calls :meth:`done` when it finished what it took;
+    :meth:`pending` is True from ``put`` until then, so others can tell whether a frame is waiting for
+    (or in) the worker.
     """
 
-    def __init__(self) -> None:
-        self._item: T | None = None
-        self._taken = False
+    def __init__(self, cameras: int = 1) -> None:
+        self._items: list[T | None] = [None] * cameras
+        self._taken: int | None = None
+        self._next = 0
         self._cond = threading.Condition()
         self._closed = False
-        self.dropped = 0
+        self.dropped = [0] * cameras
 
-    def put(self, item: T) -> bool:
-        """Store ``item``; True when it replaced an untaken one (a dropped frame)."""
+    def put(self, camera: int, item: T) -> bool:
+        """Store ``item`` for ``camera``; True when it replaced an untaken one (a dropped frame)."""
         with self._cond:
-            replaced = self._item is not None
-            self.dropped += int(replaced)
-            self._item = item
-            self._cond.notify()
+            replaced = self._items[camera] is not None
+            self.dropped[camera] += int(replaced)
+            self._items[camera] = item
+            self._cond.notify_all()
             return replaced
 
-    def pending(self) -> bool:
-        """True while an item waits to be taken or the worker has not called :meth:`done` for it."""
+    def pending(self, camera: int | None = None) -> bool:
+        """True while an item (of ``camera``, or of any) waits to be taken or is in the worker."""
         with self._cond:
-            return self._item is not None or self._taken
+            if camera is None:
+                return self._taken is not None or any(item is not None for item in self._items)
+            return self._items[camera] is not None or self._taken == camera
 
-    def take(self, timeout: float | None = None) -> T | None:
-        """The latest item (and empty the slot), or None after ``timeout`` seconds or when closed."""
+    def take(self, timeout: float | None = None) -> tuple[int, T] | None:
+        """``(camera, item)``: the next waiting item in turn (its slot emptied), or None after ``timeout``
+        seconds or when closed."""
         with self._cond:
-            if self._item is None and not self._closed:
+            if not any(item is not None for item in self._items) and not self._closed:
                 self._cond.wait(timeout)
-            item, self._item = self._item, None
-            self._taken = item is not None
-            return item
+            n = len(self._items)
+            for step in range(n):
+                camera = (self._next + step) % n
+                item = self._items[camera]
+                if item is not None:
+                    self._items[camera] = None
+                    self._taken, self._next = camera, (camera + 1) % n
+                    return camera, item
+            return None
 
     def done(self) -> None:
         """The worker finished the item it took."""
         with self._cond:
-            self._taken = False
+            self._taken = None
+            self._cond.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Until the worker holds no item (call :meth:`clear` first); False after ``timeout`` seconds."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._taken is None, timeout)
+
+    def clear(self) -> int:
+        """Forget every waiting item (the node was deactivated); how many there were."""
+        with self._cond:
+            waiting = sum(item is not None for item in self._items)
+            self._items = [None] * len(self._items)
+            return waiting
 
     def close(self) -> None:
         with self._cond:

@@ -1,13 +1,15 @@
-"""The node's parameters: one table of names, defaults, ranges and descriptions.
+"""The node's parameters: one table of names, defaults, ranges and descriptions, grouped by the part of
+the node that reads them (:data:`GROUPS`: the same rooms as the code, see ``ros/node.py``).
 
-``config/depthvlm.yaml`` carries the same names and defaults (a test keeps them in step). Read-only
-parameters (model, backend, QoS, topics) are fixed at start-up; the others change at run time and
-are validated by the node's on-set callback.
+``config/depthvlm.yaml`` carries the same names and defaults in the same groups (a test keeps them in
+step). Read-only parameters (lifecycle, model, backend, cameras, QoS) are fixed at start-up; the others
+change at run time and are validated by the node's on-set callback.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from typing import Any
 
 from depthvlm_ros.geometry import DEFAULT_MAX_IMAGE_TOKENS
@@ -24,79 +26,103 @@ class Param:
     read_only: bool = False
     range: tuple[float, float] | None = None  # inclusive, numbers
     choices: tuple[str, ...] | None = None  # strings
+    group: str = ""  # the part of the node that reads it (GROUPS)
+
+
+#: The node's rooms, in the order of the table: each parameter belongs to exactly one.
+GROUPS = ("lifecycle", "model", "intake", "worker", "outputs", "questions", "diagnostics")
+
+
+def _group(group: str, *params: Param) -> tuple[Param, ...]:
+    return tuple(replace(p, group=group) for p in params)
 
 
 PARAMS: tuple[Param, ...] = (
-    # model and backend (start-up only)
-    Param("model_path", "", "DepthVLM folder (Hugging Face layout, safetensors); empty = the built-in model",
-          read_only=True),
-    Param("backend", "auto", "what runs the depth path; auto = tensorrt with an engine in engine_paths and CUDA, "
-          "torch when device is cuda, else onnxruntime on the CPU, else torch", read_only=True,
-          choices=("auto", "torch", "onnxruntime", "tensorrt")),
-    Param("backend_fallback", True, "if the backend is refused, fall back (tensorrt -> onnxruntime -> torch)",
-          read_only=True),
-    Param("device", "cpu", "cpu, cuda or cuda:N", read_only=True),
-    Param("answer_device", "", "where the PyTorch model (answers, and depth when backend is torch) lives; empty = "
-          "device. With backend tensorrt, cpu keeps the GPU for the engine (answers then run on the CPU)",
-          read_only=True),
-    Param("precision", "fp32", "weights dtype of the PyTorch model", read_only=True, choices=("fp32", "fp16", "bf16")),
-    Param("engine_paths", [], "ONNX graphs (onnxruntime) or TensorRT engines (tensorrt); empty = export/cache",
-          read_only=True),
-    Param("max_compiled_sizes", 0, "compiled sizes held at once; 0 = the backend's default: 4 ONNX Runtime "
-          "sessions (a new size is exported in the background while the nearest held size serves), 1 TensorRT "
-          "engine (each holds all the weights)", read_only=True, range=(0, 16)),
-    Param("compiled_size_idle_s", 30.0, "once max_compiled_sizes are held, a new size replaces a held one only "
-          "when that one was unused this long (sizes in use are never swapped out)", read_only=True,
-          range=(0.0, 3600.0)),
-    # inference size policy
-    Param("canonical_fx", 1000.0, "the model's canonical focal length in pixels (1000 for DepthVLM)",
-          read_only=True, range=(100.0, 5000.0)),
-    Param("match_fy", False, "scale rows by canonical_fx / fy instead of / fx (non-square pixels)"),
-    Param("max_side_px", 0, "cap on the model input's longer side in pixels (0 = none); a cap rescales the "
-          "depth by the focal ratio (approximation)", range=(0, 8192)),
-    Param("max_image_tokens", DEFAULT_MAX_IMAGE_TOKENS, "cap on the model's image tokens, one per 32x32 px (0 = "
-          "only the model's own max_pixels); 1280 keeps the released protocol for a 640x480 camera with fx >= 485 "
-          "px, larger canonical sizes take the canonical-camera route", range=(0, 65536)),
-    # outputs
-    Param("output_grid", "camera", "publish depth on the camera's pixel grid or the model's (fx ~ canonical_fx)",
-          choices=("camera", "model")),
-    Param("depth_encoding", "32FC1", "REP 118: 32FC1 metres (NaN invalid) or 16UC1 millimetres (0 invalid)",
-          choices=("32FC1", "16UC1")),
-    Param("min_depth_m", 0.0, "depth below this is published invalid (metres)", range=(0.0, 1000.0)),
-    Param("max_depth_m", 0.0, "depth beyond this is published invalid (metres; 0 = no limit)", range=(0.0, 1000.0)),
-    Param("colormap_min_m", 0.0, "near end of depth/colored (metres; min=max=0: per-frame 2..98 percentiles)",
-          range=(0.0, 1000.0)),
-    Param("colormap_max_m", 0.0, "far end of depth/colored (metres)", range=(0.0, 1000.0)),
-    Param("publish_pointcloud", True, "publish the organized cloud on points"),
-    Param("pointcloud_color", True, "add the packed rgb field from the image"),
-    Param("pointcloud_stride", 1, "keep every Nth pixel in rows and columns", range=(1, 64)),
-    Param("max_range_m", 0.0, "points farther than this from the optical centre become NaN (0 = no limit)",
-          range=(0.0, 1000.0)),
-    # input
-    Param("use_compressed", False, "subscribe to image/compressed (JPEG/PNG) instead of image", read_only=True),
-    Param("sync_tolerance_s", 0.0, "pair image and camera_info stamps within this many seconds (0 = exact)",
-          range=(0.0, 1.0)),
-    Param("fallback_fx", 0.0, "focal length (px) for frames without matching camera_info (0 = skip them)",
-          range=(0.0, 100000.0)),
-    Param("max_rate_hz", 0.0, "upper bound on inferences per second (0 = as fast as the model runs)",
-          range=(0.0, 1000.0)),
-    # QoS (start-up only)
-    Param("input_reliability", "best_effort", "QoS reliability of image/camera_info subscriptions",
-          read_only=True, choices=("best_effort", "reliable")),
-    Param("input_depth", 2, "QoS history depth of the input subscriptions", read_only=True, range=(1, 100)),
-    Param("output_reliability", "reliable", "QoS reliability of the published topics", read_only=True,
-          choices=("best_effort", "reliable")),
-    Param("output_depth", 2, "QoS history depth of the published topics", read_only=True, range=(1, 100)),
-    # services
-    Param("max_question_chars", 500, "longest question ~/spatial_query accepts", range=(1, MAX_QUESTION_CHARS)),
-    Param("max_answer_tokens", 64, "most tokens an answer may have", range=(1, 1024)),
-    Param("query_wait_s", 2.0, "how long ~/spatial_query waits for a first frame", range=(0.0, 60.0)),
-    Param("max_pending_queries", 1, "questions that may wait while one is answered; more are refused (busy) at "
-          "once", range=(0, 8)),
-    Param("query_timeout_s", 30.0, "longest a question waits for its turn before it is refused (busy)",
-          range=(0.1, 600.0)),
-    Param("max_query_pixels", 10000, "most pixels one ~/depth_at request may list", range=(1, 1000000)),
-    Param("diagnostics_period_s", 1.0, "period of /diagnostics", read_only=True, range=(0.1, 60.0)),
+    *_group("lifecycle",
+        Param("autostart", True, "configure and activate at start (a plain node); false: wait in unconfigured for a "
+              "lifecycle manager (~/change_state)", read_only=True),
+    ),
+    *_group("model",
+        Param("model_path", "", "DepthVLM folder (Hugging Face layout, safetensors); empty = the built-in model",
+              read_only=True),
+        Param("backend", "auto", "what runs the depth path; auto = tensorrt with an engine in engine_paths and CUDA, "
+              "torch when device is cuda, else onnxruntime on the CPU, else torch", read_only=True,
+              choices=("auto", "torch", "onnxruntime", "tensorrt")),
+        Param("backend_fallback", True, "if the backend is refused, fall back (tensorrt -> onnxruntime -> torch)",
+              read_only=True),
+        Param("device", "cpu", "cpu, cuda or cuda:N", read_only=True),
+        Param("answer_device", "", "where the PyTorch model (answers, and depth when backend is torch) lives; empty = "
+              "device. With backend tensorrt, cpu keeps the GPU for the engine (answers then run on the CPU)",
+              read_only=True),
+        Param("precision", "fp32", "weights dtype of the PyTorch model", read_only=True,
+              choices=("fp32", "fp16", "bf16")),
+        Param("engine_paths", [], "ONNX graphs (onnxruntime) or TensorRT engines (tensorrt); empty = export/cache",
+              read_only=True),
+        Param("max_compiled_sizes", 0, "compiled sizes held at once; 0 = the backend's default: 4 ONNX Runtime "
+              "sessions (a new size is exported in the background while the nearest held size serves), 1 TensorRT "
+              "engine (each holds all the weights)", read_only=True, range=(0, 16)),
+        Param("compiled_size_idle_s", 30.0, "once max_compiled_sizes are held, a new size replaces a held one only "
+              "when that one was unused this long (sizes in use are never swapped out)", read_only=True,
+              range=(0.0, 3600.0)),
+        Param("canonical_fx", 1000.0, "the model's canonical focal length in pixels (1000 for DepthVLM)",
+              read_only=True, range=(100.0, 5000.0)),
+        Param("match_fy", False, "scale rows by canonical_fx / fy instead of / fx (non-square pixels)"),
+        Param("max_side_px", 0, "cap on the model input's longer side in pixels (0 = none); a cap rescales the "
+              "depth by the focal ratio (approximation)", range=(0, 8192)),
+        Param("max_image_tokens", DEFAULT_MAX_IMAGE_TOKENS, "cap on the model's image tokens, one per 32x32 px (0 = "
+              "only the model's own max_pixels); 1280 keeps the released protocol for a 640x480 camera with fx >= 485 "
+              "px, larger canonical sizes take the canonical-camera route", range=(0, 65536)),
+    ),
+    *_group("intake",
+        Param("cameras", [], "camera namespaces, each with its own image, camera_info, depth/*, points (e.g. [front, "
+              "left]); empty = one camera on the plain topic names. The model is loaded once", read_only=True),
+        Param("use_compressed", False, "subscribe to image/compressed (JPEG/PNG) instead of image", read_only=True),
+        Param("sync_tolerance_s", 0.0, "pair image and camera_info stamps within this many seconds (0 = exact)",
+              range=(0.0, 1.0)),
+        Param("fallback_fx", 0.0, "focal length (px) for frames without matching camera_info (0 = skip them)",
+              range=(0.0, 100000.0)),
+        Param("input_reliability", "best_effort", "QoS reliability of image/camera_info subscriptions",
+              read_only=True, choices=("best_effort", "reliable")),
+        Param("input_depth", 2, "QoS history depth of the input subscriptions", read_only=True, range=(1, 100)),
+    ),
+    *_group("worker",
+        Param("max_rate_hz", 0.0, "upper bound on inferences per second (0 = as fast as the model runs)",
+              range=(0.0, 1000.0)),
+    ),
+    *_group("outputs",
+        Param("output_grid", "camera", "publish depth on the camera's pixel grid or the model's (fx ~ canonical_fx)",
+              choices=("camera", "model")),
+        Param("depth_encoding", "32FC1", "REP 118: 32FC1 metres (NaN invalid) or 16UC1 millimetres (0 invalid)",
+              choices=("32FC1", "16UC1")),
+        Param("min_depth_m", 0.0, "depth below this is published invalid (metres)", range=(0.0, 1000.0)),
+        Param("max_depth_m", 0.0, "depth beyond this is published invalid (metres; 0 = no limit)", range=(0.0, 1000.0)),
+        Param("colormap_min_m", 0.0, "near end of depth/colored (metres; min=max=0: per-frame 2..98 percentiles)",
+              range=(0.0, 1000.0)),
+        Param("colormap_max_m", 0.0, "far end of depth/colored (metres)", range=(0.0, 1000.0)),
+        Param("publish_pointcloud", True, "publish the organized cloud on points"),
+        Param("pointcloud_color", True, "add the packed rgb field from the image"),
+        Param("pointcloud_stride", 1, "keep every Nth pixel in rows and columns", range=(1, 64)),
+        Param("max_range_m", 0.0, "points farther than this from the optical centre become NaN (0 = no limit)",
+              range=(0.0, 1000.0)),
+        Param("output_reliability", "reliable", "QoS reliability of the published topics", read_only=True,
+              choices=("best_effort", "reliable")),
+        Param("output_depth", 2, "QoS history depth of the published topics", read_only=True, range=(1, 100)),
+    ),
+    *_group("questions",
+        Param("max_question_chars", 500, "longest question ~/spatial_query accepts", range=(1, MAX_QUESTION_CHARS)),
+        Param("max_answer_tokens", 64, "most tokens an answer may have", range=(1, 1024)),
+        Param("query_wait_s", 2.0, "how long ~/spatial_query waits for a first frame", range=(0.0, 60.0)),
+        Param("max_pending_queries", 1, "questions that may wait while one is answered; more are refused (busy) at "
+              "once", range=(0, 8)),
+        Param("query_timeout_s", 30.0, "longest a question waits for its turn before it is refused (busy)",
+              range=(0.1, 600.0)),
+        Param("max_query_pixels", 10000, "most pixels one ~/depth_at request may list", range=(1, 1000000)),
+        Param("marker_lifetime_s", 10.0, "how long an answer's markers stay in RViz (0 = until replaced)",
+              range=(0.0, 3600.0)),
+    ),
+    *_group("diagnostics",
+        Param("diagnostics_period_s", 1.0, "period of /diagnostics", read_only=True, range=(0.1, 60.0)),
+    ),
 )
 
 BY_NAME = {p.name: p for p in PARAMS}
@@ -118,3 +144,81 @@ def check_settings(values: dict[str, Any]) -> str | None:
     if (values["colormap_min_m"] or values["colormap_max_m"]) and values["colormap_min_m"] >= values["colormap_max_m"]:
         return "colormap_min_m must be below colormap_max_m (or both 0 for automatic)"
     return None
+
+
+#: A camera name: a relative ROS namespace (letters, digits, underscores; ``/`` between parts).
+_CAMERA_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*(/[A-Za-z][A-Za-z0-9_]*)*")
+#: Most cameras one node serves.
+MAX_CAMERAS = 16
+
+
+def check_cameras(names: list[str]) -> list[str]:
+    """The camera names of the ``cameras`` parameter, checked: ``[""]`` (one camera on the plain topic names)
+    when empty; else distinct relative namespaces. ValueError says which name is wrong."""
+    if not names:
+        return [""]
+    if len(names) > MAX_CAMERAS:
+        raise ValueError(f"cameras: at most {MAX_CAMERAS}, got {len(names)}")
+    for name in names:
+        if not _CAMERA_NAME.fullmatch(name):
+            raise ValueError(f"cameras: {name!r} is not a relative namespace (letters, digits, _; parts joined by /)")
+    if len(set(names)) != len(names):
+        raise ValueError(f"cameras: each name once, got {names}")
+    return list(names)
+
+
+#: What each group of the parameter file is about (its heading).
+GROUP_TITLES = {
+    "lifecycle": "lifecycle (ros/node.py)",
+    "model": "model, backend and inference size (ros/node.py configure; pipeline/plan.py)",
+    "intake": "cameras and their inputs (ros/intake.py)",
+    "worker": "the inference worker (ros/worker.py)",
+    "outputs": "depth outputs per camera (ros/outputs.py)",
+    "questions": "questions: ~/spatial_query, ~/ask, ~/depth_at, ~/answer_markers (ros/questions.py)",
+    "diagnostics": "diagnostics (ros/diagnostics.py)",
+}
+#: Examples shown (commented out) for the list parameters, whose default is empty.
+LIST_EXAMPLES = {"engine_paths": "[engines/d_640x480.onnx]", "cameras": "[front, left]"}
+
+
+def _yaml_value(value: Value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return repr(value)
+
+
+def parameter_file() -> str:
+    """``config/depthvlm.yaml``: every parameter with its default and description, in its group
+    (``python -m depthvlm_ros.ros.params > config/depthvlm.yaml`` writes it; a test keeps it in step)."""
+    lines = [
+        "# Parameters of the depthvlm node (names, defaults and ranges: depthvlm_ros/ros/params.py; this file is",
+        "# written by `python -m depthvlm_ros.ros.params > config/depthvlm.yaml`).",
+        "#   depthvlm node --params-file config/depthvlm.yaml            (PyPI rclpy)",
+        "#   ros2 launch depthvlm_ros depthvlm.launch.py params_file:=... (full ROS install)",
+        "# (read-only) = fixed at start-up; the others can be changed at run time (ros2 param set).",
+        "/**/depthvlm:",
+        "  ros__parameters:",
+    ]
+    for group in GROUPS:
+        lines.append(f"    # -- {GROUP_TITLES[group]} --")
+        for p in (p for p in PARAMS if p.group == group):
+            notes = []
+            if p.choices:
+                notes.append("|".join(p.choices))
+            elif p.range is not None and not isinstance(p.default, bool):
+                notes.append(f"[{p.range[0]:g}, {p.range[1]:g}]")
+            if p.read_only:
+                notes.append("read-only")
+            about = p.description + (f" ({'; '.join(notes)})" if notes else "")
+            if p.default == []:
+                lines.append(f"    # {p.name}: {LIST_EXAMPLES[p.name]}   # {about}")
+            else:
+                lines.append(f"    # {about}")
+                lines.append(f"    {p.name}: {_yaml_value(p.default)}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(parameter_file(), end="")

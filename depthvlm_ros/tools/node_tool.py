@@ -1,8 +1,10 @@
 """``depthvlm node``: run the ROS 2 node with the PyPI rclpy (no ``ros2 run`` needed).
 
-``depthvlm node [--params-file F] [--ros-args ...]`` sets the shipped Fast DDS large-data profile
-(unless ``FASTDDS_DEFAULT_PROFILES_FILE`` is set), then runs the node until SIGINT/SIGTERM (exit 0).
-Remaps and parameters go after ``--ros-args`` as usual: ``-r image:=/camera/image_rect -p backend:=onnxruntime``.
+``depthvlm node [--params-file F] [--no-autostart] [--ros-args ...]`` sets the shipped Fast DDS large-data
+profile (unless ``FASTDDS_DEFAULT_PROFILES_FILE`` is set), then runs the node until SIGINT/SIGTERM or its
+lifecycle shutdown (exit 0). ``--no-autostart`` (``-p autostart:=false``): the node waits unconfigured for
+a lifecycle manager (``~/change_state``). Remaps and parameters go after ``--ros-args`` as usual:
+``-r image:=/camera/image_rect -p backend:=onnxruntime``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ def ros_arguments(args: argparse.Namespace) -> list[str]:
         if not args.params_file.is_file():
             raise InputError(f"--params-file {args.params_file}: no such file")
         extra = ["--params-file", str(args.params_file)] + extra
+    if getattr(args, "no_autostart", False):
+        extra = extra + ["-p", "autostart:=false"]
     return ["depthvlm_node"] + (["--ros-args"] + extra if extra else [])
 
 
@@ -36,6 +40,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("node", help="run the ROS 2 node (camera in; depth, cloud, services out)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params-file", type=Path, help="ROS parameters YAML (e.g. config/depthvlm.yaml)")
+    p.add_argument("--no-autostart", action="store_true",
+                   help="wait unconfigured for a lifecycle manager (~/change_state) instead of starting at once")
     p.set_defaults(func=cmd_node)
 
 

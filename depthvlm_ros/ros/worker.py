@@ -1,0 +1,131 @@
+"""The inference worker: one thread, one model, the cameras in turn.
+
+It takes the next camera's latest frame (:class:`~depthvlm_ros.ros.flow.LatestSlots`, round robin),
+decodes it, runs the camera's plan (made once per camera, size and settings) through the model and
+hands the depth to that camera's outputs. Questions share the model through its lock and the
+question gate, which gives the depth stream a frame between two questions.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from depthvlm_ros.errors import InputError
+from depthvlm_ros.pipeline.plan import RouteSettings
+from depthvlm_ros.ros.flow import LatestSlots, QuestionGate
+from depthvlm_ros.ros.intake import CameraIntake, Decoded, Frame, decode
+from depthvlm_ros.ros.outputs import DepthOutputs
+
+#: Model stages that are the model's forward (the rest of a frame's time is the node's overhead).
+FORWARD_STAGES = ("vision", "llm", "head", "model")
+
+
+@dataclass
+class Camera:
+    """One camera of the node: its intake, its outputs and the latest frame the worker decoded."""
+
+    name: str  # "" for the plain topic names
+    intake: CameraIntake
+    outputs: DepthOutputs
+    latest: Decoded | None = None
+
+
+class InferenceWorker:
+    """The thread that turns frames into published depth (see the module docstring)."""
+
+    def __init__(self, model: Any, cameras: list[Camera], slots: LatestSlots[Frame], gate: QuestionGate,
+                 settings: Callable[[], dict[str, Any]], is_active: Callable[[], bool],
+                 context_ok: Callable[[], bool]) -> None:
+        self.model, self.cameras, self.slots, self.gate = model, cameras, slots, gate
+        self._settings, self._is_active, self._context_ok = settings, is_active, context_ok
+        #: Set when a new frame was decoded (questions wait on it for their first frame).
+        self.frame_ready = threading.Condition()
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="depthvlm-inference", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while self._running:
+            try:
+                self.next_frame()
+            except Exception:  # never let the worker die: the node would look alive and publish nothing
+                traceback.print_exc()
+
+    def next_frame(self) -> None:
+        """Take the next camera's latest frame (waiting at most 0.5 s) and process it; errors are counted
+        and logged on that camera."""
+        taken = self.slots.take(timeout=0.5)
+        if taken is None:
+            return
+        index, frame = taken
+        camera = self.cameras[index]
+        try:
+            if not self._running or not self._is_active() or not self._context_ok():
+                return  # deactivated or shutting down: nothing may be published
+            s = self._settings()
+            if s["max_rate_hz"] > 0 and time.monotonic() - camera.intake.last_inference < 1.0 / s["max_rate_hz"]:
+                camera.intake.count("skipped_rate")
+                return
+            self.process(camera, frame, s)
+        except InputError as exc:
+            camera.intake.record_error(str(exc))
+        except Exception as exc:  # a model or backend failure must not kill the stream
+            if self._context_ok():  # else a publish that raced with shutdown: not an error of the input
+                camera.intake.record_error(f"{exc.__class__.__name__}: {exc}")
+        finally:
+            self.slots.done()
+            self.gate.depth_served()
+
+    def process(self, camera: Camera, frame: Frame, s: dict[str, Any]) -> None:
+        """One frame's way: decode, the camera's plan (made once), infer, publish."""
+        start = time.perf_counter()
+        intake = camera.intake
+        intake.last_inference = time.monotonic()
+        decoded = decode(frame, s["fallback_fx"])
+        with self.frame_ready:
+            camera.latest = decoded
+            self.frame_ready.notify_all()
+        route = RouteSettings(s["canonical_fx"], s["match_fy"], s["max_side_px"], s["max_image_tokens"])
+        plan = self.model.plan(decoded.intrinsics, route, exact=False)  # torch's resize: model/preprocess.py
+        result = self.model.infer(plan, [decoded.rgb])[0]
+        if s["output_grid"] == "camera":
+            depth, k = result.depth, result.intrinsics
+        else:
+            depth, k = result.depth_model, result.intrinsics_model
+        camera.outputs.publish(decoded, depth, k, s)
+        end = time.perf_counter()
+        forward = sum(ms for name, ms in result.timings_ms.items() if name in FORWARD_STAGES)
+        total = (end - start) * 1000.0
+        intake.latency.add((time.monotonic() - frame.received) * 1000.0)
+        intake.overhead.add(total - forward)
+        intake.ros_overhead.add(total - sum(result.timings_ms.values()))
+        intake.forward.add(forward)
+        intake.inference_rate.tick()
+        with intake.lock:
+            intake.counters.processed += 1
+            intake.counters.reference_frames += int(result.backend != self.model.backend.name)
+
+    def wait_for_frame(self, camera: Camera, timeout_s: float) -> Decoded | None:
+        """The camera's latest decoded frame, waiting up to ``timeout_s`` for a first one."""
+        with self.frame_ready:
+            if camera.latest is None:
+                self.frame_ready.wait_for(lambda: camera.latest is not None or not self._running, timeout=timeout_s)
+            return camera.latest
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Forget the frames waiting and wait until the one in the worker is done; False on timeout."""
+        self.slots.clear()
+        return self.slots.wait_idle(timeout_s)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """End the thread (the frame in progress finishes first)."""
+        self._running = False
+        self.slots.close()
+        with self.frame_ready:
+            self.frame_ready.notify_all()
+        self._thread.join(timeout=timeout_s)
