@@ -14,7 +14,14 @@ import torch
 from PIL import Image
 
 from depthvlm_ros.training.data import IGNORE_INDEX, Collator, SampleDataset, read_dataset_folder
-from depthvlm_ros.training.trainer import STAGES, batch_delta1, lm_loss, set_trainable, silog_loss
+from depthvlm_ros.training.trainer import (
+    STAGES,
+    answer_tokens,
+    batch_delta1,
+    lm_loss_sum,
+    set_trainable,
+    silog_per_image,
+)
 
 SIZE = "128x96"  # small files; the tiny model sees them at 320x224 (its input limit)
 
@@ -41,10 +48,12 @@ def tiny_init(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_silog_is_scale_invariant_by_half_and_ignores_invalid_pixels():
     gt = torch.tensor([[[1.0, 2.0], [4.0, float("nan")]]])
-    assert float(silog_loss(gt.nan_to_num(1.0), gt)) == pytest.approx(0.0, abs=1e-3)
-    scaled = silog_loss(gt.nan_to_num(1.0) * 2.0, gt)  # g = ln 2 everywhere: sqrt((1 - 0.5)) * ln 2
+    assert float(silog_per_image(gt.nan_to_num(1.0), gt)[0]) == pytest.approx(0.0, abs=1e-3)
+    scaled = silog_per_image(gt.nan_to_num(1.0) * 2.0, gt)[0]  # g = ln 2 everywhere: sqrt((1 - 0.5)) * ln 2
     assert float(scaled) == pytest.approx(math.sqrt(0.5) * math.log(2.0), rel=1e-4)
-    assert float(silog_loss(gt.nan_to_num(1.0) * 2.0, gt, lam=1.0)) == pytest.approx(0.0, abs=1e-3)
+    assert float(silog_per_image(gt.nan_to_num(1.0) * 2.0, gt, lam=1.0)[0]) == pytest.approx(0.0, abs=1e-3)
+    empty = torch.full((1, 2, 2), float("nan"))
+    assert float(silog_per_image(torch.ones(1, 2, 2), empty)[0]) == 0.0  # no valid pixel: no loss
     assert batch_delta1(torch.tensor([[1.0, 1.3]]), torch.tensor([[1.0, 1.0]])) == pytest.approx(0.5)
 
 
@@ -52,8 +61,9 @@ def test_lm_loss_counts_only_labelled_tokens():
     logits = torch.zeros(1, 4, 5)
     logits[0, 2, 3] = 10.0  # position 2 predicts token 3 confidently
     labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 3]])
-    assert float(lm_loss(logits, labels)) < 1e-3
-    assert float(lm_loss(logits, torch.full((1, 4), IGNORE_INDEX))) == 0.0
+    assert float(lm_loss_sum(logits, labels)) < 1e-3 and answer_tokens(labels) == 1
+    assert float(lm_loss_sum(torch.zeros(1, 4, 5), labels)) == pytest.approx(math.log(5.0))  # uniform over 5
+    assert float(lm_loss_sum(logits, torch.full((1, 4), IGNORE_INDEX))) == 0.0
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -214,3 +224,48 @@ def test_packaging_stores_float16_weights_and_keeps_the_model_card(tmp_path, tin
     assert all(torch.equal(packed[k], trained[k].half()) for k in trained)
     model = DepthVLM.from_pretrained(dest)
     assert model.dtype == torch.float32  # stored as float16, run in float32
+
+
+def _final_weights(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "final" / "model.safetensors"))
+
+
+def _relative(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """||a - b|| / ||b|| over all weights of the model (float64)."""
+    diff = sum(float((a[k].double() - b[k].double()).norm() ** 2) for k in b) ** 0.5
+    return diff / sum(float(b[k].double().norm() ** 2) for k in b) ** 0.5
+
+
+def test_two_processes_train_the_same_weights_as_one(tmp_path, generated, tiny_init):
+    """DDP on two CPU processes (gloo, torchrun) with a global batch of 4 ends 5 steps of stage 0 with the
+    weights one process gets from the same global batches: each process trains on its own half of every
+    batch (depth samples on one, QA samples on the other here) and the halves' losses add up to the
+    one-process loss. The model's weights agree within 1e-5 relative (float summation order differs:
+    a few elements whose gradient is near zero take Adam's sign-like first step the other way), far
+    inside what the training moved them, while another seed (other batches) ends far away."""
+    import os
+
+    from safetensors.torch import load_file
+
+    common = ["train", "--stage", "0", "--init", str(tiny_init), "--data", str(generated), "--batch-size", "4",
+              "--steps", "5", "--save-every", "0", "--workers", "0", "--warmup-steps", "1", "--lr", "1e-4"]
+    one = depthvlm(*common, "--seed", "5", "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "depthvlm_ros", *common, "--seed", "5", "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "ACCELERATE_USE_CPU": "true"})
+    assert two.returncode == 0, two.stderr
+    assert "2 process(es)" in two.stdout + two.stderr
+    other = depthvlm(*common, "--seed", "6", "--out", str(tmp_path / "other"))
+    assert other.returncode == 0, other.stderr
+    a, b, c = _final_weights(tmp_path / "one"), _final_weights(tmp_path / "two"), _final_weights(tmp_path / "other")
+    init = load_file(str(tiny_init / "model.safetensors"))
+    assert set(a) == set(b) == set(init)
+    moved = _relative(a, init)  # how far 5 steps moved the weights
+    assert _relative(b, a) <= 1e-5 and _relative(b, a) <= 0.01 * moved, (_relative(b, a), moved)
+    assert _relative(c, a) >= 0.5 * moved  # the tolerance tells training runs apart
+    summary = json.loads((tmp_path / "two" / "train_summary.json").read_text())
+    assert summary["processes"] == 2 and summary["state"]["step"] == 5
+    assert not (tmp_path / "two" / "final.partial").exists()  # one process wrote the final folder

@@ -244,14 +244,16 @@ def init_weights(model: nn.Module, seed: int = 0, mean_depth_m: float = 2.0) -> 
 
 
 def write_checkpoint(model: nn.Module, tokenizer: Any, folder: str | Path,
-                     preprocessor: dict[str, Any] | None = None) -> Path:
+                     preprocessor: dict[str, Any] | None = None,
+                     state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Save a model in the published folder layout (safetensors, tied lm_head omitted).
 
     ``preprocessor``: image-processor settings (default Qwen3-VL's, :data:`QWEN3_VL_PREPROCESSOR`).
+    ``state_dict``: the weights to write instead of ``model``'s own (a sharded model's gathered weights).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(folder), safe_serialization=True)
+    model.save_pretrained(str(folder), safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(str(folder))
     settings = QWEN3_VL_PREPROCESSOR if preprocessor is None else preprocessor
     (folder / "preprocessor_config.json").write_text(json.dumps(settings, indent=2) + "\n")

@@ -9,15 +9,24 @@ stage    trains                                      loss
 2        LLM + depth head + LM head; vision frozen   LM loss + w * SILog on mixed samples
 =======  ==========================================  =====================================
 
-``w`` is the config's ``depth_loss_weight``. Runs through Hugging Face Accelerate: the same
-command runs on one CPU, one GPU, or (``accelerate launch`` with an FSDP config) many GPUs.
-Checkpoints are DepthVLM folders (safetensors) plus ``optimizer.safetensors`` and
-``trainer_state.json``; ``--resume`` continues from the newest one in the output folder.
-Nothing is pickled.
+``w`` is the config's ``depth_loss_weight``. A step's loss is over its whole global batch: SILog is
+the mean over the batch's images, the LM loss the mean over all of the batch's answer tokens.
+
+Runs through Hugging Face Accelerate: the same command runs on one CPU, one GPU, or several
+processes (``accelerate launch``, ``torchrun``: DDP). Model, optimizer and DataLoader go through
+``accelerator.prepare``; every forward runs through the prepared model; each process takes its own
+slice of every global batch (``split_batches``: deterministic for a seed and a world size), and its
+loss is its share of the global loss, so N processes compute the same update as one process with
+the same global batch. Gradients are synchronised once per step (the image-size groups before the
+last run under ``no_sync``). Logging, evaluation, checkpoints and the final folder come from the
+main process. Checkpoints are DepthVLM folders (safetensors) plus ``optimizer.safetensors`` and
+``trainer_state.json``; ``--resume`` continues from the newest one in the output folder, in every
+process. Nothing is pickled.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -74,20 +83,19 @@ class TrainState:
     last_eval: dict[str, float] = field(default_factory=dict)
 
 
-def silog_loss(pred: torch.Tensor, target: torch.Tensor, lam: float = SILOG_LAMBDA) -> torch.Tensor:
-    """Scale-invariant log loss, sqrt(mean(g^2) - lam * mean(g)^2), g = log pred - log target.
-
-    Per image over its valid target pixels (finite, > 0), then averaged over images that have
-    any. ``pred`` and ``target``: (B, H, W) in the same units.
-    """
+def silog_per_image(pred: torch.Tensor, target: torch.Tensor, lam: float = SILOG_LAMBDA) -> torch.Tensor:
+    """Scale-invariant log loss of each image, sqrt(mean(g^2) - lam * mean(g)^2), g = log pred - log target,
+    over its valid target pixels (finite, > 0); 0 for an image with fewer than 2. ``pred`` and
+    ``target``: (B, H, W) in the same units; returns (B,)."""
     valid = torch.isfinite(target) & (target > 0)
     losses = []
     for p, t, m in zip(pred, target, valid):
         if int(m.sum()) < 2:
+            losses.append(p.sum() * 0.0)
             continue
         g = torch.log(p[m].clamp_min(1e-6)) - torch.log(t[m])
         losses.append(torch.sqrt((g.pow(2).mean() - lam * g.mean().pow(2)).clamp_min(1e-8)))
-    return torch.stack(losses).mean() if losses else pred.sum() * 0.0
+    return torch.stack(losses)
 
 
 @torch.no_grad()
@@ -100,13 +108,18 @@ def batch_delta1(pred: torch.Tensor, target: torch.Tensor) -> float:
     return float((ratio < 1.25).float().mean())
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy on the labelled (answer) tokens."""
+def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy summed over the labelled (answer) tokens."""
     shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
     shift_labels = labels[:, 1:].reshape(-1)
     if not bool((shift_labels != IGNORE_INDEX).any()):
         return logits.sum() * 0.0
-    return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def answer_tokens(labels: torch.Tensor) -> int:
+    """How many tokens :func:`lm_loss_sum` scores in ``labels``."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 def set_trainable(model: DepthVLMForConditionalGeneration, stage: int, freeze: Sequence[str] = ()) -> list[str]:
@@ -130,18 +143,20 @@ def set_trainable(model: DepthVLMForConditionalGeneration, stage: int, freeze: S
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-def forward_losses(model: DepthVLMForConditionalGeneration, batch: Batch, stage: int) -> dict[str, torch.Tensor]:
-    """One forward over a batch: depth (B, H, W) and the losses this stage uses.
+def forward_losses(model: Any, lm_head: torch.nn.Module, batch: Batch, stage: int) -> dict[str, torch.Tensor]:
+    """One forward over a batch: depth (B, H, W), the SILog of each image and the answer tokens' summed
+    cross-entropy (stages 0 and 2, rows with answers).
 
-    The model's own forward (the one the robot runs): one vision pass and one LLM pass give the
-    depth and, for the rows that have answers, the LM loss from the same last hidden state.
+    ``model``: the model as prepared (DDP/FSDP wrapped, or itself): the model's own forward (the one the
+    robot runs), one vision pass and one LLM pass give the depth and the last hidden state; ``lm_head``
+    (the unwrapped model's) scores the answer rows from that hidden state.
     """
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values,
                 image_grid_thw=batch.image_grid_thw, mm_token_type_ids=batch.mm_token_type_ids, return_logits=False)
-    losses = {"depth": out.depth, "silog": silog_loss(out.depth, batch.depth_target)}
+    losses = {"depth": out.depth, "silog": silog_per_image(out.depth, batch.depth_target)}
     if stage != 1 and bool(batch.has_text.any()):
         rows = batch.has_text
-        losses["lm"] = lm_loss(model.lm_head(out.last_hidden_state[rows]), batch.labels[rows])
+        losses["lm_sum"] = lm_loss_sum(lm_head(out.last_hidden_state[rows]), batch.labels[rows])
     return losses
 
 
@@ -166,6 +181,7 @@ class _BatchSampler(torch.utils.data.Sampler):
     def __init__(self, n_depth: int, n_qa: int, cfg: TrainConfig, skip: int) -> None:
         self.args = (n_depth, n_qa, cfg.qa_fraction, cfg.batch_size, cfg.seed)
         self.total, self.skip = cfg.steps, skip
+        self.batch_size, self.drop_last = cfg.batch_size, False  # what Accelerate's per-process split reads
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         it = _mixed_indices(*self.args)
@@ -189,8 +205,10 @@ def _lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def save_checkpoint(folder: Path, model: DepthVLMForConditionalGeneration, processor: Any,
-                    optimizer: torch.optim.Optimizer | None, cfg: TrainConfig, state: TrainState) -> Path:
-    """A loadable DepthVLM folder (+ optimizer and trainer state when resumable)."""
+                    optimizer: torch.optim.Optimizer | None, cfg: TrainConfig, state: TrainState,
+                    state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """A loadable DepthVLM folder (+ optimizer and trainer state when resumable). ``state_dict``: the full
+    weights when ``model``'s own are sharded (FSDP: ``accelerator.get_state_dict``)."""
     from safetensors.torch import save_file
 
     from depthvlm_ros.model.factory import write_checkpoint
@@ -203,7 +221,7 @@ def save_checkpoint(folder: Path, model: DepthVLMForConditionalGeneration, proce
 
     hf_logging.disable_progress_bar()
     try:
-        write_checkpoint(model, processor.tokenizer, staging, preprocessor)
+        write_checkpoint(model, processor.tokenizer, staging, preprocessor, state_dict=state_dict)
     finally:
         hf_logging.enable_progress_bar()
     if optimizer is not None:
@@ -260,7 +278,7 @@ def evaluate(model: Any, processor: Any, folder: str, limit: int) -> dict[str, f
 
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
     """Run one stage; returns the final model folder (``out/final``)."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DataLoaderConfiguration
     from tqdm import tqdm
 
     from depthvlm_ros.pipeline import DepthVLM
@@ -293,41 +311,55 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if start_from is not None:
         load_optimizer_state(start_from, model, optimizer)
-    accelerator = Accelerator(log_with="tensorboard", project_dir=str(out))
+    # split_batches: every process takes its own slice of each global batch of cfg.batch_size samples.
+    accelerator = Accelerator(log_with="tensorboard", project_dir=str(out),
+                              dataloader_config=DataLoaderConfiguration(split_batches=True))
+    world = accelerator.num_processes
+    if cfg.batch_size % world:
+        raise InputError(f"--batch-size {cfg.batch_size} must be a multiple of the {world} processes")
     accelerator.init_trackers("logs", config={k: v for k, v in asdict(cfg).items() if not isinstance(v, list)})
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     core = accelerator.unwrap_model(model)
     core.train()
     weight = float(getattr(core.config, "depth_loss_weight", 1.0))
     accelerator.print(f"stage {cfg.stage}: {len(trainable)} trainable tensors "
                       f"({sum(p.numel() for p in params) / 1e6:.2f} M parameters), "
-                      f"{len(depth_refs)} depth + {len(qa_refs)} QA samples, steps {state.step}->{cfg.steps}")
+                      f"{len(depth_refs)} depth + {len(qa_refs)} QA samples, steps {state.step}->{cfg.steps}, "
+                      f"{world} process(es)")
     bar = tqdm(total=cfg.steps, initial=state.step, unit="step", disable=not accelerator.is_main_process)
     began = time.perf_counter() - state.seconds
     running: dict[str, float] = {}
     for batches in loader:
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * _lr_factor(state.step, cfg)
-        total, parts, deltas = 0.0, {"silog": 0.0, "lm": 0.0}, []
-        n_samples = sum(len(b.input_ids) for b in batches)
-        for batch in batches:
+        # The step's denominators are global: all images of the global batch, all its answer tokens.
+        local_tokens = sum(answer_tokens(b.labels[b.has_text]) for b in batches) if cfg.stage != 1 else 0
+        tokens = float(accelerator.reduce(torch.tensor([float(local_tokens)], device=accelerator.device), "sum"))
+        # silog share, lm share, delta1 x images, images with a delta1 (this process)
+        sums = torch.zeros(4, dtype=torch.float64)
+        for i, batch in enumerate(batches):
             batch = Batch(**{k: v.to(accelerator.device) for k, v in vars(batch).items()})
-            losses = forward_losses(core, batch, cfg.stage)
-            share = len(batch.input_ids) / n_samples
-            loss = (losses["silog"] if cfg.stage == 1 else weight * losses["silog"] + losses.get("lm", 0.0)) * share
-            accelerator.backward(loss)
-            total += float(loss.detach())
-            parts["silog"] += float(losses["silog"]) * share
-            parts["lm"] += float(losses.get("lm", torch.zeros(()))) * share
-            deltas.append(batch_delta1(losses["depth"].detach(), batch.depth_target))
+            last = i == len(batches) - 1  # gradients are synchronised once, on the step's last backward
+            with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                losses = forward_losses(model, core.lm_head, batch, cfg.stage)
+                silog = losses["silog"].sum() / cfg.batch_size
+                lm = losses["lm_sum"] / max(tokens, 1.0) if "lm_sum" in losses else silog * 0.0
+                loss = silog if cfg.stage == 1 else weight * silog + lm
+                accelerator.backward(loss * world)  # DDP averages over the processes: their shares add up
+            d1 = batch_delta1(losses["depth"].detach(), batch.depth_target)
+            sums += torch.tensor([float(silog.detach()), float(lm.detach()),
+                                  0.0 if math.isnan(d1) else d1 * len(batch.input_ids),
+                                  0.0 if math.isnan(d1) else len(batch.input_ids)], dtype=torch.float64)
         if cfg.grad_clip > 0:
             accelerator.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.seconds = time.perf_counter() - began
-        for key, value in (("loss", total), ("silog", parts["silog"]), ("lm", parts["lm"]),
-                           ("delta1", float(np.nanmean(deltas)))):
+        silog_g, lm_g, d1_sum, d1_n = accelerator.reduce(sums.to(accelerator.device), "sum").tolist()
+        step_values = {"loss": silog_g if cfg.stage == 1 else weight * silog_g + lm_g, "silog": silog_g, "lm": lm_g,
+                       "delta1": d1_sum / d1_n if d1_n else math.nan}
+        for key, value in step_values.items():
             running[key] = value if key not in running else 0.9 * running[key] + 0.1 * value
         bar.update(1)
         bar.set_postfix(loss=f"{running['loss']:.3f}", silog=f"{running['silog']:.3f}", lm=f"{running['lm']:.3f}",
@@ -336,22 +368,30 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             logged = {f"train/{k}": v for k, v in running.items()}
             accelerator.log(logged | {"train/lr": optimizer.param_groups[0]["lr"]}, step=state.step)
         if cfg.eval_data and cfg.eval_every > 0 and (state.step % cfg.eval_every == 0 or state.step == cfg.steps):
-            core.eval()
-            state.last_eval = evaluate(core, processor, cfg.eval_data, cfg.eval_limit)
-            accelerator.log({f"eval/{k}": v for k, v in state.last_eval.items()}, step=state.step)
-            bar.write(f"step {state.step}: eval delta1 {state.last_eval['delta1']:.3f} "
-                      f"AbsRel {state.last_eval['abs_rel']:.3f}")
-        if accelerator.is_main_process and cfg.save_every > 0 and state.step % cfg.save_every == 0:
-            save_checkpoint(out / f"checkpoint-{state.step}", core, processor, optimizer, cfg, state)
-            for old in sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-2]:
-                shutil.rmtree(old, ignore_errors=True)  # keep the newest two
+            if accelerator.is_main_process:  # one process evaluates (the others wait below)
+                core.eval()
+                state.last_eval = evaluate(core, processor, cfg.eval_data, cfg.eval_limit)
+                accelerator.log({f"eval/{k}": v for k, v in state.last_eval.items()}, step=state.step)
+                bar.write(f"step {state.step}: eval delta1 {state.last_eval['delta1']:.3f} "
+                          f"AbsRel {state.last_eval['abs_rel']:.3f}")
+            accelerator.wait_for_everyone()
+        if cfg.save_every > 0 and state.step % cfg.save_every == 0:
+            weights = accelerator.get_state_dict(model)  # every process takes part (FSDP gathers the shards)
+            if accelerator.is_main_process:
+                save_checkpoint(out / f"checkpoint-{state.step}", core, processor, optimizer, cfg, state, weights)
+                for old in sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-2]:
+                    shutil.rmtree(old, ignore_errors=True)  # keep the newest two
+            accelerator.wait_for_everyone()
     bar.close()
-    accelerator.end_training()
     final = out / "final"
+    weights = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         core.eval()
-        save_checkpoint(final, core, processor, None, cfg, state)
+        save_checkpoint(final, core, processor, None, cfg, state, weights)
         (final / "trainer_state.json").unlink()
         (out / "train_summary.json").write_text(json.dumps(
-            {"config": asdict(cfg), "state": asdict(state), "running": running}, indent=2) + "\n")
+            {"config": asdict(cfg), "state": asdict(state), "running": running,
+             "processes": world}, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # (ends the process group too: after the last collective)
     return final
