@@ -489,3 +489,30 @@ def test_bad_arguments_are_input_errors(tmp_path, capsys, args, message):
     assert main(["eval", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("depthvlm: error:") and message in err[0], err
+
+
+def test_two_processes_evaluate_exactly_what_one_does(tmp_path):
+    """``torchrun``/``accelerate launch`` with two processes: each scores every other record, the main process
+    merges them in record order and alone writes the report, which is byte for byte the one-process report
+    (with the same CPU thread count: torchrun gives each process one thread, and float sums follow the
+    threads). A malformed record is skipped and listed either way."""
+    gen = tmp_path / "gen"
+    made = subprocess.run([sys.executable, "-m", "depthvlm_ros", "generate", "--out", str(gen), "--n", "6", "--seed",
+                           "3", "--size", "128x96"], capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr
+    with open(gen / "depth.jsonl", "a") as f:
+        f.write("{not a record\n")
+    dataset = ["--dataset", f"gen={gen / 'depth.jsonl'},{gen},{gen}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    one = subprocess.run([sys.executable, "-m", "depthvlm_ros", "eval", *dataset, "--json", str(tmp_path / "one.json")],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "depthvlm_ros", "eval", *dataset, "--json", str(tmp_path / "two.json")],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert two.returncode == 0, two.stderr
+    assert "by 2 processes" in two.stderr
+    assert (tmp_path / "two.json").read_bytes() == (tmp_path / "one.json").read_bytes()
+    assert two.stdout.count("# DepthVLM-Bench") == 1 and two.stdout == one.stdout  # the main process reports
+    report = json.loads((tmp_path / "one.json").read_text())["datasets"]["gen"]
+    assert report["n_images"] == 6 and report["n_skipped"] == 1

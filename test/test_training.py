@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -244,28 +245,71 @@ def test_two_processes_train_the_same_weights_as_one(tmp_path, generated, tiny_i
     batch (depth samples on one, QA samples on the other here) and the halves' losses add up to the
     one-process loss. The model's weights agree within 1e-5 relative (float summation order differs:
     a few elements whose gradient is near zero take Adam's sign-like first step the other way), far
-    inside what the training moved them, while another seed (other batches) ends far away."""
+    inside what the training moved them, while another seed (other batches) ends far away. Two processes
+    resumed from the step-3 checkpoint end where the uninterrupted two-process run did."""
     import os
 
     from safetensors.torch import load_file
 
-    common = ["train", "--stage", "0", "--init", str(tiny_init), "--data", str(generated), "--batch-size", "4",
-              "--steps", "5", "--save-every", "0", "--workers", "0", "--warmup-steps", "1", "--lr", "1e-4"]
-    one = depthvlm(*common, "--seed", "5", "--out", str(tmp_path / "one"))
+    common = ["-m", "depthvlm_ros", "train", "--stage", "0", "--init", str(tiny_init), "--data", str(generated),
+              "--batch-size", "4", "--steps", "5", "--save-every", "0", "--workers", "0", "--warmup-steps", "1",
+              "--lr", "1e-4"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}  # torchrun's thread count, in all
+
+    def train(*args: str, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, *launcher, *common, *args], capture_output=True, text=True,
+                              timeout=600, env=env)
+
+    one = train("--seed", "5", "--out", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "depthvlm_ros", *common, "--seed", "5", "--out", str(tmp_path / "two")],
-                         capture_output=True, text=True, timeout=600, env={**os.environ, "ACCELERATE_USE_CPU": "true"})
+    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    two = train("--seed", "5", "--out", str(tmp_path / "two"), "--save-every", "3", launcher=torchrun)
     assert two.returncode == 0, two.stderr
+    # --resume with two processes: from the step-3 checkpoint alone, the same 5 steps' end
+    shutil.copytree(tmp_path / "two" / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
+    resumed = train("--seed", "5", "--out", str(tmp_path / "resumed"), "--save-every", "3", "--resume",
+                    launcher=torchrun)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "steps 3->5" in resumed.stdout + resumed.stderr
     assert "2 process(es)" in two.stdout + two.stderr
-    other = depthvlm(*common, "--seed", "6", "--out", str(tmp_path / "other"))
+    other = train("--seed", "6", "--out", str(tmp_path / "other"))
     assert other.returncode == 0, other.stderr
     a, b, c = _final_weights(tmp_path / "one"), _final_weights(tmp_path / "two"), _final_weights(tmp_path / "other")
     init = load_file(str(tiny_init / "model.safetensors"))
     assert set(a) == set(b) == set(init)
     moved = _relative(a, init)  # how far 5 steps moved the weights
+    print(f"two vs one: {_relative(b, a):.2e} relative; training moved the weights {moved:.2e}")
     assert _relative(b, a) <= 1e-5 and _relative(b, a) <= 0.01 * moved, (_relative(b, a), moved)
     assert _relative(c, a) >= 0.5 * moved  # the tolerance tells training runs apart
+    torch.testing.assert_close(_relative(_final_weights(tmp_path / "resumed"), b), 0.0, rtol=0, atol=1e-6)
     summary = json.loads((tmp_path / "two" / "train_summary.json").read_text())
     assert summary["processes"] == 2 and summary["state"]["step"] == 5
     assert not (tmp_path / "two" / "final.partial").exists()  # one process wrote the final folder
+
+
+def test_an_fsdp_checkpoint_is_written_from_the_gathered_weights(tmp_path, tiny_checkpoint):
+    """Under FSDP a process's module holds only its shard; checkpoints are written from the full weights
+    ``accelerator.get_state_dict`` gathers. (Accelerate offers FSDP only on GPUs, so the sharding itself
+    is not run here.) The folder written from a given state dict loads strictly and holds those weights,
+    not the module's own; config/accelerate_fsdp.yaml names classes that exist."""
+    import yaml
+
+    from depthvlm_ros.pipeline import DepthVLM
+    from depthvlm_ros.training.trainer import TrainConfig, TrainState, save_checkpoint
+
+    loaded = DepthVLM.from_pretrained(tiny_checkpoint)
+    gathered = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    key = "depth_head.scratch.output_conv2.2.bias"
+    gathered[key] = gathered[key] + 1.0  # differs from the module's
+    cfg = TrainConfig(stage=2, data=[], out=str(tmp_path), init=str(tiny_checkpoint))
+    folder = save_checkpoint(tmp_path / "checkpoint-1", loaded.model, loaded.processor, None, cfg, TrainState(step=1),
+                             state_dict=gathered)
+    saved = DepthVLM.from_pretrained(folder).model.state_dict()
+    torch.testing.assert_close(saved[key], gathered[key])
+    assert not torch.equal(saved[key], loaded.model.state_dict()[key])
+    config = yaml.safe_load((Path(__file__).resolve().parent.parent / "config" / "accelerate_fsdp.yaml").read_text())
+    from transformers.models.qwen3_vl import modeling_qwen3_vl
+
+    assert config["distributed_type"] == "FSDP" and config["fsdp_config"]["fsdp_version"] == 2
+    for name in config["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"].split(","):
+        assert hasattr(modeling_qwen3_vl, name), name

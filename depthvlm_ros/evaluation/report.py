@@ -19,6 +19,7 @@ images of the fraction of GT-valid pixels that had no valid prediction (excluded
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Sequence
@@ -38,12 +39,38 @@ PROTOCOLS: tuple[str, ...] = ("sparse", "dense")
 
 @dataclass
 class DatasetResults:
-    """What a run produced for one dataset: per-image results (see ``score_record``) and skips."""
+    """What a run produced for one dataset: per-image results (see ``score_record``) and skips, each with
+    the position of its record in the JSONL (``order``, ``skipped_order``)."""
 
     spec: DatasetSpec
     images: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[BadRecord] = field(default_factory=list)
     cache_hits: int = 0
+    order: list[int] = field(default_factory=list)
+    skipped_order: list[int] = field(default_factory=list)
+
+    def in_record_order(self) -> None:
+        """Sort images and skips by record position: the report then does not depend on how records were
+        batched or split between processes (means add up in one order)."""
+        pairs = sorted(zip(self.order, self.images), key=lambda pair: pair[0])
+        self.order, self.images = [i for i, _ in pairs], [r for _, r in pairs]
+        skips = sorted(zip(self.skipped_order, self.skipped), key=lambda pair: pair[0])
+        self.skipped_order, self.skipped = [i for i, _ in skips], [b for _, b in skips]
+
+    def to_json(self) -> str:
+        """What another process needs to merge these results (floats round-trip exactly)."""
+        return json.dumps({"images": self.images, "order": self.order, "cache_hits": self.cache_hits,
+                           "skipped": [[b.label, b.reason] for b in self.skipped],
+                           "skipped_order": self.skipped_order})
+
+    def merge_json(self, text: str) -> None:
+        """Add the results another process sent (:meth:`to_json`); call :meth:`in_record_order` after."""
+        data = json.loads(text)
+        self.images += data["images"]
+        self.order += data["order"]
+        self.cache_hits += data["cache_hits"]
+        self.skipped += [BadRecord(label, reason) for label, reason in data["skipped"]]
+        self.skipped_order += data["skipped_order"]
 
 
 @dataclass

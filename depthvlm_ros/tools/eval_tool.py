@@ -227,6 +227,7 @@ def _content_hash(path: Path) -> str:
 
 @dataclass
 class _Pending:
+    index: int  # the record's position in the JSONL
     record: BenchRecord
     gt: np.ndarray
     rgb: np.ndarray
@@ -278,27 +279,30 @@ class DatasetEvaluator:
 
     # bookkeeping
 
-    def skip(self, label: str, reason: str) -> None:
+    def skip(self, label: str, reason: str, index: int) -> None:
         self.results.skipped.append(BadRecord(label, reason))
+        self.results.skipped_order.append(index)
         if self._printed < MAX_PRINTED_SKIPS:
             _note(f"eval: {self.spec.name}: skipped {label}: {reason}")
             self._printed += 1
             if self._printed == MAX_PRINTED_SKIPS:
                 _note(f"eval: {self.spec.name}: further skipped records are counted, not printed")
 
-    def _add(self, record: BenchRecord, result: dict[str, Any], maps: tuple[np.ndarray, np.ndarray] | None) -> None:
+    def _add(self, index: int, record: BenchRecord, result: dict[str, Any],
+             maps: tuple[np.ndarray, np.ndarray] | None) -> None:
         self.results.images.append(result)
+        self.results.order.append(index)
         self.worst.offer(result["dense"]["abs_rel"], record, maps)
 
-    def _finish(self, record: BenchRecord, gt: np.ndarray, pred: np.ndarray, key: dict[str, Any]) -> None:
+    def _finish(self, index: int, record: BenchRecord, gt: np.ndarray, pred: np.ndarray, key: dict[str, Any]) -> None:
         try:
             result, aligned = score_record(record, gt, pred, self.spec.depth_range)
         except InputError as exc:
-            self.skip(record.image, str(exc))
+            self.skip(record.image, str(exc), index)
             return
         if self.cache is not None and key:
             self.cache.put(key, result)
-        self._add(record, result, (gt, aligned) if self.worst.k > 0 else None)
+        self._add(index, record, result, (gt, aligned) if self.worst.k > 0 else None)
 
     # prediction
 
@@ -321,18 +325,19 @@ class DatasetEvaluator:
                 for item in items:
                     self._run_batch([item])
             else:
-                self.skip(items[0].record.image, f"prediction failed: {exc}")
+                self.skip(items[0].record.image, f"prediction failed: {exc}", items[0].index)
             return
         for item, pred in zip(items, preds):
-            self._finish(item.record, item.gt, pred, item.cache_key)
+            self._finish(item.index, item.record, item.gt, pred, item.cache_key)
 
     def flush(self) -> None:
         """Run the model on every record still waiting for a full batch."""
         for size in list(self._pending):
             self._run_batch(self._pending.pop(size))
 
-    def add_record(self, record: BenchRecord) -> None:
-        """Score a record now (cache, saved prediction) or queue it for a model batch."""
+    def add_record(self, record: BenchRecord, index: int = 0) -> None:
+        """Score a record (``index``: its position in the JSONL) now (cache, saved prediction) or queue it for
+        a model batch."""
         key: dict[str, Any] = {}
         if self.cache is not None:
             try:
@@ -344,7 +349,7 @@ class DatasetEvaluator:
             cached = self.cache.get(key) if key else None
             if cached is not None:
                 self.results.cache_hits += 1
-                self._add(record, cached, None)
+                self._add(index, record, cached, None)
                 return
         try:
             gt = load_ground_truth(record, self.spec.depth_root)
@@ -355,30 +360,47 @@ class DatasetEvaluator:
                 rgb, k = self._read_rgb_and_k(record)
                 size = canonical_size(k)  # images batch together when they reach the model at one size
         except InputError as exc:
-            self.skip(record.image, str(exc))
+            self.skip(record.image, str(exc), index)
             return
         if self.source.pred_root is not None:
-            self._finish(record, gt, pred, key)
+            self._finish(index, record, gt, pred, key)
             return
         bucket = self._pending.setdefault(size, [])
-        bucket.append(_Pending(record, gt, rgb, k, key))
+        bucket.append(_Pending(index, record, gt, rgb, k, key))
         if len(bucket) >= max(1, self.source.batch_size):
             self._run_batch(self._pending.pop(size))
 
-    def run(self, limit: int | None) -> DatasetResults:
+    def run(self, limit: int | None, shard: tuple[int, int] = (0, 1)) -> DatasetResults:
+        """Score the records (the first ``limit``); ``shard = (rank, world)``: only every world-th record from
+        ``rank`` on (the others are another process's). Results come in record order."""
         from tqdm import tqdm
 
+        rank, world = shard
         total = count_records(self.spec.jsonl)
         total = min(total, limit) if limit is not None else total
-        with tqdm(total=total, desc=self.spec.name, unit="img", file=sys.stderr, disable=None) as bar:
-            for item in iter_records(self.spec.jsonl, limit):
+        mine = len(range(rank, total, world))
+        with tqdm(total=mine, desc=self.spec.name, unit="img", file=sys.stderr, disable=None) as bar:
+            for index, item in enumerate(iter_records(self.spec.jsonl, limit)):
+                if index % world != rank:
+                    continue
                 if isinstance(item, BadRecord):
-                    self.skip(item.label, item.reason)
+                    self.skip(item.label, item.reason, index)
                 else:
-                    self.add_record(item)
+                    self.add_record(item, index)
                 bar.update(1)
             self.flush()
+        self.results.in_record_order()
         return self.results
+
+    def offer_worst_again(self, limit: int | None) -> None:
+        """Offer every result to the worst-images tracker (after merging other processes' results: their
+        maps are recomputed for the panels)."""
+        records = dict(enumerate(iter_records(self.spec.jsonl, limit)))
+        self.worst = _WorstTracker(self.worst.k)
+        for index, result in zip(self.results.order, self.results.images):
+            record = records[index]
+            if not isinstance(record, BadRecord):
+                self.worst.offer(result["dense"]["abs_rel"], record, None)
 
     # worst images
 
@@ -469,22 +491,56 @@ def write_plots(folder: Path, report: dict[str, Any], evaluators: Sequence[Datas
     return written
 
 
+def process_group(args: argparse.Namespace) -> Any | None:
+    """Accelerate's ``PartialState`` when this process is one of several (``accelerate launch``, ``torchrun``:
+    ``WORLD_SIZE`` > 1); None for a plain run. On CUDA each process takes its own GPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    on_cpu = not str(getattr(args, "device", "cpu")).startswith("cuda")
+    state = PartialState(cpu=on_cpu)
+    if not on_cpu:
+        args.device = str(state.device)
+    return state if state.num_processes > 1 else None
+
+
 def run(args: argparse.Namespace) -> int:
+    """Score every dataset and report. Under several processes each scores every world-th record, the main
+    process merges the results in record order (the same numbers as one process) and reports."""
     _check_counts(args)
     specs = dataset_specs(args)
-    _prepare_outputs(args)
+    dist = process_group(args)
+    rank, world = (dist.process_index, dist.num_processes) if dist is not None else (0, 1)
+    main = rank == 0
+    if main:
+        _prepare_outputs(args)
     source = make_source(args)
     for spec in specs:
-        if not spec.has_range:
+        if main and not spec.has_range:
             _note(f"eval: note: {spec.name}: no preset depth range; scoring GT > 0 and finite only")
     cache = ResultCache(args.cache) if args.cache is not None else None
     evaluators = []
     for spec in specs:
-        evaluator = DatasetEvaluator(spec, source, cache, args.worst if args.plots is not None else 0)
-        results = evaluator.run(args.limit)
-        _note(f"eval: {spec.name}: {len(results.images)} image(s) scored ({results.cache_hits} from cache), "
-              f"{len(results.skipped)} skipped")
+        evaluator = DatasetEvaluator(spec, source, cache, args.worst if args.plots is not None and main else 0)
+        results = evaluator.run(args.limit, (rank, world))
+        if dist is not None:
+            from accelerate.utils import gather_object
+
+            parts = gather_object([results.to_json()])  # every process's, in process order
+            results = DatasetResults(spec)
+            for text in parts:
+                results.merge_json(text)
+            results.in_record_order()
+            evaluator.results = results
+            if main and args.plots is not None:
+                evaluator.offer_worst_again(args.limit)
+        if main:
+            _note(f"eval: {spec.name}: {len(results.images)} image(s) scored ({results.cache_hits} from cache), "
+                  f"{len(results.skipped)} skipped" + (f" by {world} processes" if world > 1 else ""))
         evaluators.append(evaluator)
+    if not main:
+        return 0
     report = build_report([ev.results for ev in evaluators], source.source_id)
     markdown = format_markdown(report)
     print(markdown, end="")
