@@ -452,12 +452,14 @@ def lifecycle(args: argparse.Namespace) -> None:
 
     configure -> activate (depth flows; one question) -> deactivate (no depth while frames keep arriving: the node's
     ``frames_ignored_inactive`` grows by ``--ignored`` frames and at least 2 s pass) -> activate (flows
-    again) -> deactivate -> cleanup (the node's RSS before and after) -> shutdown (the process ends).
-    Prints what it saw at each step.
+    again) -> deactivate while a question is answered -> cleanup (the node's RSS before and after) ->
+    shutdown (the process ends). Prints what it saw at each step.
     """
+    from depthvlm_msgs.action import Ask
     from depthvlm_msgs.srv import SpatialQuery
     from lifecycle_msgs.msg import Transition
     from lifecycle_msgs.srv import ChangeState, GetState
+    from rclpy.action import ActionClient
 
     node = rclpy.create_node("test_lifecycle_manager")
     pub_image = node.create_publisher(Image, "image", RELIABLE)
@@ -465,6 +467,7 @@ def lifecycle(args: argparse.Namespace) -> None:
     depth: list[float] = []  # arrival times of depth images
     sub = node.create_subscription(Image, "depth/image", lambda _m: depth.append(time.monotonic()), RELIABLE)
     asker = node.create_client(SpatialQuery, "/depthvlm/spatial_query")
+    ask_client = ActionClient(node, Ask, "/depthvlm/ask")
     change = node.create_client(ChangeState, "/depthvlm/change_state")
     get = node.create_client(GetState, "/depthvlm/get_state")
     diagnostics = Diagnostics(node)
@@ -522,7 +525,17 @@ def lifecycle(args: argparse.Namespace) -> None:
     report["reactivate"] = transition(Transition.TRANSITION_ACTIVATE)
     before = len(depth)
     until(lambda: len(depth) >= before + 3, "depth after the second activate")
+    # a question being answered when the node is deactivated: it stops and its client gets the result
+    feedback: list[int] = []
+    goal = ask_client.send_goal_async(Ask.Goal(question="How far is it?", max_new_tokens=64),
+                                      feedback_callback=lambda fb: feedback.append(fb.feedback.tokens))
+    until(goal.done, "the goal's acceptance")
+    result = goal.result().get_result_async()
+    until(lambda: feedback or result.done(), "the answer to start")
     report["deactivate_again"] = transition(Transition.TRANSITION_DEACTIVATE)
+    until(result.done, "the result of the question the deactivation stopped")
+    report["stopped_question"] = {"success": result.result().result.success,
+                                  "message": result.result().result.message, "tokens_seen": len(feedback)}
     report["rss_before_cleanup"] = rss_mb(args.pid)
     report["cleanup"] = transition(Transition.TRANSITION_CLEANUP)
     report["after_cleanup"] = state()

@@ -357,13 +357,23 @@ def test_questions_cannot_starve_depth(node, module_env, tmp_path):
 
 def test_an_ask_action_is_canceled_within_a_decoding_step(node, module_env):
     """~/ask streams the answer as feedback; a cancel stops generation at the next token and the result says
-    how many were generated. (The untrained tiny model never writes an end token, so without the cancel
-    it would generate all 1024.)"""
+    how many were generated; ``depthvlm query`` streams it too and Ctrl-C cancels it. (The untrained tiny
+    model never writes an end token, so without the cancel it would generate all 1024.)"""
     ok = peer(module_env, "call", "set_parameters", json.dumps({"max_answer_tokens": 1024}))
     assert all(r["successful"] for r in ok["results"]), ok
     try:
         out = peer(module_env, "ask", "How far is the blue disc?", "--max-new-tokens", "1024", "--cancel-after", "3")
         refused = peer(module_env, "ask", "How far is the blue disc?", "--max-new-tokens", "1025")
+        # depthvlm query: the answer streams to stdout; Ctrl-C cancels the goal and the tool exits 130
+        query = subprocess.Popen([PY, "-m", "depthvlm_ros", "query", "How far is the blue disc?", "--max-new-tokens",
+                                  "1024"], env=module_env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        streamed = b""
+        while len(streamed) < len(b"answer: ") + 10:  # some of the answer has been printed: it is generating
+            chunk = query.stdout.read1(64)
+            assert chunk, query.stderr.read().decode()
+            streamed += chunk
+        query.send_signal(signal.SIGINT)
+        rest, err = query.communicate(timeout=60)
     finally:
         peer(module_env, "call", "set_parameters", json.dumps({"max_answer_tokens": 64}))
     assert out["status"] == "canceled" and not out["result"]["success"], out["result"]
@@ -374,7 +384,11 @@ def test_an_ask_action_is_canceled_within_a_decoding_step(node, module_env):
     assert all(f["tokens"] <= generated for f in out["feedback"]) and len(out["feedback"]) >= 3
     assert out["result"]["answer"].startswith(out["feedback"][2]["answer"])  # the same answer, streamed
     assert refused["status"] == "aborted" and "max_answer_tokens" in refused["result"]["message"], refused
-    status = peer(module_env, "watch", "--until", "queries_canceled>=1")
+    assert query.returncode == 130, err.decode()
+    said = re.search(r"canceled: stopped after (\d+) tokens: canceled", err.decode())
+    assert said and int(said.group(1)) < 1024, err.decode()
+    assert (streamed + rest).decode().startswith("answer: ")
+    status = peer(module_env, "watch", "--until", "queries_canceled>=2")
     assert status["query_active"] == "false"
     assert node.proc.poll() is None
 
@@ -680,8 +694,8 @@ FAT_VOCAB_ROWS = 480_000
 def test_a_lifecycle_manager_drives_the_node(ros_env, tmp_path):
     """autostart false: the node waits unconfigured; from another process configure -> activate (depth
     flows, a question is answered) -> deactivate (no depth while frames keep arriving, for at least 2 s)
-    -> activate (flows again) -> deactivate -> cleanup (the weights' memory returns) -> shutdown (the
-    process exits 0)."""
+    -> activate (flows again) -> deactivate while a question is answered (it stops and says so) -> cleanup
+    (the weights' memory returns) -> shutdown (the process exits 0)."""
     from depthvlm_ros.model.factory import make_tiny_checkpoint
 
     model_mb = FAT_VOCAB_ROWS * 64 * 4 / 2**20
@@ -700,6 +714,8 @@ def test_a_lifecycle_manager_drives_the_node(ros_env, tmp_path):
     assert report["depth_while_inactive"] == 0 and report["inactive_seconds"] >= 2.0, report
     status = report["inactive_status"]
     assert status["lifecycle_state"] == "inactive" and status["message"].startswith("inactive"), status
+    stopped = report["stopped_question"]  # answered when deactivated: it ends, and says why
+    assert not stopped["success"] and "deactivated" in stopped["message"], stopped
     assert report["cleanup"] and report["after_cleanup"] == "unconfigured", report
     freed = report["rss_before_cleanup"] - report["rss_after_cleanup"]
     assert freed > 0.6 * model_mb, report  # most of the model's memory went back to the system

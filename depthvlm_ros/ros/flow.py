@@ -184,8 +184,9 @@ class QuestionGate:
         #: Times a question waited for the depth stream's frame before its turn.
         self.depth_turns = 0
 
-    def enter(self, timeout_s: float) -> str | None:
-        """Wait for this question's turn: None when admitted (then call :meth:`leave`), else why not."""
+    def enter(self, timeout_s: float, should_stop: Callable[[], bool] = lambda: False) -> str | None:
+        """Wait for this question's turn: None when admitted (then call :meth:`leave`), else why not.
+        ``should_stop`` (a cancel) is looked at every 0.1 s while waiting."""
         with self._cond:
             if self._closed:
                 return "busy: the node is shutting down"
@@ -196,13 +197,22 @@ class QuestionGate:
             self._tickets += 1
             ticket = self._tickets
             self._queue.append(ticket)
-            admitted = self._cond.wait_for(
-                lambda: self._closed or (self._queue[0] == ticket and not self._active and not self._depth_owed),
-                timeout=timeout_s)
+            deadline = time.monotonic() + timeout_s
+            stopped = admitted = False
+            while not admitted and not stopped and not self._closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                admitted = self._cond.wait_for(
+                    lambda: self._closed or (self._queue[0] == ticket and not self._active and not self._depth_owed),
+                    timeout=min(left, 0.1))
+                stopped = not admitted and should_stop()
             self._queue.remove(ticket)
             self._cond.notify_all()
             if self._closed:
                 return "busy: the node is shutting down"
+            if stopped:
+                return "stopped while waiting for its turn"
             if not admitted:
                 return f"busy: no turn within {timeout_s:g} s (another question is being answered)"
             self._active = True

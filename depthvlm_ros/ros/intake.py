@@ -174,12 +174,12 @@ class CameraIntake:
 
     def _on_image(self, msg: Image | CompressedImage, info: dict) -> None:
         """An image and its MessageInfo (rclpy passes it to a two-argument callback)."""
-        if not self._is_active():
-            self.count("ignored_inactive")
-            return
         try:
-            gid = info.get("publisher_gid")
+            gid = info.get("publisher_gid")  # (followed while inactive too: those frames are not lost)
             lost = self._gaps.seen(bytes(gid["data"]) if gid else None, info.get("publication_sequence_number"))
+            if not self._is_active():
+                self.count("ignored_inactive")
+                return
             if lost:
                 self.count("lost", lost)
             self.input_rate.tick()

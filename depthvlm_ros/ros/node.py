@@ -81,8 +81,14 @@ def executor_threads(cameras: int = 1) -> int:
 
 
 def release_memory() -> None:
-    """Give freed heap memory back to the system (glibc keeps it otherwise); a no-op elsewhere."""
+    """Give freed memory back: PyTorch's CUDA cache (when CUDA was used) and the heap (glibc keeps it
+    otherwise; a no-op elsewhere)."""
+    import sys
+
     gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
     try:
         import ctypes
 
@@ -228,7 +234,10 @@ class DepthVLMNode(LifecycleNode):
             self._diagnostics_timer = self.create_timer(s["diagnostics_period_s"], self.publish_diagnostics,
                                                         callback_group=MutuallyExclusiveCallbackGroup())
         except Exception as exc:  # rclpy would swallow it: keep it, say it once, stay unconfigured
-            self.configure_error = exc
+            import traceback
+
+            traceback.clear_frames(exc.__traceback__)  # its frames would keep a half-loaded model alive
+            self.configure_error = exc.with_traceback(None)
             if not self._settings["autostart"]:  # under autostart main raises it (the CLI's one line, exit 2)
                 self.get_logger().error(f"configure failed: {exc.__class__.__name__}: {exc}")
             self._release()
@@ -249,9 +258,7 @@ class DepthVLMNode(LifecycleNode):
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._active = False
         self._state = "inactive"
-        if self.worker is not None and not self.worker.wait_idle(DEACTIVATE_WAIT_S):
-            self.get_logger().warning(f"deactivate: the frame in the worker did not finish within "
-                                      f"{DEACTIVATE_WAIT_S:.0f} s")
+        self._wait_for_work()  # questions waiting for their turn or a frame see the state within 0.1 s
         for camera in self.cameras:
             camera.intake.forget_pending()
         self.get_logger().info("inactive: frames are ignored and nothing is published")
@@ -299,25 +306,41 @@ class DepthVLMNode(LifecycleNode):
             )
         return model
 
+    def _wait_for_work(self) -> None:
+        """Until the frame in the worker and the questions in flight are done (both stop early once the
+        node is inactive); a warning after DEACTIVATE_WAIT_S."""
+        if self.worker is not None and not self.worker.wait_idle(DEACTIVATE_WAIT_S):
+            self.get_logger().warning(f"the frame in the worker did not finish within {DEACTIVATE_WAIT_S:.0f} s")
+        if self.questions is not None and not self.questions.wait_idle(DEACTIVATE_WAIT_S):
+            self.get_logger().warning(f"a question did not finish within {DEACTIVATE_WAIT_S:.0f} s")
+
     def _release(self) -> None:
-        """Stop and destroy the rooms; free the model unless it is the caller's (its memory returns)."""
+        """Stop and destroy the rooms (after the work in flight is done); free the model unless it is the
+        caller's (its memory returns)."""
         self._active = False
-        if self.questions is not None:
-            self.questions.destroy()
-        if self.worker is not None:
-            self.worker.stop()
-        for camera in self.cameras:
+        questions, worker, cameras = self.questions, self.worker, self.cameras
+        timer, pub, model = self._diagnostics_timer, self._diagnostics_pub, self.model
+        # Detach first: a diagnostics callback running now sees None and does nothing.
+        self.questions = self.worker = self._diagnostics_pub = self._diagnostics_timer = self.model = None
+        self.cameras = []
+        if timer is not None:
+            self.destroy_timer(timer)
+        if questions is not None:
+            questions.stop()
+        if worker is not None:
+            worker.wait_idle(DEACTIVATE_WAIT_S)
+            worker.stop()
+        if questions is not None:
+            questions.destroy(DEACTIVATE_WAIT_S)  # the questions in flight answer first
+        for camera in cameras:
             for sub in camera.intake.subscriptions:
                 self.destroy_subscription(sub)
             camera.outputs.destroy()
-        if self._diagnostics_timer is not None:
-            self.destroy_timer(self._diagnostics_timer)
-        if self._diagnostics_pub is not None:
-            self.destroy_publisher(self._diagnostics_pub)
-        if self.model is not None and self.model is not self._given_model:
-            self.model.backend.close()
-        self.questions = self.worker = self._diagnostics_pub = self._diagnostics_timer = self.model = None
-        self.cameras = []
+        if pub is not None:
+            self.destroy_publisher(pub)
+        if model is not None and model is not self._given_model:
+            model.backend.close()
+        del questions, worker, cameras, model
         release_memory()
 
     # -- diagnostics --------------------------------------------------------------------------
@@ -326,13 +349,12 @@ class DepthVLMNode(LifecycleNode):
         model, questions, cameras, pub = self.model, self.questions, list(self.cameras), self._diagnostics_pub
         if model is None or questions is None or pub is None:
             return  # cleaned up meanwhile
-        msg = diagnostic_array(self.get_name(), cameras, model, questions, self._state,
-                               self.settings()["fallback_fx"], self.get_clock().now().to_msg())
         try:
-            pub.publish(msg)
-        except Exception:  # a cleanup destroyed the publisher meanwhile: an exception here would end the spin
-            if self._diagnostics_pub is pub:
-                raise
+            pub.publish(diagnostic_array(self.get_name(), cameras, model, questions, self._state,
+                                         self.settings()["fallback_fx"], self.get_clock().now().to_msg()))
+        except Exception as exc:  # an exception here would end the executor's spin
+            if self._diagnostics_pub is pub:  # (else a cleanup destroyed the publisher meanwhile)
+                self._log("error", f"diagnostics: {exc.__class__.__name__}: {exc}")
 
     def busy(self) -> bool:
         """A frame waits in a camera's pairing or slot, or the worker is on one."""

@@ -113,6 +113,8 @@ class QuestionInterface:
         self.counters = QuestionCounters()
         self._lock = threading.Lock()
         self._running = True
+        self._in_flight = 0  # questions between answer()'s start and end (cleanup waits for them)
+        self._idle = threading.Condition(self._lock)
         # Reentrant: while one question is answered, others reach the gate and get "busy" at once.
         questions = ReentrantCallbackGroup()
         self.services = [
@@ -142,9 +144,23 @@ class QuestionInterface:
                on_text: Callable[[str, int], None] | None = None, via: str = "spatial_query") -> Outcome:
         """Answer ``question`` on the camera's latest frame and measure the place it names (``via``: the
         interface that asked, for the log)."""
-        s = self._settings()
         with self._lock:
             self.counters.queries += 1
+            self._in_flight += 1
+        try:
+            return self._answer(question, camera_name, max_new_tokens, should_stop, on_text, via)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                self._idle.notify_all()
+
+    def _answer(self, question: str, camera_name: str, max_new_tokens: int, should_stop: Callable[[], bool],
+                on_text: Callable[[str, int], None] | None, via: str) -> Outcome:
+        s = self._settings()
+
+        def stop() -> bool:
+            return not self._running or not self._is_active() or should_stop()
+
         try:
             if not self._is_active():
                 raise InputError("the node is not active: activate it (~/change_state) first")
@@ -156,20 +172,20 @@ class QuestionInterface:
                                  f"{s['max_answer_tokens']}")
         except InputError as exc:
             return self._failed(str(exc))
-        refused = self.gate.enter(s["query_timeout_s"])
+        refused = self.gate.enter(s["query_timeout_s"], stop)
+        if refused is not None and stop():
+            return Outcome(message=f"stopped before answering: {self._why_stopped(should_stop)}")
         if refused is not None:  # load shedding, not an error of the input: counted, not logged
             with self._lock:
                 self.counters.queries_busy += 1
             return Outcome(message=refused)
         try:
-            frame = self.worker.wait_for_frame(camera, s["query_wait_s"])
+            frame = self.worker.wait_for_frame(camera, s["query_wait_s"], stop)
+            if stop():
+                raise InputError(f"stopped before answering: {self._why_stopped(should_stop)}")
             if frame is None:
                 raise InputError(f"no camera frame received within query_wait_s={s['query_wait_s']} s")
             self._node.get_logger().info(f"{via}: answering {question!r} (at most {tokens} tokens)")
-
-            def stop() -> bool:
-                return not self._running or not self._is_active() or should_stop()
-
             answer = self.model.ask(frame.rgb, frame.intrinsics, question, tokens, s["canonical_fx"],
                                     s["max_side_px"], s["max_image_tokens"], should_stop=stop, on_text=on_text)
         except InputError as exc:
@@ -179,8 +195,7 @@ class QuestionInterface:
         finally:
             self.gate.leave()
         if answer.stopped:  # a cancel is the client's wish; shutdown and deactivation are refusals
-            why = ("canceled" if should_stop() else
-                   "the node is shutting down" if not self._running else "the node was deactivated")
+            why = self._why_stopped(should_stop)
             stopped = f"stopped after {answer.num_tokens} tokens: {why}"
             outcome = Outcome(message=stopped) if why == "canceled" else self._failed(stopped)
             outcome.answer, outcome.header, outcome.tokens = answer.text, frame.header, answer.num_tokens
@@ -200,6 +215,11 @@ class QuestionInterface:
         if math.isfinite(outcome.distance_m):
             self.markers.publish(answer_markers(outcome, s["marker_lifetime_s"]))
         return outcome
+
+    def _why_stopped(self, should_stop: Callable[[], bool]) -> str:
+        if should_stop():
+            return "canceled"
+        return "the node is shutting down" if not self._running else "the node was deactivated"
 
     def _failed(self, message: str) -> Outcome:
         with self._lock:
@@ -264,8 +284,16 @@ class QuestionInterface:
         with self.worker.frame_ready:
             self.worker.frame_ready.notify_all()
 
-    def destroy(self) -> None:
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Until no question is being handled (they stop within a token once the node is inactive or
+        stopping); False after ``timeout_s``."""
+        with self._lock:
+            return self._idle.wait_for(lambda: self._in_flight == 0, timeout=timeout_s)
+
+    def destroy(self, timeout_s: float = 30.0) -> None:
+        """Stop, let the questions in flight send their responses, then remove the services and the action."""
         self.stop()
+        self.wait_idle(timeout_s)
         for service in self.services:
             self._node.destroy_service(service)
         self.action.destroy()

@@ -61,6 +61,7 @@ class InferenceWorker:
         and logged on that camera."""
         taken = self.slots.take(timeout=0.5)
         if taken is None:
+            self.gate.depth_served()  # nothing to do: a depth turn owed to a dropped frame is over
             return
         index, frame = taken
         camera = self.cameras[index]
@@ -75,7 +76,7 @@ class InferenceWorker:
         except InputError as exc:
             camera.intake.record_error(str(exc))
         except Exception as exc:  # a model or backend failure must not kill the stream
-            if self._context_ok():  # else a publish that raced with shutdown: not an error of the input
+            if self._running and self._context_ok():  # else a publish that raced with a stop: not the input's
                 camera.intake.record_error(f"{exc.__class__.__name__}: {exc}")
         finally:
             self.slots.done()
@@ -110,11 +111,17 @@ class InferenceWorker:
             intake.counters.processed += 1
             intake.counters.reference_frames += int(result.backend != self.model.backend.name)
 
-    def wait_for_frame(self, camera: Camera, timeout_s: float) -> Decoded | None:
-        """The camera's latest decoded frame, waiting up to ``timeout_s`` for a first one."""
+    def wait_for_frame(self, camera: Camera, timeout_s: float,
+                       should_stop: Callable[[], bool] = lambda: False) -> Decoded | None:
+        """The camera's latest decoded frame, waiting up to ``timeout_s`` for a first one (less when
+        ``should_stop()``: it is looked at every 0.1 s)."""
+        deadline = time.monotonic() + timeout_s
         with self.frame_ready:
-            if camera.latest is None:
-                self.frame_ready.wait_for(lambda: camera.latest is not None or not self._running, timeout=timeout_s)
+            while camera.latest is None and self._running and not should_stop():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.frame_ready.wait(min(left, 0.1))
             return camera.latest
 
     def wait_idle(self, timeout_s: float) -> bool:

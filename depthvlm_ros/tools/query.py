@@ -46,8 +46,10 @@ def call(node, srv_type, name: str, request, timeout_s: float):
 
 
 def ask(node, name: str, goal, timeout_s: float) -> tuple[object, bool]:
-    """Send an ``Ask`` goal, print the answer as it streams; ``(result, canceled)``. Ctrl-C cancels the goal
-    and waits for its result (the node stops within one token)."""
+    """Send an ``Ask`` goal, print the answer as it streams; ``(result, canceled)``. Ctrl-C (at any point)
+    cancels the goal once it is accepted and waits for its result (the node stops within one token)."""
+    import signal
+
     import rclpy
     from depthvlm_msgs.action import Ask
     from rclpy.action import ActionClient
@@ -66,22 +68,32 @@ def ask(node, name: str, goal, timeout_s: float) -> tuple[object, bool]:
         sys.stdout.flush()
         shown[0] = text
 
-    sys.stdout.write("answer: ")
-    sent = client.send_goal_async(goal, feedback_callback=on_feedback)
-    rclpy.spin_until_future_complete(node, sent, timeout_sec=timeout_s)
-    if not sent.done() or not sent.result().accepted:
-        raise InputError(f"action {name} did not accept the question within {timeout_s} s")
-    handle = sent.result()
-    result = handle.get_result_async()
-    canceled = False
-    deadline = time.monotonic() + timeout_s
-    while not result.done() and time.monotonic() < deadline:
-        try:
-            rclpy.spin_until_future_complete(node, result, timeout_sec=0.1)
-        except KeyboardInterrupt:
-            canceled = True
-            handle.cancel_goal_async()
+    interrupted = [False]
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.__setitem__(0, True))  # only a flag: the
+    try:  # executor is never interrupted in the middle of a task
+
+        def spin_until(done) -> bool:
             deadline = time.monotonic() + timeout_s
+            while not done() and time.monotonic() < deadline:
+                rclpy.spin_once(node, timeout_sec=0.1)
+            return done()
+
+        sys.stdout.write("answer: ")
+        sent = client.send_goal_async(goal, feedback_callback=on_feedback)
+        if not spin_until(sent.done) or not sent.result().accepted:
+            raise InputError(f"action {name} did not accept the question within {timeout_s} s")
+        handle = sent.result()
+        result = handle.get_result_async()
+        canceled = False
+        deadline = time.monotonic() + timeout_s
+        while not result.done() and time.monotonic() < deadline:
+            rclpy.spin_once(node, timeout_sec=0.1)
+            if interrupted[0] and not canceled:
+                canceled = True
+                handle.cancel_goal_async()
+                deadline = time.monotonic() + timeout_s
+    finally:
+        signal.signal(signal.SIGINT, previous)
     sys.stdout.write("\n")
     if not result.done():
         raise InputError(f"action {name} gave no result within {timeout_s} s")
