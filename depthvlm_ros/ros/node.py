@@ -356,11 +356,6 @@ class DepthVLMNode(LifecycleNode):
             if self._diagnostics_pub is pub:  # (else a cleanup destroyed the publisher meanwhile)
                 self._log("error", f"diagnostics: {exc.__class__.__name__}: {exc}")
 
-    def busy(self) -> bool:
-        """A frame waits in a camera's pairing or slot, or the worker is on one."""
-        worker = self.worker
-        return worker is not None and (worker.slots.pending() or any(c.intake.waiting_for_info for c in self.cameras))
-
     def stop(self) -> None:
         """Stop work (SIGINT/SIGTERM): an answer being generated stops within one token, questions waiting
         for their turn or a frame are refused at once, the worker ends, exports are cancelled."""

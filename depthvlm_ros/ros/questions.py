@@ -64,7 +64,6 @@ class Outcome:
     header: Header | None = None  # the frame the answer is about
     region_px: list[float] = field(default_factory=list)
     label: str = ""  # what the answer's place is called (markers)
-    tokens: int = 0
 
     def fill(self, target: Any) -> Any:
         """Copy into a ``SpatialQuery.Response`` or an ``Ask.Result``."""
@@ -198,9 +197,9 @@ class QuestionInterface:
             why = self._why_stopped(should_stop)
             stopped = f"stopped after {answer.num_tokens} tokens: {why}"
             outcome = Outcome(message=stopped) if why == "canceled" else self._failed(stopped)
-            outcome.answer, outcome.header, outcome.tokens = answer.text, frame.header, answer.num_tokens
+            outcome.answer, outcome.header = answer.text, frame.header
             return outcome
-        outcome = Outcome(answer=answer.text, header=frame.header, tokens=answer.num_tokens)
+        outcome = Outcome(answer=answer.text, header=frame.header)
         outcome.success = True
         found = spatial.answer_measurement(answer.text, answer.depth.depth, answer.depth.intrinsics,
                                            (frame.intrinsics.width, frame.intrinsics.height))
