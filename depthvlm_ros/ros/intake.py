@@ -96,12 +96,13 @@ class CameraCounters:
 class CameraIntake:
     """One camera's inputs: subscriptions, pairing, counters and meters (see the module docstring)."""
 
-    def __init__(self, node: Any, index: int, name: str, settings: Callable[[], dict[str, Any]],
+    def __init__(self, node: Any, index: int, name: str, setting: Callable[[str], Any],
                  slots: LatestSlots[Frame], is_active: Callable[[], bool],
                  log: Callable[[str, str], None]) -> None:
-        s = settings()
+        """``setting(name)``: a parameter's current value (read per frame where it may change at run time)."""
+        s = {k: setting(k) for k in ("sync_tolerance_s", "input_reliability", "input_depth", "use_compressed")}
         self.index, self.name = index, name
-        self._settings, self._slots, self._is_active, self._log = settings, slots, is_active, log
+        self._setting, self._slots, self._is_active, self._log = setting, slots, is_active, log
         self.counters = CameraCounters()
         self.lock = threading.Lock()
         self._sync: StampSync[Image | CompressedImage, CameraInfo] = StampSync(int(s["sync_tolerance_s"] * 1e9))
@@ -188,7 +189,7 @@ class CameraIntake:
             if self.first_image_time == -math.inf:
                 self.first_image_time = now
             self.count("frames_in")
-            if self._settings()["fallback_fx"] > 0 and now - self.last_info_time > NO_INFO_AFTER_S:
+            if self._setting("fallback_fx") > 0 and now - self.last_info_time > NO_INFO_AFTER_S:
                 self._hand_over([(msg, None)])
                 return
             with self._sync_lock:
@@ -200,7 +201,7 @@ class CameraIntake:
     def _hand_over(self, decided: list[tuple[Image | CompressedImage, CameraInfo | None]]) -> None:
         now = time.monotonic()
         for image, info in decided:
-            if info is None and not self._settings()["fallback_fx"] > 0:
+            if info is None and not self._setting("fallback_fx") > 0:
                 self.count("unmatched")
                 self._log("warning", "frames without matching camera_info are skipped (same stamp expected, or "
                           "within sync_tolerance_s; set fallback_fx to process them anyway)")

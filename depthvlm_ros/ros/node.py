@@ -132,8 +132,7 @@ class DepthVLMNode(LifecycleNode):
             raise InputError(str(exc)) from None
         self._given_model = model
         self._log_throttle = KindThrottle(LOG_PERIOD_S)
-        self._active = False
-        self._state = "unconfigured"
+        self._state = "unconfigured"  # unconfigured, inactive, active or finalized
         #: Done when the node reached its final state (shutdown): ``main`` then exits 0.
         self.finalized = Future()
         #: Why the last configure failed (``main`` raises it under autostart: exit 2 with one line).
@@ -190,8 +189,13 @@ class DepthVLMNode(LifecycleNode):
         with self._settings_lock:
             return dict(self._settings)
 
+    def setting(self, name: str) -> Any:
+        """One parameter's current value (no copy of the others: callbacks read it per frame)."""
+        with self._settings_lock:
+            return self._settings[name]
+
     def is_active(self) -> bool:
-        return self._active
+        return self._state == "active"
 
     @property
     def state(self) -> str:
@@ -221,7 +225,7 @@ class DepthVLMNode(LifecycleNode):
             self.model = self._given_model if self._given_model is not None else self._load_model(s)
             slots: LatestSlots[Frame] = LatestSlots(len(self.camera_names))
             for index, name in enumerate(self.camera_names):
-                intake = CameraIntake(self, index, name, self.settings, slots, self.is_active, self._log)
+                intake = CameraIntake(self, index, name, self.setting, slots, self.is_active, self._log)
                 self.cameras.append(Camera(name, intake, DepthOutputs(self, name, s)))
             gate = QuestionGate(s["max_pending_queries"], slots.pending)
             self.worker = InferenceWorker(self.model, self.cameras, slots, gate, self.settings, self.is_active,
@@ -248,7 +252,6 @@ class DepthVLMNode(LifecycleNode):
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         result = super().on_activate(state)  # the lifecycle publishers publish from now on
-        self._active = True
         self._state = "active"
         inputs = ", ".join(f"{c.intake.image_topic} + {topic(c.name, 'camera_info')}" for c in self.cameras)
         self.get_logger().info(f"ready: model {self.model.name}, backend {self.model.backend.describe()}, "
@@ -256,7 +259,6 @@ class DepthVLMNode(LifecycleNode):
         return result
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._active = False
         self._state = "inactive"
         self._wait_for_work()  # questions waiting for their turn or a frame see the state within 0.1 s
         for camera in self.cameras:
@@ -317,7 +319,7 @@ class DepthVLMNode(LifecycleNode):
     def _release(self) -> None:
         """Stop and destroy the rooms (after the work in flight is done); free the model unless it is the
         caller's (its memory returns)."""
-        self._active = False
+        self._state = "unconfigured"  # (the transition that called this sets the final label)
         questions, worker, cameras = self.questions, self.worker, self.cameras
         timer, pub, model = self._diagnostics_timer, self._diagnostics_pub, self.model
         # Detach first: a diagnostics callback running now sees None and does nothing.
@@ -351,7 +353,7 @@ class DepthVLMNode(LifecycleNode):
             return  # cleaned up meanwhile
         try:
             pub.publish(diagnostic_array(self.get_name(), cameras, model, questions, self._state,
-                                         self.settings()["fallback_fx"], self.get_clock().now().to_msg()))
+                                         self.setting("fallback_fx"), self.get_clock().now().to_msg()))
         except Exception as exc:  # an exception here would end the executor's spin
             if self._diagnostics_pub is pub:  # (else a cleanup destroyed the publisher meanwhile)
                 self._log("error", f"diagnostics: {exc.__class__.__name__}: {exc}")
@@ -359,7 +361,7 @@ class DepthVLMNode(LifecycleNode):
     def stop(self) -> None:
         """Stop work (SIGINT/SIGTERM): an answer being generated stops within one token, questions waiting
         for their turn or a frame are refused at once, the worker ends, exports are cancelled."""
-        self._active = False
+        self._state = "finalized"
         if self.questions is not None:
             self.questions.stop()
         if self.worker is not None:
