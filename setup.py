@@ -57,6 +57,20 @@ setup(
             "ros-visualization-msgs",  # ~/answer_markers
             "rosbags>=0.10",
         ],
+        # Serving (`backend: triton` needs only tritonclient; `depthvlm serve` runs PyTriton's bundled server).
+        # nvidia-pytriton 0.7.0 itself pins numpy<2, which this stack cannot take (the ROS and ONNX wheels
+        # here are NumPy 2 builds); scripts/setup.sh installs it with --no-deps next to these, its other
+        # requirements. What of it we use works with NumPy 2 (tools/serve.py says what does not, and why
+        # that part is not used). tritonclient's protobuf<7 is fine for onnx and onnxruntime.
+        "serve": [
+            "tritonclient[grpc,http]>=2.50",
+            "pyzmq>=23.0",
+            "sh>=1.14",
+            "typing_inspect>=0.6.0",
+            "wrapt>=1.11",
+            "typer>=0.9.0",
+            "importlib_metadata>=7.0.1",
+        ],
         # The trainer (`depthvlm train`): Accelerate runs it on CPU, one GPU or many (FSDP);
         # TensorBoard receives its logs.
         "train": ["accelerate>=1.0", "tensorboard>=2.14"],

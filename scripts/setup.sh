@@ -26,7 +26,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VENV/bin/python" -c "import depthvlm_ros, torch, rclpy, accelerate, depthvlm_msgs.srv, depthvlm_msgs.action, visualization_msgs.msg" 2>/dev/null; then
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VENV/bin/python" -c "import depthvlm_ros, torch, rclpy, accelerate, depthvlm_msgs.srv, depthvlm_msgs.action, visualization_msgs.msg, tritonclient.grpc; import platform; platform.machine() != 'x86_64' or __import__('pytriton.triton')" 2>/dev/null; then
   exit 0  # up to date
 fi
 
@@ -37,7 +37,12 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   $PIP install "$TORCH_SPEC"
 fi
 echo "setup: installing depthvlm_ros and its Python dependencies into $VENV"
-$PIP install -e ".[dev,ros,ros-build,train]"
+$PIP install -e ".[dev,ros,ros-build,serve,train]"
+# PyTriton (depthvlm serve) without its numpy<2 pin: see the "serve" extra in setup.py. Its wheel is
+# built for x86_64 Linux; elsewhere `depthvlm serve` says it is missing (backend triton still works).
+if [ "$(uname -m)" = "x86_64" ]; then
+  $PIP install --no-deps "nvidia-pytriton==0.7.0"
+fi
 echo "setup: building the depthvlm_msgs interfaces into $VENV"
 bash scripts/build_msgs.sh "$VENV"
 echo "$want" > "$STAMP"

@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from depthvlm_ros.backends.base import BACKENDS, BackendError, DepthBackend, SizeNotReadyError
+from depthvlm_ros.backends.base import BACKENDS, TRITON, BackendError, DepthBackend, SizeNotReadyError
 from depthvlm_ros.backends.export_cache import export_cache_path
 
-__all__ = ["AUTO", "BACKENDS", "BackendError", "DepthBackend", "SizeNotReadyError", "TorchBackend", "choose_backend",
-           "create_backend", "export_cache_path"]
+__all__ = ["AUTO", "BACKENDS", "TRITON", "BackendError", "DepthBackend", "SizeNotReadyError", "TorchBackend",
+           "choose_backend", "create_backend", "export_cache_path"]
 
 #: The backend name that picks one (:func:`choose_backend`): the default of the node and the tools.
 AUTO = "auto"
@@ -99,6 +99,8 @@ def create_backend(
     max_sizes: int = 0,
     background: bool = False,
     idle_before_replaced_s: float = 30.0,
+    triton_url: str = "",
+    triton_model: str = "",
 ) -> DepthBackend:
     """A backend for ``vlm`` (a loaded :class:`DepthVLM`) by name; see the module docstring.
 
@@ -112,7 +114,21 @@ def create_backend(
     Runtime sessions, 1 TensorRT engine: each engine holds all the weights). ``compile``:
     torch.compile for the torch backend. A backend chosen by fallback carries the reason in
     ``fallback_reason`` (shown in the node's diagnostics).
+
+    ``triton``: the server at ``triton_url`` serving models named ``<triton_model>_WxH``; never part of a
+    fallback. Unreachable: BackendError, or with ``background`` (the node) a backend that says so in
+    ``problem()`` and connects when the server comes.
     """
+    if name == TRITON:
+        from depthvlm_ros.backends.triton_backend import DEFAULT_URL, TritonBackend
+        from depthvlm_ros.backends.triton_repo import DEFAULT_PREFIX
+        from depthvlm_ros.model.checkpoint import model_fingerprint
+
+        fingerprint = model_fingerprint(vlm.folder) if vlm.folder is not None else None
+        backend = TritonBackend(triton_url or DEFAULT_URL, triton_model or DEFAULT_PREFIX, fingerprint,
+                                connect_now=not background, log=log)
+        backend.choice_reason = f"{TRITON} (asked for)"
+        return backend
     choice = ""
     if name == AUTO:
         name, choice = choose_backend(device, [*onnx, *engines])
@@ -121,7 +137,7 @@ def create_backend(
         onnx = [p for p in onnx if Path(p).suffix not in ENGINE_SUFFIXES]  # graphs for onnxruntime,
         engines = [p for p in engines if Path(p).suffix in ENGINE_SUFFIXES]  # engines for tensorrt
     if name not in BACKENDS:
-        raise BackendError(f"unknown backend {name!r} (choose from {AUTO}, {', '.join(BACKENDS)})")
+        raise BackendError(f"unknown backend {name!r} (choose from {AUTO}, {', '.join(BACKENDS)}, {TRITON})")
 
     order = [name] + ([b for b in BACKENDS[BACKENDS.index(name) + 1 :]] if fallback else [])
     reason = ""

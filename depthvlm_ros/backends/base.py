@@ -7,7 +7,8 @@ image processor) and postprocessing (back to the camera grid) are shared, in
 
 Implementations: ``torch`` (reference; any size), ``onnxruntime`` and ``tensorrt`` (compiled for
 fixed sizes; a bounded set of sessions/engines keyed by size, each proven by its probe when loaded:
-:mod:`depthvlm_ros.backends.probe`).
+:mod:`depthvlm_ros.backends.probe`), and ``triton`` (the sizes a Triton Inference Server serves,
+over gRPC: :mod:`depthvlm_ros.backends.triton_backend`).
 """
 
 from __future__ import annotations
@@ -21,8 +22,13 @@ import numpy as np
 
 from depthvlm_ros.errors import InputError
 
+#: The depth graph's input and output names (ONNX exports, TensorRT engines, served Triton models).
+INPUT_NAME, OUTPUT_NAME = "pixel_values", "depth"
 #: Backend names, in the order ``backend_fallback`` tries them after the requested one.
 BACKENDS = ("tensorrt", "onnxruntime", "torch")
+#: The remote backend: never a fallback, and none falls back from it (a lost server is reported, and
+#: frames wait for it, rather than silently computed by another path).
+TRITON = "triton"
 
 Stage = Callable[[str], AbstractContextManager[None]]
 
@@ -87,6 +93,11 @@ class DepthBackend(abc.ABC):
         if not sizes:
             raise BackendError(f"{self.name}: no compiled sizes available")
         return nearest(sizes, width, height)
+
+    def problem(self) -> str:
+        """Why this backend cannot serve right now ("" when it can): a remote server unreachable, or
+        refused. Shown as the node's diagnostics ERROR; frames meanwhile fail with BackendError."""
+        return ""
 
     def precision(self) -> str:
         """What the depth path computes in: fp32, fp16, bf16 ("+"-joined when artifacts differ)."""

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from depthvlm_ros import __version__
-from depthvlm_ros.backends.base import BackendError
+from depthvlm_ros.backends.base import INPUT_NAME, OUTPUT_NAME, BackendError
 from depthvlm_ros.backends.probe import max_relative_error, write_probe
 from depthvlm_ros.devices import exact_fp32
 from depthvlm_ros.errors import InputError
@@ -42,8 +42,6 @@ from depthvlm_ros.model.processing import DEPTH_PROMPT, ImageTextProcessor, Mode
 
 __all__ = ["ExportError", "ExportReport", "export_onnx", "inputs_for_size", "max_relative_error", "read_metadata"]
 
-#: ONNX I/O names.
-INPUT_NAME, OUTPUT_NAME = "pixel_values", "depth"
 #: Parity thresholds (max relative error vs PyTorch) by export dtype.
 PARITY_LIMITS = {"fp32": 1e-3, "fp16": 3e-2}
 #: Models with more parameter bytes than this are saved with external data (ONNX's 2 GB limit).

@@ -38,8 +38,11 @@ def camera_status(node_name: str, camera: Camera, model: Any, questions: Questio
     in_rate, out_rate = intake.input_rate.rate(), intake.inference_rate.rate()
     since_image, since_info = now - intake.last_image_time, now - intake.last_info_time
     images_for = now - intake.first_image_time
+    problem = model.backend.problem()
     if state != "active":
         level, summary = DiagnosticStatus.OK, f"{state}: frames are ignored and nothing is published"
+    elif problem:
+        level, summary = DiagnosticStatus.ERROR, f"backend cannot serve, frames are dropped: {problem}"
     elif c.frames_in == 0 or in_rate == 0.0:
         ago = f" for {since_image:.0f} s" if math.isfinite(since_image) else " yet"
         level, summary = DiagnosticStatus.WARN, f"no input images{ago}"
@@ -80,6 +83,7 @@ def camera_status(node_name: str, camera: Camera, model: Any, questions: Questio
         # a frame of this camera waits for or is in the worker
         "frames_pending": str(int(intake.waiting_for_info > 0 or questions.worker.slots.pending(intake.index))),
         "frames_on_reference": str(c.reference_frames),  # PyTorch stood in: no compiled size ready yet
+        "frames_failed_backend": str(c.backend_failed),  # dropped: the backend could not serve (Triton lost)
         "queries": str(q.queries),
         "query_errors": str(q.query_errors),
         "queries_busy": str(q.queries_busy),
@@ -89,6 +93,7 @@ def camera_status(node_name: str, camera: Camera, model: Any, questions: Questio
         "questions_waited_for_depth": str(questions.gate.depth_turns),  # a frame went before the next question
         "backend": backend.describe(),
         "backend_fallback": backend.fallback_reason,
+        "backend_problem": problem,
         "backend_choice": backend.choice_reason or f"{backend.name} (asked for)",
         "compiled_sizes_held": str(len(backend.held_sizes())),
         "max_compiled_sizes": str(backend.max_held_sizes()),  # the parameter, or the backend's default

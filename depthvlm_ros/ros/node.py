@@ -305,6 +305,7 @@ class DepthVLMNode(LifecycleNode):
                 fallback=s["backend_fallback"], log=self.get_logger().warning,
                 max_sizes=s["max_compiled_sizes"], background=True,
                 idle_before_replaced_s=s["compiled_size_idle_s"],
+                triton_url=s["triton_url"], triton_model=s["triton_model"],
             )
         return model
 

@@ -46,10 +46,15 @@ PARAMS: tuple[Param, ...] = (
         Param("model_path", "", "DepthVLM folder (Hugging Face layout, safetensors); empty = the built-in model",
               read_only=True),
         Param("backend", "auto", "what runs the depth path; auto = tensorrt with an engine in engine_paths and CUDA, "
-              "torch when device is cuda, else onnxruntime on the CPU, else torch", read_only=True,
-              choices=("auto", "torch", "onnxruntime", "tensorrt")),
+              "torch when device is cuda, else onnxruntime on the CPU, else torch; triton = a Triton server at "
+              "triton_url", read_only=True, choices=("auto", "torch", "onnxruntime", "tensorrt", "triton")),
         Param("backend_fallback", True, "if the backend is refused, fall back (tensorrt -> onnxruntime -> torch)",
               read_only=True),
+        Param("triton_url", "localhost:8001", "backend triton: the server's gRPC address (host:port); unreachable = "
+              "diagnostics ERROR and frames dropped until it answers (tried again at most every second)",
+              read_only=True),
+        Param("triton_model", "depthvlm_depth", "backend triton: served models are named <triton_model>_WxH, one per "
+              "size (depthvlm export --triton-repo, depthvlm serve)", read_only=True),
         Param("device", "cpu", "cpu, cuda or cuda:N", read_only=True),
         Param("answer_device", "", "where the PyTorch model (answers, and depth when backend is torch) lives; empty = "
               "device. With backend tensorrt, cpu keeps the GPU for the engine (answers then run on the CPU)",

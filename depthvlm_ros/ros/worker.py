@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from depthvlm_ros.backends.base import BackendError
 from depthvlm_ros.errors import InputError
 from depthvlm_ros.pipeline.plan import RouteSettings
 from depthvlm_ros.ros.flow import LatestSlots, QuestionGate
@@ -73,6 +74,9 @@ class InferenceWorker:
                 camera.intake.count("skipped_rate")
                 return
             self.process(camera, frame, s)
+        except BackendError as exc:  # the frame is dropped and counted; the backend says why in problem()
+            camera.intake.count("backend_failed")
+            camera.intake.record_error(str(exc))
         except InputError as exc:
             camera.intake.record_error(str(exc))
         except Exception as exc:  # a model or backend failure must not kill the stream

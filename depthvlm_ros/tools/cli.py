@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         predict,
         query,
         record,
+        serve,
         train_tool,
     )
     from depthvlm_ros.tools.common import add_input_size_args, add_intrinsics_args, add_model_args
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser(sub)
     eval_tool.add_parser(sub)
     compile.add_parsers(sub)
+    serve.add_parser(sub)
     node_tool.add_parser(sub)
     bench_node.add_parser(sub)
     query.add_parser(sub)

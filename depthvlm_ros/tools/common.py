@@ -34,12 +34,18 @@ def check_max_image_tokens(args: argparse.Namespace) -> int:
 
 
 def add_backend_args(parser: argparse.ArgumentParser) -> None:
-    from depthvlm_ros.backends.base import BACKENDS
+    from depthvlm_ros.backends.base import BACKENDS, TRITON
+    from depthvlm_ros.backends.triton_backend import DEFAULT_URL
+    from depthvlm_ros.backends.triton_repo import DEFAULT_PREFIX
 
     group = parser.add_argument_group("depth backend")
-    group.add_argument("--backend", default="torch", choices=("auto", *BACKENDS),
+    group.add_argument("--backend", default="torch", choices=("auto", *BACKENDS, TRITON),
                        help="what runs the depth path (default torch, the reference the parity tests hold; auto: "
-                            "tensorrt with an --engine and CUDA, torch on --device cuda, else onnxruntime on the CPU)")
+                            "tensorrt with an --engine and CUDA, torch on --device cuda, else onnxruntime on the CPU; "
+                            "triton: a Triton server at --triton-url)")
+    group.add_argument("--triton-url", default=DEFAULT_URL, help=f"Triton gRPC address (default {DEFAULT_URL})")
+    group.add_argument("--triton-model", default=DEFAULT_PREFIX,
+                       help=f"served models are named NAME_WxH (default {DEFAULT_PREFIX})")
     group.add_argument("--onnx", type=Path, action="append", default=[],
                        help="exported graph for onnxruntime (repeatable; default: export each size once, cached)")
     group.add_argument("--engine", type=Path, action="append", default=[], help="TensorRT engine (repeatable)")
@@ -110,7 +116,8 @@ def make_backend(model, args: argparse.Namespace, name: str):
     # backend's default: sizes exported on demand share 4 places, least recently used first.
     return create_backend(model, name, device=args.device, onnx=args.onnx, engines=args.engine,
                           compile=args.compile, fallback=args.backend_fallback, log=log,
-                          max_sizes=max(len(args.onnx), len(args.engine)))
+                          max_sizes=max(len(args.onnx), len(args.engine)), triton_url=args.triton_url,
+                          triton_model=args.triton_model)
 
 
 def image_size(path: Path) -> tuple[int, int]:

@@ -6,14 +6,30 @@ import argparse
 import sys
 from pathlib import Path
 
+from depthvlm_ros.backends.triton_repo import DEFAULT_MAX_BATCH, DEFAULT_PREFIX, DEFAULT_QUEUE_DELAY_US, TRITON_BACKENDS
+from depthvlm_ros.errors import InputError
 from depthvlm_ros.tools.common import add_model_args, load_model, parse_size
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export the depth path at one size to ONNX and check it")
-    p.add_argument("--size", type=parse_size, required=True,
-                   help="model-grid WxH (multiples of 32 px), e.g. the canonical size of your camera")
-    p.add_argument("--out", type=Path, required=True, help="output .onnx path (engines/ is git-ignored)")
+    p = sub.add_parser("export", help="export the depth path at one size to ONNX and check it (or write a Triton "
+                       "model repository of several sizes)")
+    p.add_argument("--size", type=parse_size, required=True, action="append",
+                   help="model-grid WxH (multiples of 32 px), e.g. the canonical size of your camera; repeatable "
+                        "with --triton-repo")
+    out = p.add_mutually_exclusive_group(required=True)
+    out.add_argument("--out", type=Path, help="output .onnx path (engines/ is git-ignored)")
+    out.add_argument("--triton-repo", type=Path, metavar="DIR",
+                     help="write a Triton model repository: one model NAME_WxH per --size (batched graph, fixed "
+                          "sizes, dynamic batching, the model fingerprint in its parameters)")
+    p.add_argument("--triton-model", default=DEFAULT_PREFIX, help=f"model name prefix (default {DEFAULT_PREFIX})")
+    p.add_argument("--triton-backend", default="onnxruntime", choices=TRITON_BACKENDS,
+                   help="the Triton backend that runs the graph: onnxruntime (the standard container; default) or "
+                        "python (ONNX Runtime inside Triton's Python backend, as depthvlm serve runs it)")
+    p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
+                   help=f"largest batch of one execution (default {DEFAULT_MAX_BATCH})")
+    p.add_argument("--queue-delay-us", type=int, default=DEFAULT_QUEUE_DELAY_US,
+                   help=f"how long the dynamic batcher waits to fill a batch (default {DEFAULT_QUEUE_DELAY_US} us)")
     p.add_argument("--export-dtype", dest="export_dtype", default="fp32", choices=["fp32", "fp16"],
                    help="dtype of the exported graph (default fp32)")
     p.add_argument("--check-images", type=int, default=2, help="random images for the parity check (default 2)")
@@ -38,11 +54,21 @@ def run_export(args: argparse.Namespace) -> int:
     from depthvlm_ros.backends.onnx_export import export_onnx
 
     model = load_model(args)
-    width, height = args.size
 
     def progress(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
+    if args.triton_repo is not None:
+        from depthvlm_ros.backends.triton_repo import graphs_for_sizes, write_triton_repo
+
+        graphs = graphs_for_sizes(model, args.size, args.export_dtype, progress)
+        names = write_triton_repo(graphs, args.triton_repo, args.triton_model, args.triton_backend, args.max_batch,
+                                  args.queue_delay_us, progress)
+        print(f"wrote the Triton model repository {args.triton_repo}: {', '.join(names)}")
+        return 0
+    if len(args.size) > 1:
+        raise InputError("one --size per .onnx file (several sizes go to a --triton-repo)")
+    width, height = args.size[0]
     report = export_onnx(model, width, height, args.out, dtype=args.export_dtype,
                          check_images=max(1, args.check_images), progress=progress)
     print(f"wrote {report.path} ({width}x{height}, {report.dtype}); ONNX Runtime vs PyTorch max relative "

@@ -1,0 +1,179 @@
+"""A Triton Inference Server model repository for the depth path (``depthvlm export --triton-repo``).
+
+One Triton model per model-grid size, named ``PREFIX_WxH`` (:func:`served_name`), each::
+
+    PREFIX_WxH/config.pbtxt      backend, fixed dims, max_batch_size, dynamic batching, depthvlm metadata
+    PREFIX_WxH/1/model.onnx      the depth path with a leading batch dimension
+    PREFIX_WxH/1/model.py        (python backend only: runs model.onnx with ONNX Runtime)
+
+The graph is the checked single-image export (:mod:`~depthvlm_ros.backends.onnx_export`, its probe
+included) wrapped in an ONNX ``Scan`` over a leading batch axis: ``(B, patches, C*T*P*P) -> (B, H, W)``.
+The body is the exported graph itself, so a served image gets exactly the depth the local ONNX
+Runtime backend computes; Triton's dynamic batcher joins requests from several cameras into one
+execution. (The images of a batch run one after another inside the graph: a truly batched export
+would also share the weight reads on a GPU. Not done yet; named in the README.)
+
+``backend="onnxruntime"`` is for the standard Triton container on a GPU server; ``"python"`` is
+what ``depthvlm serve`` runs on PyTriton's bundled server, which has only the Python backend: the
+same graph and configuration, executed by :mod:`depthvlm_ros.backends.triton_python_model`.
+
+Every model's ``parameters`` carry the export's metadata (``depthvlm.model_fingerprint``, size,
+dtype, vision patch, prompt, version) and the canonical camera (``depthvlm.canonical_fx``): the
+``triton`` backend refuses a served model whose fingerprint is not its model's.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from depthvlm_ros.backends.base import INPUT_NAME, OUTPUT_NAME, BackendError
+from depthvlm_ros.geometry import CANONICAL_FX
+
+#: Default name prefix of the served models (the node's ``triton_model``).
+DEFAULT_PREFIX = "depthvlm_depth"
+#: Largest batch one execution takes (Triton's max_batch_size) and how long the batcher waits to
+#: fill one (microseconds) by default.
+DEFAULT_MAX_BATCH = 8
+DEFAULT_QUEUE_DELAY_US = 2000
+#: Triton backends this writer knows.
+TRITON_BACKENDS = ("onnxruntime", "python")
+#: The file the python backend runs (copied into each version folder as model.py).
+PYTHON_MODEL = Path(__file__).with_name("triton_python_model.py")
+_NAME = re.compile(r"^(?P<prefix>[A-Za-z0-9_.-]+)_(?P<w>\d+)x(?P<h>\d+)$")
+_TRITON_DTYPES = {1: "TYPE_FP32", 10: "TYPE_FP16"}  # onnx.TensorProto FLOAT, FLOAT16
+
+
+def served_name(prefix: str, width: int, height: int) -> str:
+    """The Triton model name of one size: ``PREFIX_WxH``."""
+    return f"{prefix}_{width}x{height}"
+
+
+def parse_served_name(name: str, prefix: str) -> tuple[int, int] | None:
+    """(width, height) if ``name`` is ``PREFIX_WxH``, else None."""
+    match = _NAME.match(name)
+    if match is None or match["prefix"] != prefix:
+        return None
+    return int(match["w"]), int(match["h"])
+
+
+def batched_graph(single: Path, out: Path) -> None:
+    """Write ``single`` (a checked single-image export) as a graph with a leading batch axis.
+
+    ``Scan`` runs the unchanged exported graph once per image of the batch and stacks the outputs:
+    ``pixel_values (B, patches, D) -> depth (B, H, W)``. Metadata is kept, ``depthvlm.batch_axis``
+    added. Weights stay inside the body graph (an external-data export keeps its ``.data`` file
+    beside the new graph).
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(single), load_external_data=False)
+    body = model.graph
+    (inp,), (outp,) = body.input, body.output
+    elem = inp.type.tensor_type.elem_type
+    in_dims = [d.dim_value for d in inp.type.tensor_type.shape.dim]
+    out_dims = [d.dim_value for d in outp.type.tensor_type.shape.dim]
+    if len(in_dims) != 2 or len(out_dims) != 3 or out_dims[0] != 1 or 0 in in_dims + out_dims:
+        raise BackendError(f"{single}: not a fixed-size single-image depth export ({in_dims} -> {out_dims}); "
+                           "re-export it with depthvlm export")
+    body_graph = helper.make_graph(list(body.node), "depth_one_image", [helper.make_tensor_value_info(
+        "image_pixels", elem, in_dims)], [helper.make_tensor_value_info("image_depth", TensorProto.FLOAT, out_dims)],
+        initializer=list(body.initializer), value_info=list(body.value_info))
+    body_graph.sparse_initializer.extend(body.sparse_initializer)
+    for node in body_graph.node:  # the body's input and output under their new names
+        node.input[:] = ["image_pixels" if n == inp.name else n for n in node.input]
+        node.output[:] = ["image_depth" if n == outp.name else n for n in node.output]
+    scan = helper.make_node("Scan", [INPUT_NAME], ["stacked_depth"], num_scan_inputs=1, body=body_graph)
+    shape = helper.make_tensor("depth_shape", TensorProto.INT64, [3], [-1, out_dims[1], out_dims[2]])
+    reshape = helper.make_node("Reshape", ["stacked_depth", "depth_shape"], [OUTPUT_NAME])
+    graph = helper.make_graph(
+        [scan, reshape], "depthvlm_depth_batched",
+        [helper.make_tensor_value_info(INPUT_NAME, elem, ["batch", *in_dims])],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", out_dims[1], out_dims[2]])],
+        initializer=[shape])
+    batched = helper.make_model(graph, opset_imports=list(model.opset_import), functions=list(model.functions),
+                                ir_version=model.ir_version, producer_name="depthvlm_ros")
+    for prop in model.metadata_props:
+        batched.metadata_props.add(key=prop.key, value=prop.value)
+    batched.metadata_props.add(key="depthvlm.batch_axis", value="0")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(batched, str(out))
+    for data in {e.value for t in body.initializer for e in t.external_data if e.key == "location"}:
+        shutil.copyfile(single.parent / data, out.parent / data)
+
+
+def model_config(name: str, backend: str, graph: Path, max_batch: int, queue_delay_us: int) -> str:
+    """config.pbtxt of one served size (fixed dims; batching on; the graph's depthvlm metadata)."""
+    import onnx
+
+    if backend not in TRITON_BACKENDS:
+        raise BackendError(f"unknown Triton backend {backend!r} (choose from {', '.join(TRITON_BACKENDS)})")
+    if not 1 <= max_batch <= 256:
+        raise BackendError(f"max batch must be in 1..256, got {max_batch}")
+    model = onnx.load(str(graph), load_external_data=False)
+    (inp,), (outp,) = model.graph.input, model.graph.output
+    in_dims = [d.dim_value for d in inp.type.tensor_type.shape.dim][1:]
+    out_dims = [d.dim_value for d in outp.type.tensor_type.shape.dim][1:]
+    in_type = _TRITON_DTYPES[inp.type.tensor_type.elem_type]
+    meta = {p.key: p.value for p in model.metadata_props}
+    meta["depthvlm.canonical_fx"] = f"{CANONICAL_FX:g}"
+    params = "\n".join(f'parameters {{ key: {json.dumps(k)} value {{ string_value: {json.dumps(v)} }} }}'
+                       for k, v in sorted(meta.items()))
+    engine = 'backend: "python"' if backend == "python" else 'platform: "onnxruntime_onnx"\nbackend: "onnxruntime"'
+    return (f'name: "{name}"\n{engine}\nmax_batch_size: {max_batch}\n'
+            f'input [ {{ name: "{INPUT_NAME}" data_type: {in_type} dims: {in_dims} }} ]\n'
+            f'output [ {{ name: "{OUTPUT_NAME}" data_type: TYPE_FP32 dims: {out_dims} }} ]\n'
+            f"dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} }}\n"
+            f"instance_group [ {{ kind: KIND_{'CPU' if backend == 'python' else 'AUTO'} count: 1 }} ]\n"
+            f"{params}\n")
+
+
+def graphs_for_sizes(vlm: object, sizes: Sequence[tuple[int, int]], dtype: str = "fp32",
+                     progress: Callable[[str], None] = print) -> list[Path]:
+    """Checked single-image exports of ``vlm`` at ``sizes``: from the export cache, made once when absent."""
+    from depthvlm_ros.backends.export_cache import export_cache_path
+    from depthvlm_ros.backends.onnx_export import export_onnx
+
+    graphs = []
+    for width, height in sizes:
+        path = export_cache_path(vlm, width, height, dtype)
+        if not path.is_file():
+            progress(f"exporting the depth path at {width}x{height} ({dtype}, once) -> {path}")
+            export_onnx(vlm, width, height, path, dtype=dtype, check_images=1, progress=progress)
+        graphs.append(path)
+    return graphs
+
+
+def write_triton_repo(graphs: Sequence[Path], repo: Path, prefix: str = DEFAULT_PREFIX, backend: str = "onnxruntime",
+                      max_batch: int = DEFAULT_MAX_BATCH, queue_delay_us: int = DEFAULT_QUEUE_DELAY_US,
+                      progress: Callable[[str], None] = print) -> list[str]:
+    """A Triton model repository in ``repo`` serving checked single-image exports ``graphs`` (one
+    model per size; see the module docstring). Models already in ``repo`` under these names are
+    replaced; others are left alone. Returns the model names."""
+    from depthvlm_ros.backends.onnx_export import export_size, read_metadata
+
+    if not graphs:
+        raise BackendError("no sizes to serve: give at least one --size (or --onnx graph)")
+    if _NAME.match(served_name(prefix, 32, 32)) is None:
+        raise BackendError(f"model name prefix {prefix!r} may hold only letters, digits, '_', '.', '-'")
+    names = []
+    for graph in graphs:
+        graph = Path(graph)
+        size = export_size(read_metadata(graph), graph)
+        name = served_name(prefix, *size)
+        if name in names:
+            raise BackendError(f"two graphs of size {size[0]}x{size[1]} given")
+        folder = repo / name
+        shutil.rmtree(folder, ignore_errors=True)
+        batched_graph(graph, folder / "1" / "model.onnx")
+        if backend == "python":
+            shutil.copyfile(PYTHON_MODEL, folder / "1" / "model.py")
+        (folder / "config.pbtxt").write_text(model_config(name, backend, folder / "1" / "model.onnx", max_batch,
+                                                          queue_delay_us))
+        progress(f"{name}: {size[0]}x{size[1]} ({backend} backend, batches of up to {max_batch})")
+        names.append(name)
+    return names

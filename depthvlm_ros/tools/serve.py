@@ -1,0 +1,136 @@
+"""``depthvlm serve``: a real Triton Inference Server on this machine, serving the depth path.
+
+For development and tests (and any machine without the Triton container): the server is the
+``tritonserver`` binary that ``nvidia-pytriton`` ships, started and stopped by PyTriton. It serves
+a repository written by :mod:`~depthvlm_ros.backends.triton_repo` with the Python backend (the one
+that binary has): each size's batched graph runs on ONNX Runtime inside the server
+(:mod:`~depthvlm_ros.backends.triton_python_model`), batched dynamically across clients. Clients
+(``backend: triton``) see the same gRPC models as from the standard container serving the
+``onnxruntime`` repository of ``depthvlm export --triton-repo``.
+
+Decisions, named:
+
+- Not PyTriton's Python-function models (``Triton.bind``): their proxy moves arrays through the
+  Python backend's NumPy interface, which the bundled stub compiled against NumPy 1 reads wrongly
+  under NumPy 2 (empty outputs, wrong inputs; measured). This venv has NumPy 2. Our model moves
+  tensors by DLPack instead.
+- The stub embeds ``libpython``: the server gets this interpreter's own library directory first on
+  ``LD_LIBRARY_PATH`` (otherwise another 3.11 build's ``libpython`` loads with this venv's standard
+  library and the model fails to load).
+- PyTriton's access restriction stays on for shared memory, tracing and logging; the repository
+  index (which clients read to find the sizes) and statistics are open, as in the standard
+  container. The server listens on all interfaces, as tritonserver does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import sysconfig
+import tempfile
+import threading
+from pathlib import Path
+
+from depthvlm_ros.backends.triton_repo import DEFAULT_MAX_BATCH, DEFAULT_PREFIX, DEFAULT_QUEUE_DELAY_US
+from depthvlm_ros.errors import InputError
+from depthvlm_ros.tools.common import add_model_args, parse_size
+
+#: Endpoints that only this process (which holds the token) may use.
+RESTRICTED_ENDPOINTS = ["shared-memory", "trace", "logging"]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve the depth path from a local Triton Inference Server (PyTriton's)")
+    p.add_argument("--size", type=parse_size, action="append", default=[],
+                   help="model-grid WxH to serve (multiples of 32 px; repeatable); exported once into the cache")
+    p.add_argument("--onnx", type=Path, action="append", default=[],
+                   help="serve this checked export (depthvlm export --out) instead of exporting (repeatable)")
+    p.add_argument("--triton-model", default=DEFAULT_PREFIX, help=f"model name prefix (default {DEFAULT_PREFIX})")
+    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001)")
+    p.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default 8002)")
+    p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
+                   help=f"largest batch of one execution (default {DEFAULT_MAX_BATCH})")
+    p.add_argument("--queue-delay-us", type=int, default=DEFAULT_QUEUE_DELAY_US,
+                   help=f"how long the dynamic batcher waits to fill a batch (default {DEFAULT_QUEUE_DELAY_US} us)")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads per model (default: its own)")
+    p.add_argument("--repo", type=Path, help="write the repository here and keep it (default: a temporary folder)")
+    add_model_args(p)
+    p.set_defaults(func=run)
+
+
+def _graphs(args: argparse.Namespace) -> list[Path]:
+    """The checked exports to serve: --onnx files (each proves its probe here) and --size exports."""
+    from depthvlm_ros.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    if not args.size and not args.onnx:
+        raise InputError("nothing to serve: give --size WxH (and --model DIR) or --onnx FILE")
+    graphs = list(args.onnx)
+    if args.size:
+        from depthvlm_ros.backends.triton_repo import graphs_for_sizes
+        from depthvlm_ros.tools.common import load_model
+
+        graphs += graphs_for_sizes(load_model(args), args.size, progress=log)
+    for graph in graphs:  # the probe: a graph that computes something else is refused before it serves
+        OnnxRuntimeBackend([graph], providers=["CPUExecutionProvider"], threads=1).close()
+    return graphs
+
+
+def _server_environment(threads: int) -> None:
+    """What the server and its Python-backend stubs inherit (see the module docstring)."""
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    if libdir and os.path.isdir(libdir):
+        os.environ["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, os.environ.get("LD_LIBRARY_PATH")) if p)
+    if threads > 0:
+        os.environ["DEPTHVLM_SERVE_THREADS"] = str(threads)
+
+
+def run(args: argparse.Namespace) -> int:
+    for port in (args.grpc_port, args.http_port, args.metrics_port):
+        if not 1 <= port <= 65535:
+            raise InputError(f"port {port} outside 1..65535")
+    try:
+        from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
+    except ImportError:
+        raise InputError("depthvlm serve needs nvidia-pytriton (make setup installs it; see the README)") from None
+    import tritonclient.grpc as grpcclient
+
+    from depthvlm_ros.backends.triton_repo import write_triton_repo
+
+    graphs = _graphs(args)
+    keep = args.repo is not None
+    repo = args.repo or Path(tempfile.mkdtemp(prefix="depthvlm-triton-"))
+    names = write_triton_repo(graphs, repo, args.triton_model, "python", args.max_batch, args.queue_delay_us,
+                              progress=lambda line: print(line, file=sys.stderr, flush=True))
+    _server_environment(args.threads)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    config = TritonConfig(model_repository=repo, grpc_port=args.grpc_port, http_port=args.http_port,
+                          metrics_port=args.metrics_port, exit_on_error=True)
+    triton = Triton(config=config, security_config=TritonSecurityConfig(restricted_endpoints=RESTRICTED_ENDPOINTS))
+    try:
+        try:
+            triton.run()  # the server loads every model of the repository (PyTriton's --load-model=*)
+            client = grpcclient.InferenceServerClient(f"localhost:{args.grpc_port}")
+            failed = [name for name in names if not client.is_model_ready(name)]
+            if failed:
+                raise RuntimeError(f"{', '.join(failed)} did not load (the server's log above says why)")
+        except Exception as exc:  # PyTriton's and tritonclient's errors: a busy port, a model that fails to load
+            first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:300]
+            raise InputError(f"the Triton server did not start serving ({first})") from None
+        print(f"serving {', '.join(names)} at grpc://localhost:{args.grpc_port} (batches of up to "
+              f"{args.max_batch}; repository {repo}); Ctrl-C stops", flush=True)
+        stop.wait()
+    finally:
+        triton.stop()
+        if not keep:
+            import shutil
+
+            shutil.rmtree(repo, ignore_errors=True)
+    return 0

@@ -1,0 +1,255 @@
+"""Serving through Triton: the repository's batched graph, ``depthvlm serve`` (PyTriton's real server),
+and nodes with ``backend: triton`` over real Fast DDS, each in its own process."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from depthvlm_ros.backends.onnx_export import export_onnx
+from depthvlm_ros.geometry import Intrinsics
+
+from conftest import REPO, ros_environment
+
+sys.path.insert(0, str(REPO / "test"))
+from ros_peer import frame_rgb  # noqa: E402
+from test_ros_node import (  # noqa: E402
+    PEER,
+    PY,
+    TEST_PARAMS,
+    NodeProcess,
+    finish,
+    load_collected,
+    node_depth,
+    peer,
+    start_peer,
+)
+
+pytest.importorskip("tritonclient.grpc", reason="tritonclient is not installed (make setup installs it)")
+SERVER = pytest.importorskip("pytriton.triton", reason="nvidia-pytriton is not installed (make setup installs it "
+                             "on x86_64)")
+SIZE = (320, 256)
+CAMERA = (320, 240, 300.0)  # width, height, fx of the test cameras
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+class ServeProcess:
+    """``depthvlm serve`` in its own process; its output is read by a thread (the pipe never fills)."""
+
+    def __init__(self, graph: Path, ports: list[int], env: dict[str, str], *extra: str) -> None:
+        grpc, http, metrics = ports
+        self.url = f"localhost:{grpc}"
+        self.proc = subprocess.Popen(
+            [PY, "-m", "depthvlm_ros", "serve", "--onnx", str(graph), "--grpc-port", str(grpc), "--http-port",
+             str(http), "--metrics-port", str(metrics), *extra], env=env, cwd=REPO, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=lambda: self.lines.extend(line.rstrip() for line in self.proc.stdout),
+                                        daemon=True)
+        self._reader.start()
+
+    def wait_serving(self, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(line.startswith("serving ") for line in self.lines):
+            assert self.proc.poll() is None and time.monotonic() < deadline, "\n".join(self.lines[-40:])
+            time.sleep(0.1)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError("depthvlm serve did not stop on SIGTERM") from None
+        self._reader.join(timeout=30)
+        return code
+
+
+def statistics(url: str, name: str) -> tuple[int, int]:
+    """(inferences, executions) the server counted for ``name``."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+    stats = client.get_inference_statistics(name, as_json=True)["model_stats"][0]
+    client.close()
+    return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
+
+
+@pytest.fixture(scope="module")
+def graph(tiny_model, tmp_path_factory) -> Path:
+    """The tiny checkpoint's checked export at :data:`SIZE` (what the server serves and the local backend runs)."""
+    path = tmp_path_factory.mktemp("triton") / "depth.onnx"
+    export_onnx(tiny_model, *SIZE, path, check_images=1, progress=lambda _: None)
+    return path
+
+
+@pytest.fixture
+def local_onnxruntime(tiny_model, graph):
+    """The test's model with the local ONNX Runtime backend on the same graph (restored afterwards)."""
+    from depthvlm_ros.backends import TorchBackend
+    from depthvlm_ros.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+    tiny_model.backend = OnnxRuntimeBackend([graph])
+    yield tiny_model
+    tiny_model.backend.close()
+    tiny_model.backend = TorchBackend(tiny_model.model)
+
+
+def test_the_batched_graph_computes_each_image_as_the_export_does(graph, tmp_path):
+    """The repository's graph (Scan over a batch axis) gives each image of a batch exactly the depth the
+    single-image export gives it; its config has fixed dims, batching and the model's fingerprint."""
+    import onnxruntime as ort
+
+    from depthvlm_ros.backends.onnx_export import read_metadata
+    from depthvlm_ros.backends.triton_repo import write_triton_repo
+
+    names = write_triton_repo([graph], tmp_path, "depth", "onnxruntime", max_batch=4, queue_delay_us=500,
+                              progress=lambda _: None)
+    assert names == ["depth_320x256"]
+    single = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    batched = ort.InferenceSession(str(tmp_path / "depth_320x256" / "1" / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    shape = single.get_inputs()[0].shape
+    pixels = np.random.default_rng(0).standard_normal((3, *shape)).astype(np.float32)
+    got = batched.run(None, {"pixel_values": pixels})[0]
+    assert got.shape == (3, SIZE[1], SIZE[0])
+    for i in range(3):
+        np.testing.assert_array_equal(got[i : i + 1], single.run(None, {"pixel_values": pixels[i]})[0])
+    config = (tmp_path / "depth_320x256" / "config.pbtxt").read_text()
+    fingerprint = read_metadata(graph)["depthvlm.model_fingerprint"]
+    for line in ('backend: "onnxruntime"', "max_batch_size: 4", f"dims: {list(shape)}", f"dims: [{SIZE[1]}, {SIZE[0]}]",
+                 "dynamic_batching { max_queue_delay_microseconds: 500 }",
+                 f'key: "depthvlm.model_fingerprint" value {{ string_value: "{fingerprint}" }}',
+                 'key: "depthvlm.canonical_fx" value { string_value: "1000" }'):
+        assert line in config, config
+
+
+@pytest.fixture(scope="module")
+def server(graph, private_cache):
+    """``depthvlm serve`` on free ports; requests wait up to 20 ms to be batched with others."""
+    serve = ServeProcess(graph, free_ports(3), ros_environment(private_cache), "--queue-delay-us", "20000")
+    try:
+        serve.wait_serving()
+        yield serve
+    finally:
+        assert serve.stop() == 0, "\n".join(serve.lines[-40:])
+
+
+def test_two_nodes_stream_from_one_server_batched_and_equal_to_local_onnxruntime(server, tiny_checkpoint,
+                                                                                 local_onnxruntime, private_cache,
+                                                                                 tmp_path):
+    """Two node processes with backend triton (each with its own camera) get the depth the local ONNX Runtime
+    backend computes from the same graph (max relative error <= 1e-5), and the server joins their requests:
+    fewer executions than inferences while both stream."""
+    width, height, fx = CAMERA
+    name = f"depthvlm_depth_{SIZE[0]}x{SIZE[1]}"
+    envs = [ros_environment(private_cache) for _ in range(2)]
+    nodes = [NodeProcess(env, {**TEST_PARAMS, "model_path": tiny_checkpoint, "backend": "triton",
+                               "triton_url": server.url}) for env in envs]
+    cameras: list[subprocess.Popen] = []
+    try:
+        for node in nodes:
+            node.wait_ready()
+        before = statistics(server.url, name)
+        collectors = [start_peer(env, "collect", "--out", str(tmp_path / f"node{i}"), "--count", "4", "--keep", "4",
+                                 "--no-heavy", "--until", "frames_processed>=4")
+                      for i, env in enumerate(envs)]
+        cameras = [subprocess.Popen([PY, PEER, "publish", "--width", str(width), "--height", str(height), "--fx",
+                                     str(fx), "--count", "3000", "--rate", "10", "--reliable", "--start", str(100 * i)],
+                                    env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                   for i, env in enumerate(envs)]
+        results = [finish(collector) for collector in collectors]
+        deadline = time.monotonic() + 240.0
+        while True:  # both still stream: wait for the batcher to have joined two of their requests
+            inferences, executions = (a - b for a, b in zip(statistics(server.url, name), before))
+            if executions < inferences or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    finally:
+        for camera in cameras:
+            camera.kill()
+            camera.communicate()
+        codes = [node.stop() for node in nodes]
+    assert codes == [0, 0], [node.output[-2000:] for node in nodes]
+    assert 0 < executions < inferences, (inferences, executions)
+    k = Intrinsics.from_fx(width, height, fx)
+    for i, result in enumerate(results):
+        assert result["depth_count"] >= 4, result
+        meta, arrays = load_collected(tmp_path / f"node{i}")
+        assert meta["depth"], meta
+        for key in meta["depth"]:
+            index = round((float(key.split("|")[0]) - 1000.0) * 1000)
+            expected = node_depth(local_onnxruntime, frame_rgb(width, height, index % 8), k)
+            got = arrays[f"depth|{key}"]
+            assert np.max(np.abs(got - expected) / np.abs(expected)) <= 1e-5, key
+        assert meta["diagnostics"][-1]["backend"].startswith(f"triton (grpc://{server.url}"), meta["diagnostics"][-1]
+
+
+def test_a_node_reports_a_missing_server_and_streams_once_it_is_back(graph, tiny_checkpoint, private_cache):
+    """Started before its server, a node says so (diagnostics ERROR with the URL; frames dropped and counted);
+    once the server serves, depth flows; when the server goes mid-stream, the same again; and it comes back
+    without restarting the node."""
+    env = ros_environment(private_cache)
+    ports = free_ports(3)
+    url = f"localhost:{ports[0]}"
+    node = NodeProcess(env, {**TEST_PARAMS, "model_path": tiny_checkpoint, "backend": "triton", "triton_url": url})
+    camera = serve = None
+    try:
+        node.wait_ready()
+        camera = subprocess.Popen([PY, PEER, "publish", "--count", "3000", "--rate", "10", "--reliable"], env=env,
+                                  cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        down = peer(env, "watch", "--until", "level==2", "--until", f"message~grpc://{url}", "--until",
+                    "frames_failed_backend>=3", "--timeout", "120")
+        assert "unreachable" in down["backend_problem"] and down["frames_processed"] == "0", down
+        for _ in range(2):  # the server comes, goes, comes again, goes again
+            serve = ServeProcess(graph, ports, env)
+            serve.wait_serving()
+            up = peer(env, "watch", "--until", "level==0", "--until", "backend_problem==", "--until",
+                      f"frames_processed>={int(down['frames_processed']) + 3}", "--timeout", "120")
+            assert serve.stop() == 0, "\n".join(serve.lines[-40:])
+            serve = None
+            down = peer(env, "watch", "--until", "level==2", "--until",
+                        f"frames_failed_backend>{up['frames_failed_backend']}", "--timeout", "120")
+            assert f"grpc://{url}" in down["message"], down
+        assert node.proc.poll() is None
+    finally:
+        if serve is not None:
+            serve.stop()
+        if camera is not None:
+            camera.kill()
+            camera.communicate()
+        assert node.stop() == 0, node.output[-3000:]
+    assert node.output.count("configured: model") == 1  # never restarted
+
+
+def test_triton_errors_are_one_line_with_exit_code_2(server, tiny_checkpoint, tmp_path):
+    """An unreachable server names its URL; a server serving other weights is refused."""
+    from conftest import SAMPLE_IMAGE
+
+    free = free_ports(1)[0]
+    base = [PY, "-m", "depthvlm_ros", "predict", str(SAMPLE_IMAGE), "--fx", "300", "--out", str(tmp_path),
+            "--backend", "triton"]
+    nowhere = subprocess.run([*base, "--model", str(tiny_checkpoint), "--triton-url", f"localhost:{free}"],
+                             cwd=REPO, capture_output=True, text=True, timeout=180)
+    other = subprocess.run([*base, "--triton-url", server.url], cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert nowhere.returncode == 2 and f"triton server at grpc://localhost:{free} unreachable" in nowhere.stderr
+    assert len(nowhere.stderr.strip().splitlines()) == 1, nowhere.stderr
+    assert other.returncode == 2 and "was exported from other weights" in other.stderr and "refused" in other.stderr
