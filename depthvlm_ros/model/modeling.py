@@ -194,6 +194,7 @@ class DepthVLMForConditionalGeneration(Qwen3VLForConditionalGeneration):
         labels: torch.Tensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         return_logits: bool = True,
+        logits_rows: torch.Tensor | None = None,
         static_prompt: StaticPrompt | None = None,
         **kwargs: Any,
     ) -> DepthVLMOutput:
@@ -202,7 +203,8 @@ class DepthVLMForConditionalGeneration(Qwen3VLForConditionalGeneration):
         Vision tower once, LLM once, then the depth head on the image tokens' features (the three
         DeepStack levels and the post-norm last hidden state). ``generate()`` calls it as the stock
         forward (depth on the prefill, None on decoding steps); the trainer asks for
-        ``return_logits=False`` and applies the LM head to the rows it needs; the torch backend and
+        ``return_logits=False`` with ``logits_rows`` (a (B,) bool mask): logits of those batch rows only,
+        still inside this forward, so a DDP/FSDP-wrapped model applies its LM head itself; the torch backend and
         the ONNX export pass a :class:`StaticPrompt` (the fixed depth prompt precomputed for one
         size: no data-dependent ops, so it traces and compiles), which returns depth only.
         """
@@ -223,7 +225,9 @@ class DepthVLMForConditionalGeneration(Qwen3VLForConditionalGeneration):
             depth = self._depth_from_features(self._image_token_features(
                 input_ids, image_grid_thw, list(image_outputs.deepstack_features), hidden))
         logits = loss = None
-        if return_logits or labels is not None:
+        if logits_rows is not None:
+            logits = self.lm_head(hidden[logits_rows])
+        elif return_logits or labels is not None:
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = self.lm_head(hidden[:, keep, :])
             if labels is not None:

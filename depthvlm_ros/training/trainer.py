@@ -143,20 +143,22 @@ def set_trainable(model: DepthVLMForConditionalGeneration, stage: int, freeze: S
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-def forward_losses(model: Any, lm_head: torch.nn.Module, batch: Batch, stage: int) -> dict[str, torch.Tensor]:
+def forward_losses(model: Any, batch: Batch, stage: int) -> dict[str, torch.Tensor]:
     """One forward over a batch: depth (B, H, W), the SILog of each image and the answer tokens' summed
     cross-entropy (stages 0 and 2, rows with answers).
 
     ``model``: the model as prepared (DDP/FSDP wrapped, or itself): the model's own forward (the one the
-    robot runs), one vision pass and one LLM pass give the depth and the last hidden state; ``lm_head``
-    (the unwrapped model's) scores the answer rows from that hidden state.
+    robot runs), one vision pass and one LLM pass give the depth and the last hidden state, and the
+    LM head scores the answer rows inside that forward (``logits_rows``), so FSDP gathers its weights
+    there like every other layer's.
     """
+    text = stage != 1 and bool(batch.has_text.any())
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values,
-                image_grid_thw=batch.image_grid_thw, mm_token_type_ids=batch.mm_token_type_ids, return_logits=False)
+                image_grid_thw=batch.image_grid_thw, mm_token_type_ids=batch.mm_token_type_ids, return_logits=False,
+                logits_rows=batch.has_text if text else None)
     losses = {"depth": out.depth, "silog": silog_per_image(out.depth, batch.depth_target)}
-    if stage != 1 and bool(batch.has_text.any()):
-        rows = batch.has_text
-        losses["lm_sum"] = lm_loss_sum(lm_head(out.last_hidden_state[rows]), batch.labels[rows])
+    if text:
+        losses["lm_sum"] = lm_loss_sum(out.logits, batch.labels[batch.has_text])
     return losses
 
 
@@ -341,7 +343,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             batch = Batch(**{k: v.to(accelerator.device) for k, v in vars(batch).items()})
             last = i == len(batches) - 1  # gradients are synchronised once, on the step's last backward
             with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                losses = forward_losses(model, core.lm_head, batch, cfg.stage)
+                losses = forward_losses(model, batch, cfg.stage)
                 silog = losses["silog"].sum() / cfg.batch_size
                 lm = losses["lm_sum"] / max(tokens, 1.0) if "lm_sum" in losses else silog * 0.0
                 loss = silog if cfg.stage == 1 else weight * silog + lm
