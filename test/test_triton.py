@@ -253,3 +253,28 @@ def test_triton_errors_are_one_line_with_exit_code_2(server, tiny_checkpoint, tm
     assert nowhere.returncode == 2 and f"triton server at grpc://localhost:{free} unreachable" in nowhere.stderr
     assert len(nowhere.stderr.strip().splitlines()) == 1, nowhere.stderr
     assert other.returncode == 2 and "was exported from other weights" in other.stderr and "refused" in other.stderr
+
+
+def test_cli_export_writes_a_triton_repository_and_refuses_bad_settings(tiny_checkpoint, tmp_path):
+    """``depthvlm export --triton-repo`` writes one model per size (a batched graph that runs, the config);
+    settings no repository can have are one-line errors with exit code 2, before any work."""
+    import onnxruntime as ort
+
+    base = [PY, "-m", "depthvlm_ros", "export", "--model", str(tiny_checkpoint)]
+    repo = tmp_path / "repo"
+    run = subprocess.run([*base, "--triton-repo", str(repo), "--size", "320x256", "--max-batch", "2"], cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert f"wrote the Triton model repository {repo}: depthvlm_depth_320x256" in run.stdout
+    config = (repo / "depthvlm_depth_320x256" / "config.pbtxt").read_text()
+    assert 'backend: "onnxruntime"' in config and "max_batch_size: 2" in config, config
+    session = ort.InferenceSession(str(repo / "depthvlm_depth_320x256" / "1" / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    shape = [2, *session.get_inputs()[0].shape[1:]]
+    assert session.run(None, {"pixel_values": np.zeros(shape, np.float32)})[0].shape == (2, SIZE[1], SIZE[0])
+    for args, message in [(["--triton-repo", str(repo), "--size", "320x256", "--max-batch", "0"],
+                           "max batch must be in 1..256, got 0"),
+                          (["--out", str(tmp_path / "x.onnx"), "--size", "320x256", "--size", "256x320"],
+                           "one --size per .onnx file")]:
+        bad = subprocess.run([*base, *args], cwd=REPO, capture_output=True, text=True, timeout=180)
+        assert bad.returncode == 2 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr

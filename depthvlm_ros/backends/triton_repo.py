@@ -106,14 +106,21 @@ def batched_graph(single: Path, out: Path) -> None:
         shutil.copyfile(single.parent / data, out.parent / data)
 
 
-def model_config(name: str, backend: str, graph: Path, max_batch: int, queue_delay_us: int) -> str:
-    """config.pbtxt of one served size (fixed dims; batching on; the graph's depthvlm metadata)."""
-    import onnx
-
+def check_serving(backend: str, max_batch: int, queue_delay_us: int) -> None:
+    """BackendError (exit code 2 in the tools) for settings no repository can have."""
     if backend not in TRITON_BACKENDS:
         raise BackendError(f"unknown Triton backend {backend!r} (choose from {', '.join(TRITON_BACKENDS)})")
     if not 1 <= max_batch <= 256:
         raise BackendError(f"max batch must be in 1..256, got {max_batch}")
+    if not 0 <= queue_delay_us <= 10_000_000:
+        raise BackendError(f"queue delay must be in 0..10000000 us, got {queue_delay_us}")
+
+
+def model_config(name: str, backend: str, graph: Path, max_batch: int, queue_delay_us: int) -> str:
+    """config.pbtxt of one served size (fixed dims; batching on; the graph's depthvlm metadata)."""
+    import onnx
+
+    check_serving(backend, max_batch, queue_delay_us)
     model = onnx.load(str(graph), load_external_data=False)
     (inp,), (outp,) = model.graph.input, model.graph.output
     in_dims = [d.dim_value for d in inp.type.tensor_type.shape.dim][1:]
@@ -156,6 +163,7 @@ def write_triton_repo(graphs: Sequence[Path], repo: Path, prefix: str = DEFAULT_
     replaced; others are left alone. Returns the model names."""
     from depthvlm_ros.backends.onnx_export import export_size, read_metadata
 
+    check_serving(backend, max_batch, queue_delay_us)
     if not graphs:
         raise BackendError("no sizes to serve: give at least one --size (or --onnx graph)")
     if _NAME.match(served_name(prefix, 32, 32)) is None:

@@ -52,22 +52,23 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     from depthvlm_ros.backends.onnx_export import export_onnx
+    from depthvlm_ros.backends.triton_repo import check_serving, graphs_for_sizes, write_triton_repo
 
+    if args.triton_repo is None and len(args.size) > 1:
+        raise InputError("one --size per .onnx file (several sizes go to a --triton-repo)")
+    if args.triton_repo is not None:
+        check_serving(args.triton_backend, args.max_batch, args.queue_delay_us)
     model = load_model(args)
 
     def progress(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
     if args.triton_repo is not None:
-        from depthvlm_ros.backends.triton_repo import graphs_for_sizes, write_triton_repo
-
         graphs = graphs_for_sizes(model, args.size, args.export_dtype, progress)
         names = write_triton_repo(graphs, args.triton_repo, args.triton_model, args.triton_backend, args.max_batch,
                                   args.queue_delay_us, progress)
         print(f"wrote the Triton model repository {args.triton_repo}: {', '.join(names)}")
         return 0
-    if len(args.size) > 1:
-        raise InputError("one --size per .onnx file (several sizes go to a --triton-repo)")
     width, height = args.size[0]
     report = export_onnx(model, width, height, args.out, dtype=args.export_dtype,
                          check_images=max(1, args.check_images), progress=progress)

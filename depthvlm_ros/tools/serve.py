@@ -100,8 +100,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("depthvlm serve needs nvidia-pytriton (make setup installs it; see the README)") from None
     import tritonclient.grpc as grpcclient
 
-    from depthvlm_ros.backends.triton_repo import write_triton_repo
+    from depthvlm_ros.backends.triton_repo import check_serving, write_triton_repo
 
+    check_serving("python", args.max_batch, args.queue_delay_us)
     graphs = _graphs(args)
     keep = args.repo is not None
     repo = args.repo or Path(tempfile.mkdtemp(prefix="depthvlm-triton-"))
