@@ -17,7 +17,7 @@ import pytest
 from depthvlm_ros.backends.onnx_export import export_onnx
 from depthvlm_ros.geometry import Intrinsics
 
-from conftest import REPO, ros_environment
+from conftest import REPO, alter_onnx_weights, ros_environment
 
 sys.path.insert(0, str(REPO / "test"))
 from ros_peer import frame_rgb  # noqa: E402
@@ -135,11 +135,39 @@ def test_the_batched_graph_computes_each_image_as_the_export_does(graph, tmp_pat
         np.testing.assert_array_equal(got[i : i + 1], single.run(None, {"pixel_values": pixels[i]})[0])
     config = (tmp_path / "depth_320x256" / "config.pbtxt").read_text()
     fingerprint = read_metadata(graph)["depthvlm.model_fingerprint"]
-    for line in ('backend: "onnxruntime"', "max_batch_size: 4", f"dims: {list(shape)}", f"dims: [{SIZE[1]}, {SIZE[0]}]",
+    for line in ('backend: "onnxruntime"', "max_batch_size: 4", "data_type: TYPE_FP32", f"dims: {list(shape)}",
+                 f"dims: [{SIZE[1]}, {SIZE[0]}]",
                  "dynamic_batching { max_queue_delay_microseconds: 500 }",
                  f'key: "depthvlm.model_fingerprint" value {{ string_value: "{fingerprint}" }}',
                  'key: "depthvlm.canonical_fx" value { string_value: "1000" }'):
         assert line in config, config
+
+
+def test_an_fp16_export_is_served_as_float32_depth_and_an_altered_graph_is_refused(tiny_model, graph, tmp_path):
+    """An fp16 export's repository takes fp16 pixels and returns float32 depth (each image within the fp16
+    probe tolerance of the reference); a graph whose weights were altered after export never becomes a
+    served model: its probe, run through the batched graph, refuses it."""
+    import onnxruntime as ort
+
+    from depthvlm_ros.backends.base import BackendError
+    from depthvlm_ros.backends.triton_repo import write_triton_repo
+
+    half = tmp_path / "half.onnx"
+    export_onnx(tiny_model, *SIZE, half, dtype="fp16", check_images=1, progress=lambda _: None)
+    write_triton_repo([half], tmp_path / "repo", progress=lambda _: None)
+    model = tmp_path / "repo" / "depthvlm_depth_320x256"
+    config = (model / "config.pbtxt").read_text()
+    assert "data_type: TYPE_FP16" in config and 'output [ { name: "depth" data_type: TYPE_FP32' in config, config
+    session = ort.InferenceSession(str(model / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_outputs()[0].type == "tensor(float)"
+
+    import shutil
+
+    for suffix in ("", ".probe.safetensors"):
+        shutil.copyfile(str(graph) + suffix, str(tmp_path / "altered.onnx") + suffix)
+    alter_onnx_weights(tmp_path / "altered.onnx")
+    with pytest.raises(BackendError, match="differs from its PyTorch reference"):
+        write_triton_repo([tmp_path / "altered.onnx"], tmp_path / "refused", progress=lambda _: None)
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +178,8 @@ def server(graph, private_cache):
         serve.wait_serving()
         yield serve
     finally:
-        assert serve.stop() == 0, "\n".join(serve.lines[-40:])
+        code = serve.stop()
+    assert code == 0, "\n".join(serve.lines[-40:])
 
 
 def test_two_nodes_stream_from_one_server_batched_and_equal_to_local_onnxruntime(server, tiny_checkpoint,
@@ -236,7 +265,8 @@ def test_a_node_reports_a_missing_server_and_streams_once_it_is_back(graph, tiny
         if camera is not None:
             camera.kill()
             camera.communicate()
-        assert node.stop() == 0, node.output[-3000:]
+        code = node.stop()
+    assert code == 0, node.output[-3000:]
     assert node.output.count("configured: model") == 1  # never restarted
 
 
@@ -278,3 +308,37 @@ def test_cli_export_writes_a_triton_repository_and_refuses_bad_settings(tiny_che
                            "one --size per .onnx file")]:
         bad = subprocess.run([*base, *args], cwd=REPO, capture_output=True, text=True, timeout=180)
         assert bad.returncode == 2 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+def test_a_batch_above_the_served_size_is_split_and_a_refused_request_is_not_a_lost_server(
+        server, local_onnxruntime, tiny_checkpoint):
+    """Nine images in one call go to a server that executes at most 8 at a time: sent in two requests, each
+    image's depth equals the local backend's. A request the server refuses fails that call only; a lost
+    server (gRPC UNAVAILABLE) becomes the backend's problem."""
+    from tritonclient.utils import InferenceServerException
+
+    from depthvlm_ros.backends.triton_backend import TritonBackend
+    from depthvlm_ros.model.checkpoint import model_fingerprint
+
+    width, height, fx = CAMERA
+    k = Intrinsics.from_fx(width, height, fx)
+    frames = [frame_rgb(width, height, i) for i in range(9)]
+    expected = [r.depth for r in local_onnxruntime.infer(local_onnxruntime.plan(k, exact=False), frames)]
+    local = local_onnxruntime.backend
+    backend = TritonBackend(server.url, expected_fingerprint=model_fingerprint(tiny_checkpoint), log=lambda _: None)
+    try:
+        local_onnxruntime.backend = backend
+        name = f"depthvlm_depth_{SIZE[0]}x{SIZE[1]}"
+        before = statistics(server.url, name)
+        got = [r.depth for r in local_onnxruntime.infer(local_onnxruntime.plan(k, exact=False), frames)]
+        inferences, executions = (a - b for a, b in zip(statistics(server.url, name), before))
+        assert inferences == 9 and executions >= 2, (inferences, executions)  # max_batch_size 8: two requests
+        for a, b in zip(got, expected):
+            assert np.max(np.abs(a - b) / np.abs(b)) <= 1e-5
+        refused = backend._failed(InferenceServerException("bad shape", status="StatusCode.INVALID_ARGUMENT"))
+        assert "refused a request" in str(refused) and backend.problem() == ""
+        lost = backend._failed(InferenceServerException("gone", status="StatusCode.UNAVAILABLE"))
+        assert "lost" in str(lost) and backend.problem() == str(lost)
+    finally:
+        backend.close()
+        local_onnxruntime.backend = local

@@ -30,13 +30,22 @@ from depthvlm_ros.backends.triton_repo import DEFAULT_PREFIX, parse_served_name
 DEFAULT_URL = "localhost:8001"
 #: Seconds between connection attempts while the server is unreachable (frames meanwhile fail at once).
 RETRY_S = 1.0
+#: Seconds a control call (liveness, repository index, a model's config) may take.
+CONTROL_TIMEOUT_S = 2.0
 #: Seconds one request (a frame) may take before it counts as failed.
 REQUEST_TIMEOUT_S = 30.0
+#: gRPC status codes that mean the server is gone (anything else fails only the request).
+LOST = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "UNKNOWN")
 Size = tuple[int, int]
 
 
 class TritonBackend(DepthBackend):
-    """Depth from the models a Triton server serves under ``prefix``; see the module docstring."""
+    """Depth from the models a Triton server serves under ``prefix``; see the module docstring.
+
+    Thread-safe for one caller of :meth:`depth` (the node's worker) alongside readers of
+    :meth:`problem`, :meth:`sizes` and :meth:`describe` (diagnostics): network calls never run under
+    the lock, so a server that stops answering never stalls diagnostics.
+    """
 
     name = "triton"
 
@@ -53,69 +62,98 @@ class TritonBackend(DepthBackend):
         self.retry_s, self.timeout_s, self.log = retry_s, timeout_s, log
         self._lock = threading.Lock()
         self._client = None
-        self._models: dict[Size, dict] = {}  # served size -> {"name", "dtype", "patch"}
-        self._problem = ""
+        self._models: dict[Size, dict] = {}  # served size -> {"name", "dtype", "max_batch"}
+        self._problem = "not connected yet"
+        self._connected_once = self._connecting = self._closed = False
         self._last_attempt = -float("inf")
         self._vision_patch = 16
         try:
-            self._connect()
+            self._ready()
         except BackendError as exc:
             if connect_now:
+                self.close()
                 raise
             self.log(f"{exc}; retrying as frames arrive")
 
     # -- connection ---------------------------------------------------------------------------
 
-    def _connect(self) -> None:
-        """Read the served sizes and check their fingerprints; BackendError (kept as the problem) if not."""
-        self._last_attempt = time.monotonic()
+    def _discover(self, client: object) -> tuple[dict[Size, dict], int]:
+        """The served sizes of ``client``'s server, their fingerprints checked; BackendError if none."""
         try:
-            client = self._client or self._grpc.InferenceServerClient(self.url)
-            client.is_server_live(client_timeout=self.timeout_s)
-            index = client.get_model_repository_index(as_json=True, client_timeout=self.timeout_s)
-            models: dict[Size, dict] = {}
-            for entry in index.get("models", []):
-                size = parse_served_name(entry.get("name", ""), self.prefix)
-                if size is None or entry.get("state", "READY") != "READY":
-                    continue
-                config = client.get_model_config(entry["name"], as_json=True, client_timeout=self.timeout_s)["config"]
-                params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
-                fingerprint = params.get("depthvlm.model_fingerprint", "")
-                if self.expected_fingerprint and fingerprint != self.expected_fingerprint:
-                    raise BackendError(
-                        f"triton at grpc://{self.url}: {entry['name']} was exported from other weights (model "
-                        f"{fingerprint or 'unknown'}, this model {self.expected_fingerprint}); refused: serve this "
-                        "model's repository (depthvlm export --triton-repo, or depthvlm serve --model)")
-                dtype = config["input"][0].get("data_type", "TYPE_FP32")
-                models[size] = {"name": entry["name"], "dtype": np.float16 if dtype == "TYPE_FP16" else np.float32}
-                self._vision_patch = int(params.get("depthvlm.vision_patch", self._vision_patch))
-        except BackendError as exc:
-            self._problem = str(exc)
-            raise
+            client.is_server_live(client_timeout=CONTROL_TIMEOUT_S)
+            index = client.get_model_repository_index(as_json=True, client_timeout=CONTROL_TIMEOUT_S)
         except Exception as exc:  # tritonclient's InferenceServerException, grpc errors
-            self._problem = f"triton server at grpc://{self.url} unreachable ({_first_line(exc)})"
-            raise BackendError(self._problem) from None
+            raise BackendError(f"triton server at grpc://{self.url} unreachable ({_first_line(exc)})") from None
+        models: dict[Size, dict] = {}
+        patch = self._vision_patch
+        listed = [entry.get("name", "?") for entry in index.get("models", [])]
+        for entry in index.get("models", []):
+            size = parse_served_name(entry.get("name", ""), self.prefix)
+            if size is None or entry.get("state") != "READY":
+                continue
+            name = entry["name"]
+            try:
+                config = client.get_model_config(name, as_json=True, client_timeout=CONTROL_TIMEOUT_S)["config"]
+                params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+                dtype = config["input"][0].get("data_type", "TYPE_FP32")
+                max_batch = int(config.get("max_batch_size", 0))
+                patch = int(params.get("depthvlm.vision_patch", patch))
+            except Exception as exc:  # a model unloaded meanwhile, or a config that is not a depthvlm export's
+                self.log(f"triton at grpc://{self.url}: {name} skipped ({exc.__class__.__name__}: "
+                         f"{_first_line(exc)})")
+                continue
+            fingerprint = params.get("depthvlm.model_fingerprint", "")
+            if self.expected_fingerprint and fingerprint != self.expected_fingerprint:
+                raise BackendError(
+                    f"triton at grpc://{self.url}: {name} was exported from other weights (model "
+                    f"{fingerprint or 'unknown'}, this model {self.expected_fingerprint}); refused: serve this "
+                    "model's repository (depthvlm export --triton-repo, or depthvlm serve --model)")
+            if max_batch < 1:
+                self.log(f"triton at grpc://{self.url}: {name} skipped (max_batch_size {max_batch}: not batched)")
+                continue
+            models[size] = {"name": name, "dtype": np.float16 if dtype == "TYPE_FP16" else np.float32,
+                            "max_batch": max_batch}
         if not models:
-            have = ", ".join(sorted(m.get("name", "?") for m in index.get("models", []))) or "none"
-            self._problem = (f"triton at grpc://{self.url} serves no ready model named {self.prefix}_WxH "
-                             f"(models: {have})")
-            raise BackendError(self._problem)
-        if self._problem:
-            self.log(f"triton: connected to grpc://{self.url} again")
-        self._client, self._models, self._problem = client, models, ""
+            raise BackendError(f"triton at grpc://{self.url} serves no ready model named {self.prefix}_WxH "
+                               f"(models: {', '.join(sorted(listed)) or 'none'})")
+        return models, patch
 
     def _ready(self) -> None:
-        """Connected, or connect now (at most every retry_s); BackendError while that fails."""
+        """Connected, or try once now (at most every retry_s, never two at once); BackendError meanwhile.
+
+        Every attempt uses a new gRPC channel: an old one's reconnect backoff grows to minutes."""
         with self._lock:
+            if self._closed:
+                raise BackendError("triton backend closed")
             if not self._problem:
                 return
-            if time.monotonic() - self._last_attempt < self.retry_s:
+            if self._connecting or time.monotonic() - self._last_attempt < self.retry_s:
                 raise BackendError(self._problem)
-            self._connect()
+            self._connecting, self._last_attempt = True, time.monotonic()
+            old, self._client = self._client, None
+        if old is not None:
+            old.close()
+        client = None
+        try:
+            client = self._grpc.InferenceServerClient(self.url)
+            models, patch = self._discover(client)
+        except Exception as exc:
+            if client is not None:
+                client.close()
+            problem = str(exc) if isinstance(exc, BackendError) else \
+                f"triton at grpc://{self.url}: {exc.__class__.__name__}: {_first_line(exc)}"
+            with self._lock:
+                self._problem, self._connecting = problem, False
+            raise BackendError(problem) from None
+        with self._lock:
+            again = self._connected_once
+            self._client, self._models, self._vision_patch = client, models, patch
+            self._problem, self._connecting, self._connected_once = "", False, True
+        if again:
+            self.log(f"triton: connected to grpc://{self.url} again")
 
     def problem(self) -> str:
-        with self._lock:
-            return self._problem
+        return self._problem  # one attribute read: never waits for a connection attempt
 
     # -- the interface ------------------------------------------------------------------------
 
@@ -132,34 +170,47 @@ class TritonBackend(DepthBackend):
 
     def describe(self) -> str:
         sizes = ", ".join(f"{w}x{h}" for w, h in self.sizes()) or "none"
-        state = f"; {self._problem}" if self._problem else ""
-        return f"triton (grpc://{self.url}, {self.prefix}, sizes {sizes}{state})"
+        problem = self._problem
+        return f"triton (grpc://{self.url}, {self.prefix}, sizes {sizes}{'; ' + problem if problem else ''})"
 
     def depth(self, inputs, stage: Stage = _no_stage) -> np.ndarray:
         self._ready()
         grid = inputs.image_grid_thw
         _, gh, gw = (int(v) for v in grid[0])
-        size = (gw * self._vision_patch, gh * self._vision_patch)
-        model = self._models.get(size)
-        if model is None:
+        with self._lock:
+            size = (gw * self._vision_patch, gh * self._vision_patch)
+            model, client = self._models.get(size), self._client
+        if model is None or client is None:
             raise BackendError(f"triton at grpc://{self.url} does not serve {size[0]}x{size[1]}")
         pixels = inputs.pixel_values.numpy() if hasattr(inputs.pixel_values, "numpy") else inputs.pixel_values
-        batch = np.ascontiguousarray(pixels.reshape(grid.shape[0], -1, pixels.shape[-1]), dtype=model["dtype"])
-        request = self._grpc.InferInput(INPUT_NAME, list(batch.shape), "FP16" if batch.dtype == np.float16 else "FP32")
-        request.set_data_from_numpy(batch)
+        images = np.ascontiguousarray(pixels.reshape(grid.shape[0], -1, pixels.shape[-1]), dtype=model["dtype"])
+        kind = "FP16" if images.dtype == np.float16 else "FP32"
+        out = []
         with stage("model"):
-            try:
-                result = self._client.infer(model["name"], [request], client_timeout=self.timeout_s)
-            except Exception as exc:  # the server went away, or refused the request
-                message = f"triton server at grpc://{self.url} failed a request ({_first_line(exc)})"
-                with self._lock:
-                    self._problem, self._last_attempt = message, time.monotonic()
-                raise BackendError(message) from None
-        return result.as_numpy(OUTPUT_NAME).astype(np.float32, copy=False)
+            for start in range(0, len(images), model["max_batch"]):  # at most the served max_batch_size each
+                batch = images[start : start + model["max_batch"]]
+                request = self._grpc.InferInput(INPUT_NAME, list(batch.shape), kind)
+                request.set_data_from_numpy(batch)
+                try:
+                    result = client.infer(model["name"], [request], client_timeout=self.timeout_s)
+                except Exception as exc:
+                    raise self._failed(exc) from None
+                out.append(result.as_numpy(OUTPUT_NAME).astype(np.float32, copy=False))
+        return np.concatenate(out, axis=0)
+
+    def _failed(self, exc: BaseException) -> BackendError:
+        """A failed request's error; a lost server (gRPC UNAVAILABLE, ...) also becomes the problem."""
+        status = str(getattr(exc, "status", lambda: "")() or "")
+        if any(code in status for code in LOST) or not status:
+            message = f"triton server at grpc://{self.url} lost ({_first_line(exc)})"
+            with self._lock:
+                self._problem, self._last_attempt = message, time.monotonic()
+            return BackendError(message)
+        return BackendError(f"triton at grpc://{self.url} refused a request ({_first_line(exc)})")
 
     def close(self) -> None:
         with self._lock:
-            client, self._client = self._client, None
+            client, self._client, self._closed = self._client, None, True
         if client is not None:
             client.close()
 

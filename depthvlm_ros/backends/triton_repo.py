@@ -6,8 +6,9 @@ One Triton model per model-grid size, named ``PREFIX_WxH`` (:func:`served_name`)
     PREFIX_WxH/1/model.onnx      the depth path with a leading batch dimension
     PREFIX_WxH/1/model.py        (python backend only: runs model.onnx with ONNX Runtime)
 
-The graph is the checked single-image export (:mod:`~depthvlm_ros.backends.onnx_export`, its probe
-included) wrapped in an ONNX ``Scan`` over a leading batch axis: ``(B, patches, C*T*P*P) -> (B, H, W)``.
+The graph is the checked single-image export (:mod:`~depthvlm_ros.backends.onnx_export`) wrapped in
+an ONNX ``Scan`` over a leading batch axis: ``(B, patches, C*T*P*P) -> (B, H, W)``; before a model is
+written, the export's probe runs twice in one batch through it (:func:`prove_batched`).
 The body is the exported graph itself, so a served image gets exactly the depth the local ONNX
 Runtime backend computes; Triton's dynamic batcher joins requests from several cameras into one
 execution. (The images of a batch run one after another inside the graph: a truly batched export
@@ -29,6 +30,8 @@ import re
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+import numpy as np
 
 from depthvlm_ros.backends.base import INPUT_NAME, OUTPUT_NAME, BackendError
 from depthvlm_ros.geometry import CANONICAL_FX
@@ -64,9 +67,9 @@ def batched_graph(single: Path, out: Path) -> None:
     """Write ``single`` (a checked single-image export) as a graph with a leading batch axis.
 
     ``Scan`` runs the unchanged exported graph once per image of the batch and stacks the outputs:
-    ``pixel_values (B, patches, D) -> depth (B, H, W)``. Metadata is kept, ``depthvlm.batch_axis``
-    added. Weights stay inside the body graph (an external-data export keeps its ``.data`` file
-    beside the new graph).
+    ``pixel_values (B, patches, D) -> depth (B, H, W)``, depth always float32 (an fp16 export's is
+    cast, as the local backends do). Metadata is kept, ``depthvlm.batch_axis`` added. Weights stay
+    inside the body graph (an external-data export keeps its ``.data`` file beside the new graph).
     """
     import onnx
     from onnx import TensorProto, helper
@@ -74,14 +77,14 @@ def batched_graph(single: Path, out: Path) -> None:
     model = onnx.load(str(single), load_external_data=False)
     body = model.graph
     (inp,), (outp,) = body.input, body.output
-    elem = inp.type.tensor_type.elem_type
+    elem, out_elem = inp.type.tensor_type.elem_type, outp.type.tensor_type.elem_type
     in_dims = [d.dim_value for d in inp.type.tensor_type.shape.dim]
     out_dims = [d.dim_value for d in outp.type.tensor_type.shape.dim]
     if len(in_dims) != 2 or len(out_dims) != 3 or out_dims[0] != 1 or 0 in in_dims + out_dims:
         raise BackendError(f"{single}: not a fixed-size single-image depth export ({in_dims} -> {out_dims}); "
                            "re-export it with depthvlm export")
     body_graph = helper.make_graph(list(body.node), "depth_one_image", [helper.make_tensor_value_info(
-        "image_pixels", elem, in_dims)], [helper.make_tensor_value_info("image_depth", TensorProto.FLOAT, out_dims)],
+        "image_pixels", elem, in_dims)], [helper.make_tensor_value_info("image_depth", out_elem, out_dims)],
         initializer=list(body.initializer), value_info=list(body.value_info))
     body_graph.sparse_initializer.extend(body.sparse_initializer)
     for node in body_graph.node:  # the body's input and output under their new names
@@ -89,9 +92,12 @@ def batched_graph(single: Path, out: Path) -> None:
         node.output[:] = ["image_depth" if n == outp.name else n for n in node.output]
     scan = helper.make_node("Scan", [INPUT_NAME], ["stacked_depth"], num_scan_inputs=1, body=body_graph)
     shape = helper.make_tensor("depth_shape", TensorProto.INT64, [3], [-1, out_dims[1], out_dims[2]])
-    reshape = helper.make_node("Reshape", ["stacked_depth", "depth_shape"], [OUTPUT_NAME])
+    nodes = [scan, helper.make_node("Reshape", ["stacked_depth", "depth_shape"],
+                                    [OUTPUT_NAME if out_elem == TensorProto.FLOAT else "depth_exported"])]
+    if out_elem != TensorProto.FLOAT:
+        nodes.append(helper.make_node("Cast", ["depth_exported"], [OUTPUT_NAME], to=TensorProto.FLOAT))
     graph = helper.make_graph(
-        [scan, reshape], "depthvlm_depth_batched",
+        nodes, "depthvlm_depth_batched",
         [helper.make_tensor_value_info(INPUT_NAME, elem, ["batch", *in_dims])],
         [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", out_dims[1], out_dims[2]])],
         initializer=[shape])
@@ -114,6 +120,29 @@ def check_serving(backend: str, max_batch: int, queue_delay_us: int) -> None:
         raise BackendError(f"max batch must be in 1..256, got {max_batch}")
     if not 0 <= queue_delay_us <= 10_000_000:
         raise BackendError(f"queue delay must be in 0..10000000 us, got {queue_delay_us}")
+
+
+def prove_batched(single: Path, batched: Path) -> float:
+    """Run the single-image export's probe twice in one batch through ``batched``: each image must give
+    the probe's reference depth within the export precision's tolerance (the error; BackendError if not)."""
+    import onnxruntime as ort
+
+    from depthvlm_ros.backends.onnx_export import read_metadata
+    from depthvlm_ros.backends.probe import check_probe, read_probe
+
+    rebuild = f"re-export {single.name} with depthvlm export and write the repository again"
+    probe = read_probe(single, rebuild)
+    precision = read_metadata(single).get("depthvlm.dtype", "fp32")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(batched), options, providers=["CPUExecutionProvider"])
+        dtype = np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32
+        depth = session.run(None, {INPUT_NAME: np.stack([probe.pixel_values] * 2).astype(dtype)})[0]
+    except Exception as exc:  # ONNX Runtime's own errors: a graph it cannot load or run
+        raise BackendError(f"{batched}: ONNX Runtime cannot run it ({exc.__class__.__name__}: "
+                           f"{(str(exc).strip().splitlines() or [''])[0][:200]}); {rebuild}") from None
+    return max(check_probe(batched, depth[i : i + 1], probe, precision, rebuild) for i in range(2))
 
 
 def model_config(name: str, backend: str, graph: Path, max_batch: int, queue_delay_us: int) -> str:
@@ -178,10 +207,12 @@ def write_triton_repo(graphs: Sequence[Path], repo: Path, prefix: str = DEFAULT_
         folder = repo / name
         shutil.rmtree(folder, ignore_errors=True)
         batched_graph(graph, folder / "1" / "model.onnx")
+        error = prove_batched(graph, folder / "1" / "model.onnx")
         if backend == "python":
             shutil.copyfile(PYTHON_MODEL, folder / "1" / "model.py")
         (folder / "config.pbtxt").write_text(model_config(name, backend, folder / "1" / "model.onnx", max_batch,
                                                           queue_delay_us))
-        progress(f"{name}: {size[0]}x{size[1]} ({backend} backend, batches of up to {max_batch})")
+        progress(f"{name}: {size[0]}x{size[1]} ({backend} backend, batches of up to {max_batch}; its probe in a "
+                 f"batch of 2: max relative error {error:.1e})")
         names.append(name)
     return names

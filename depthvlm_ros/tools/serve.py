@@ -62,8 +62,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _graphs(args: argparse.Namespace) -> list[Path]:
-    """The checked exports to serve: --onnx files (each proves its probe here) and --size exports."""
-    from depthvlm_ros.backends.onnxruntime_backend import OnnxRuntimeBackend
+    """The checked exports to serve: --onnx files and --size exports (each batched graph proves the
+    export's probe when the repository is written)."""
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -76,8 +76,6 @@ def _graphs(args: argparse.Namespace) -> list[Path]:
         from depthvlm_ros.tools.common import load_model
 
         graphs += graphs_for_sizes(load_model(args), args.size, progress=log)
-    for graph in graphs:  # the probe: a graph that computes something else is refused before it serves
-        OnnxRuntimeBackend([graph], providers=["CPUExecutionProvider"], threads=1).close()
     return graphs
 
 
@@ -120,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
             triton.run()  # the server loads every model of the repository (PyTriton's --load-model=*)
             client = grpcclient.InferenceServerClient(f"localhost:{args.grpc_port}")
             failed = [name for name in names if not client.is_model_ready(name)]
+            client.close()
             if failed:
                 raise RuntimeError(f"{', '.join(failed)} did not load (the server's log above says why)")
         except Exception as exc:  # PyTriton's and tritonclient's errors: a busy port, a model that fails to load
@@ -127,7 +126,9 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"the Triton server did not start serving ({first})") from None
         print(f"serving {', '.join(names)} at grpc://localhost:{args.grpc_port} (batches of up to "
               f"{args.max_batch}; repository {repo}); Ctrl-C stops", flush=True)
-        stop.wait()
+        while not stop.wait(1.0):
+            if not triton.is_alive():
+                raise InputError("the Triton server exited (its log above says why)")
     finally:
         triton.stop()
         if not keep:
