@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,17 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
+from depthvlm_ros.tools.serve import free_ports
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def pixels_for(model_dir: Path | None, width: int, height: int) -> tuple[np.ndarray, object]:

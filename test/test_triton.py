@@ -4,7 +4,6 @@ and nodes with ``backend: triton`` over real Fast DDS, each in its own process."
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,6 +15,7 @@ import pytest
 
 from depthvlm_ros.backends.onnx_export import export_onnx
 from depthvlm_ros.geometry import Intrinsics
+from depthvlm_ros.tools.serve import free_ports
 
 from conftest import REPO, alter_onnx_weights, ros_environment
 
@@ -38,16 +38,6 @@ SERVER = pytest.importorskip("pytriton.triton", reason="nvidia-pytriton is not i
                              "on x86_64)")
 SIZE = (320, 256)
 CAMERA = (320, 240, 300.0)  # width, height, fx of the test cameras
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 class ServeProcess:

@@ -41,6 +41,19 @@ from depthvlm_ros.tools.common import add_model_args, parse_size
 RESTRICTED_ENDPOINTS = ["shared-memory", "trace", "logging"]
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` TCP ports free on this machine now (for benchmarks and tests that start a server)."""
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve the depth path from a local Triton Inference Server (PyTriton's)")
     p.add_argument("--size", type=parse_size, action="append", default=[],
