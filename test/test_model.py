@@ -277,3 +277,18 @@ def test_tiny_initialisation_is_deterministic_by_seed(tmp_path, tiny_checkpoint)
     assert not torch.equal(other[last], first[last])
     assert not torch.equal(other["model.visual.patch_embed.proj.weight"], first["model.visual.patch_embed.proj.weight"])
     assert (tmp_path / "again" / "tokenizer.json").read_text() == (tiny_checkpoint / "tokenizer.json").read_text()
+
+
+def test_a_model_loaded_without_weights_is_checked_as_strictly_and_reads_no_weight(tmp_path, tiny_checkpoint):
+    """``weights=False`` (the node's answers: false): the same key checks, a model on ``meta`` (no storage),
+    the processor as usual; a missing key is still refused."""
+    model = DepthVLM.from_pretrained(tiny_checkpoint, weights=False)
+    assert {p.device.type for p in model.model.parameters()} == {"meta"} and not model.has_weights
+    full = DepthVLM.from_pretrained(tiny_checkpoint)
+    assert model.processor.processed_size(320, 240) == full.processor.processed_size(320, 240)
+    folder = copy_checkpoint(tiny_checkpoint, tmp_path / "damaged")
+    state = load_file(folder / "model.safetensors")
+    state.pop("depth_head.scratch.refinenet1.out_conv.bias")
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="depth_head.scratch.refinenet1.out_conv.bias"):
+        DepthVLM.from_pretrained(folder, weights=False)

@@ -177,12 +177,13 @@ def test_two_nodes_stream_from_one_server_batched_and_equal_to_local_onnxruntime
                                                                                  tmp_path):
     """Two node processes with backend triton (each with its own camera) get the depth the local ONNX Runtime
     backend computes from the same graph (max relative error <= 1e-5), and the server joins their requests:
-    fewer executions than inferences while both stream."""
+    fewer executions than inferences while both stream. The second node holds no weights (answers: false)
+    and refuses questions, saying why."""
     width, height, fx = CAMERA
     name = f"depthvlm_depth_{SIZE[0]}x{SIZE[1]}"
     envs = [ros_environment(private_cache) for _ in range(2)]
     nodes = [NodeProcess(env, {**TEST_PARAMS, "model_path": tiny_checkpoint, "backend": "triton",
-                               "triton_url": server.url}) for env in envs]
+                               "triton_url": server.url, "answers": i == 0}) for i, env in enumerate(envs)]
     cameras: list[subprocess.Popen] = []
     try:
         for node in nodes:
@@ -196,6 +197,7 @@ def test_two_nodes_stream_from_one_server_batched_and_equal_to_local_onnxruntime
                                     env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                    for i, env in enumerate(envs)]
         results = [finish(collector) for collector in collectors]
+        refused = peer(envs[1], "call", "spatial_query", '{"question": "How far is the wall?"}')
         deadline = time.monotonic() + 240.0
         while True:  # both still stream: wait for the batcher to have joined two of their requests
             inferences, executions = (a - b for a, b in zip(statistics(server.url, name), before))
@@ -208,6 +210,8 @@ def test_two_nodes_stream_from_one_server_batched_and_equal_to_local_onnxruntime
             camera.communicate()
         codes = [node.stop() for node in nodes]
     assert codes == [0, 0], [node.output[-2000:] for node in nodes]
+    assert "(no weights loaded: answers off)" in nodes[1].output and "no weights" not in nodes[0].output
+    assert not refused["success"] and "needs the model's weights" in refused["message"], refused
     assert 0 < executions < inferences, (inferences, executions)
     k = Intrinsics.from_fx(width, height, fx)
     for i, result in enumerate(results):
@@ -275,6 +279,13 @@ def test_triton_errors_are_one_line_with_exit_code_2(server, tiny_checkpoint, tm
     assert other.returncode == 2 and "was exported from other weights" in other.stderr and "refused" in other.stderr
 
 
+def test_a_node_without_weights_needs_backend_triton(ros_env, tiny_checkpoint):
+    node = NodeProcess(ros_env, {**TEST_PARAMS, "model_path": tiny_checkpoint, "answers": False})
+    assert node.proc.wait(timeout=180) == 2
+    node.stop()
+    assert "answers: false needs backend triton (the depth path on a server); backend is 'torch'" in node.output
+
+
 def test_cli_export_writes_a_triton_repository_and_refuses_bad_settings(tiny_checkpoint, tmp_path):
     """``depthvlm export --triton-repo`` writes one model per size (a batched graph that runs, the config);
     settings no repository can have are one-line errors with exit code 2, before any work."""
@@ -303,24 +314,27 @@ def test_cli_export_writes_a_triton_repository_and_refuses_bad_settings(tiny_che
 def test_a_batch_above_the_served_size_is_split_and_a_refused_request_is_not_a_lost_server(
         server, local_onnxruntime, tiny_checkpoint):
     """Nine images in one call go to a server that executes at most 8 at a time: sent in two requests, each
-    image's depth equals the local backend's. A request the server refuses fails that call only; a lost
-    server (gRPC UNAVAILABLE) becomes the backend's problem."""
+    image's depth equals the local backend's, from a model loaded without weights (nothing on the client
+    computes depth). A request the server refuses fails that call only; a lost server (gRPC UNAVAILABLE)
+    becomes the backend's problem."""
     from tritonclient.utils import InferenceServerException
 
     from depthvlm_ros.backends.triton_backend import TritonBackend
     from depthvlm_ros.model.checkpoint import model_fingerprint
+    from depthvlm_ros.pipeline import DepthVLM
 
     width, height, fx = CAMERA
     k = Intrinsics.from_fx(width, height, fx)
     frames = [frame_rgb(width, height, i) for i in range(9)]
     expected = [r.depth for r in local_onnxruntime.infer(local_onnxruntime.plan(k, exact=False), frames)]
-    local = local_onnxruntime.backend
+    weightless = DepthVLM.from_pretrained(tiny_checkpoint, weights=False)
+    assert {p.device.type for p in weightless.model.parameters()} == {"meta"}
     backend = TritonBackend(server.url, expected_fingerprint=model_fingerprint(tiny_checkpoint), log=lambda _: None)
     try:
-        local_onnxruntime.backend = backend
+        weightless.backend = backend
         name = f"depthvlm_depth_{SIZE[0]}x{SIZE[1]}"
         before = statistics(server.url, name)
-        got = [r.depth for r in local_onnxruntime.infer(local_onnxruntime.plan(k, exact=False), frames)]
+        got = [r.depth for r in weightless.infer(weightless.plan(k, exact=False), frames)]
         inferences, executions = (a - b for a, b in zip(statistics(server.url, name), before))
         assert inferences == 9 and executions >= 2, (inferences, executions)  # max_batch_size 8: two requests
         for a, b in zip(got, expected):
@@ -331,4 +345,3 @@ def test_a_batch_above_the_served_size_is_split_and_a_refused_request_is_not_a_l
         assert "lost" in str(lost) and backend.problem() == str(lost)
     finally:
         backend.close()
-        local_onnxruntime.backend = local

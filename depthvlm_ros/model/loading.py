@@ -45,12 +45,16 @@ class LoadedModel:
 
 
 def load_depthvlm(
-    folder: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32"
+    folder: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
+    weights: bool = True,
 ) -> LoadedModel:
     """Load a DepthVLM folder (Hugging Face layout) strictly, by key name, safetensors only.
 
     Raises :class:`CheckpointError` naming what is wrong: a missing file, pickle-only weights,
-    a missing, unexpected or wrongly shaped key.
+    a missing, unexpected or wrongly shaped key. ``weights=False``: the same checks (keys and shapes
+    from the files' headers), then the model is built on PyTorch's ``meta`` device and no weight is
+    read: the processor and config serve a remote depth path (``backend: triton``) and nothing runs
+    the model here.
     """
     from transformers import Qwen3VLConfig
     from transformers.utils import logging as hf_logging
@@ -86,6 +90,11 @@ def load_depthvlm(
     except ValueError as exc:
         raise CheckpointError(f"{folder}: {exc}") from None
     compare_state(expected, found, optional)
+    processor = ImageTextProcessor.from_folder(folder)
+    if not weights:
+        with torch.device("meta"):
+            empty = DepthVLMForConditionalGeneration(config).to(torch_dtype)
+        return LoadedModel(empty.eval(), processor, folder.name, folder)
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
@@ -101,6 +110,5 @@ def load_depthvlm(
     leftovers = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v}
     if leftovers or info.get("error_msgs"):
         raise CheckpointError(f"{folder}: loading left {leftovers or info['error_msgs']}")
-    processor = ImageTextProcessor.from_folder(folder)
     return LoadedModel(model.to(device), processor, folder.name, folder)
 

@@ -103,9 +103,21 @@ class DepthVLM:
         self._plans: OrderedDict[tuple, CameraPlan] = OrderedDict()
 
     @property
+    def has_weights(self) -> bool:
+        """False for a model loaded with ``weights=False`` (on ``meta``): only a remote backend serves it."""
+        return self.device.type != "meta"
+
+    def require_weights(self, what: str) -> None:
+        """InputError saying why ``what`` cannot run when the model was loaded without its weights."""
+        if not self.has_weights:
+            raise InputError(f"{what} needs the model's weights, and this {self.name} was loaded without them "
+                             "(the node's answers: false; the depth path runs on a Triton server)")
+
+    @property
     def _torch(self) -> DepthBackend:
         """PyTorch: the backend itself, or the one reference that stands in for a compiled backend
         (kept, so its static prompts and the plans that name it are made once)."""
+        self.require_weights("PyTorch depth")
         if isinstance(self.backend, TorchBackend):
             return self.backend
         if self._reference is None:
@@ -122,10 +134,12 @@ class DepthVLM:
 
     @classmethod
     def from_pretrained(
-        cls, folder: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32"
+        cls, folder: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
+        weights: bool = True,
     ) -> "DepthVLM":
-        """Load a DepthVLM folder strictly, by key name, safetensors only (:func:`load_depthvlm`)."""
-        loaded = load_depthvlm(folder, device, dtype)
+        """Load a DepthVLM folder strictly, by key name, safetensors only (:func:`load_depthvlm`;
+        ``weights=False``: config, processor and key checks only, for a remote depth path)."""
+        loaded = load_depthvlm(folder, device, dtype, weights)
         return cls(loaded.model, loaded.processor, name=loaded.name, folder=loaded.folder)
 
     # -- depth ----------------------------------------------------------------------------------
@@ -149,6 +163,8 @@ class DepthVLM:
             backend, size = self.backend, self.backend.nearest_size(*wanted)
         except SizeNotReadyError:
             backend, size = self._torch, wanted
+        if isinstance(backend, TorchBackend):
+            self.require_weights("PyTorch depth")
         plan_key = (intrinsics, settings, id(backend), size, exact)
         plan = self._plans.get(plan_key)
         if plan is None:
@@ -241,6 +257,7 @@ class DepthVLM:
         ``on_text(text, num_tokens)`` is called after every generated token with the answer so far.
         """
         question = check_question(question)
+        self.require_weights("answering a question")
         if not 1 <= int(max_new_tokens) <= 4096:
             raise InputError(f"max_new_tokens must be in 1..4096, got {max_new_tokens}")
         with self.lock:

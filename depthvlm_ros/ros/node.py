@@ -247,7 +247,8 @@ class DepthVLMNode(LifecycleNode):
             self._release()
             return TransitionCallbackReturn.FAILURE
         self._state = "inactive"
-        self.get_logger().info(f"configured: model {self.model.name}, backend {self.model.backend.describe()}")
+        weights = "" if self.model.has_weights else " (no weights loaded: answers off)"
+        self.get_logger().info(f"configured: model {self.model.name}{weights}, backend {self.model.backend.describe()}")
         return super().on_configure(state)
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -293,7 +294,11 @@ class DepthVLMNode(LifecycleNode):
         folder, note = resolve_model(s["model_path"])
         if note:
             self.get_logger().warning(note)
-        model = DepthVLM.from_pretrained(folder, device=s["answer_device"] or s["device"], dtype=s["precision"])
+        if not s["answers"] and s["backend"] != "triton":
+            raise InputError(f"answers: false needs backend triton (the depth path on a server); backend is "
+                             f"{s['backend']!r}")
+        model = DepthVLM.from_pretrained(folder, device=s["answer_device"] or s["device"], dtype=s["precision"],
+                                         weights=s["answers"])
         if s["backend"] != "torch":  # auto: TensorRT with an engine and CUDA, else ONNX Runtime, else PyTorch
             paths = [p for p in s["engine_paths"] if p]
             # Missing ONNX sizes are exported by a separate process while the nearest held size (or

@@ -50,6 +50,9 @@ PARAMS: tuple[Param, ...] = (
               "triton_url", read_only=True, choices=("auto", "torch", "onnxruntime", "tensorrt", "triton")),
         Param("backend_fallback", True, "if the backend is refused, fall back (tensorrt -> onnxruntime -> torch)",
               read_only=True),
+        Param("answers", True, "load the PyTorch weights, to answer questions; false (only with backend triton): no "
+              "weights are read (the depth path runs on the server), ~/spatial_query and ~/ask are refused",
+              read_only=True),
         Param("triton_url", "localhost:8001", "backend triton: the server's gRPC address (host:port); unreachable = "
               "diagnostics ERROR and frames dropped until it answers (tried again at most every second)",
               read_only=True),

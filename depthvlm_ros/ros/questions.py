@@ -164,6 +164,7 @@ class QuestionInterface:
             if not self._is_active():
                 raise InputError("the node is not active: activate it (~/change_state) first")
             question = check_question(question, s["max_question_chars"])
+            self.model.require_weights("answering a question")
             camera = self.camera(camera_name)
             tokens = int(max_new_tokens) or s["max_answer_tokens"]
             if tokens > s["max_answer_tokens"]:
