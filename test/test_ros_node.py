@@ -31,18 +31,13 @@ sys.path.insert(0, str(REPO / "test"))
 from ros_peer import frame_rgb  # noqa: E402
 
 
-class NodeProcess:
-    """``depthvlm node`` in its own process; output collected by a thread (the pipe never fills)."""
+class ProcessOutput:
+    """A command in its own process; its output is collected by a thread (the pipe never fills)."""
 
-    def __init__(self, env: dict[str, str], params: dict[str, object], *extra: str) -> None:
-        ros = ["--ros-args"]
-        for key, value in params.items():
-            text = str(value).lower() if isinstance(value, bool) else str(value)
-            ros += ["-p", f"{key}:={text}"]
-        self.proc = subprocess.Popen(
-            [PY, "-m", "depthvlm_ros", "node", *extra, *ros], env=env, cwd=REPO,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
+    def __init__(self, cmd: list[str], env: dict[str, str], what: str) -> None:
+        self.what = what
+        self.proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True)
         self.lines: list[str] = []
         self._new_line = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -61,14 +56,37 @@ class NodeProcess:
         return "\n".join(self.lines)
 
     def wait_for_line(self, text: str, timeout: float = 90.0) -> None:
-        """Until a line of the node's output contains ``text`` (fails if the node exits first)."""
+        """Until a line of the output contains ``text`` (fails if the process exits first)."""
         def seen() -> bool:
             return any(text in line for line in self.lines) or not self._reader.is_alive()
 
         with self._new_line:
             self._new_line.wait_for(seen, timeout=timeout)
         if not any(text in line for line in self.lines):
-            raise AssertionError(f"node never printed {text!r}:\n{self.output}")
+            raise AssertionError(f"{self.what} never printed {text!r}:\n{self.output[-6000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        """Signal the process, wait for its exit and for its output to be read to the end."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"{self.what} did not stop on {sig}:\n{self.output[-6000:]}") from None
+        self._reader.join(timeout=30)
+        return code
+
+
+class NodeProcess(ProcessOutput):
+    """``depthvlm node`` in its own process."""
+
+    def __init__(self, env: dict[str, str], params: dict[str, object], *extra: str) -> None:
+        ros = ["--ros-args"]
+        for key, value in params.items():
+            text = str(value).lower() if isinstance(value, bool) else str(value)
+            ros += ["-p", f"{key}:={text}"]
+        super().__init__([PY, "-m", "depthvlm_ros", "node", *extra, *ros], env, "node")
 
     def wait_ready(self, timeout: float = 90.0) -> None:
         self.wait_for_line("ready:", timeout)
@@ -77,18 +95,6 @@ class NodeProcess:
         from depthvlm_ros.tools.bench_node import rss_mb
 
         return rss_mb(self.proc.pid)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
-        """Signal the node, wait for its exit and for its output to be read to the end."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            code = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise AssertionError(f"node did not stop on {sig}:\n{self.output}") from None
-        self._reader.join(timeout=30)
-        return code
 
 
 def peer(env: dict[str, str], *args: str, timeout: float = 180.0):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from test_ros_node import (  # noqa: E402
     PY,
     TEST_PARAMS,
     NodeProcess,
+    ProcessOutput,
     finish,
     load_collected,
     node_depth,
@@ -40,37 +40,20 @@ SIZE = (320, 256)
 CAMERA = (320, 240, 300.0)  # width, height, fx of the test cameras
 
 
-class ServeProcess:
-    """``depthvlm serve`` in its own process; its output is read by a thread (the pipe never fills)."""
+class ServeProcess(ProcessOutput):
+    """``depthvlm serve`` in its own process."""
 
     def __init__(self, graph: Path, ports: list[int], env: dict[str, str], *extra: str) -> None:
         grpc, http, metrics = ports
         self.url = f"localhost:{grpc}"
-        self.proc = subprocess.Popen(
-            [PY, "-m", "depthvlm_ros", "serve", "--onnx", str(graph), "--grpc-port", str(grpc), "--http-port",
-             str(http), "--metrics-port", str(metrics), *extra], env=env, cwd=REPO, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True)
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=lambda: self.lines.extend(line.rstrip() for line in self.proc.stdout),
-                                        daemon=True)
-        self._reader.start()
+        super().__init__([PY, "-m", "depthvlm_ros", "serve", "--onnx", str(graph), "--grpc-port", str(grpc),
+                          "--http-port", str(http), "--metrics-port", str(metrics), *extra], env, "depthvlm serve")
 
-    def wait_serving(self, timeout: float = 180.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not any(line.startswith("serving ") for line in self.lines):
-            assert self.proc.poll() is None and time.monotonic() < deadline, "\n".join(self.lines[-40:])
-            time.sleep(0.1)
+    def wait_serving(self) -> None:
+        self.wait_for_line("serving depthvlm_depth_", timeout=180.0)
 
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise AssertionError("depthvlm serve did not stop on SIGTERM") from None
-        self._reader.join(timeout=30)
-        return code
+    def stop(self) -> int:  # the server waits for requests in flight, then unloads its models
+        return super().stop(signal.SIGTERM, timeout=90.0)
 
 
 def statistics(url: str, name: str) -> tuple[int, int]:
