@@ -182,7 +182,9 @@ def test_two_nodes_stream_from_one_server_batched_and_equal_to_local_onnxruntime
         results = [finish(collector) for collector in collectors]
         refused = peer(envs[1], "call", "spatial_query", '{"question": "How far is the wall?"}')
         deadline = time.monotonic() + 240.0
-        while True:  # both still stream: wait for the batcher to have joined two of their requests
+        # Both still stream: wait for the batcher to have joined two of their requests. Triton's statistics
+        # have no notification, so they are read again every 0.2 s until the deadline.
+        while True:
             inferences, executions = (a - b for a, b in zip(statistics(server.url, name), before))
             if executions < inferences or time.monotonic() > deadline:
                 break

@@ -74,12 +74,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def _graphs(args: argparse.Namespace) -> list[Path]:
     """The checked exports to serve: --onnx files and --size exports (each batched graph proves the
     export's probe when the repository is written)."""
-
-    def log(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
 
     if not args.size and not args.onnx:
         raise InputError("nothing to serve: give --size WxH (and --model DIR) or --onnx FILE")
@@ -88,7 +89,7 @@ def _graphs(args: argparse.Namespace) -> list[Path]:
         from depthvlm_ros.backends.triton_repo import graphs_for_sizes
         from depthvlm_ros.tools.common import load_model
 
-        graphs += graphs_for_sizes(load_model(args), args.size, progress=log)
+        graphs += graphs_for_sizes(load_model(args), args.size, progress=_log)
     return graphs
 
 
@@ -118,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     keep = args.repo is not None
     repo = args.repo or Path(tempfile.mkdtemp(prefix="depthvlm-triton-"))
     names = write_triton_repo(graphs, repo, args.triton_model, "python", args.max_batch, args.queue_delay_us,
-                              progress=lambda line: print(line, file=sys.stderr, flush=True))
+                              progress=_log)
     _server_environment(args.threads)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
