@@ -33,6 +33,18 @@ def pytest_configure(config: pytest.Config) -> None:
             raise pytest.UsageError(f"{name}: expected {want}, installed {installed}, imported {imported}")
 
 
+#: Fixtures that give a test a ROS environment: a test that uses one starts processes over Fast DDS.
+ROS_FIXTURES = {"ros_env", "module_env", "scene_answers"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that talks over DDS ``ros`` (and ``processes``), from the fixtures it uses."""
+    for item in items:
+        if ROS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ros)
+            item.add_marker(pytest.mark.processes)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Generated models, exports and fingerprints go to a per-run folder, not the user's cache."""

@@ -37,6 +37,11 @@ from depthvlm_ros.ros.messages import (  # noqa: E402
     rgb_to_image,
 )
 
+#: Ceilings of every wait here (s): only a failing run ever waits this long, so they are generous enough for
+#: a machine several times slower than usual (each wait ends on its event, not on the clock).
+MATCH_TIMEOUT = 60.0
+EVENT_TIMEOUT = 120.0
+
 RELIABLE = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE)
 
 
@@ -171,6 +176,11 @@ def spin_until(node, done, what: str, timeout: float, report: object = None) -> 
         rclpy.spin_once(node, timeout_sec=0.01)
 
 
+def stdin_closed() -> bool:
+    """Whether this process's standard input has reached its end (the test closed it); never blocks."""
+    return bool(select.select([sys.stdin], [], [], 0)[0]) and not sys.stdin.read(1)
+
+
 def publish(args: argparse.Namespace) -> None:
     """Publish ``--count`` frames (image + camera_info with one stamp) at ``--rate`` Hz.
 
@@ -179,6 +189,10 @@ def publish(args: argparse.Namespace) -> None:
     frame is replaced in the node's one-frame slot and every frame's outcome is known. Reliable
     publishers wait until every subscriber acknowledged the last frame. ``--until`` conditions are
     then waited for on the diagnostics.
+
+    With ``--until-stdin-closes`` the camera streams at ``--rate`` until the test closes this process's
+    standard input (once its listener has what it waits for, however long that takes on this machine);
+    ``--count`` is then only a ceiling, and reaching it is a failure (exit 1) that says how many were sent.
     """
     node = rclpy.create_node("test_camera", namespace=args.ns)
     qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=args.depth,
@@ -186,8 +200,8 @@ def publish(args: argparse.Namespace) -> None:
     pub_image = node.create_publisher(Image, "image", qos)
     pub_info = node.create_publisher(CameraInfo, "camera_info", qos)
     diagnostics = Diagnostics(node, args.status) if (args.await_each or args.until) else None
-    wait_matched(node, [pub_image] if args.no_info else [pub_image, pub_info], 30.0, "the node's inputs")
-    status = first = diagnostics.wait(lambda _s: True, 30.0, "first diagnostics") if diagnostics else None
+    wait_matched(node, [pub_image] if args.no_info else [pub_image, pub_info], MATCH_TIMEOUT, "the node's inputs")
+    status = first = diagnostics.wait(lambda _s: True, EVENT_TIMEOUT, "first diagnostics") if diagnostics else None
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")] if args.sizes else [
         (args.width, args.height)]
     bad = args.bad.split(",") if args.bad else []
@@ -197,10 +211,12 @@ def publish(args: argparse.Namespace) -> None:
     sent = []
     start = time.monotonic()
     for n, i in enumerate(range(args.start, args.start + args.count)):
+        if args.until_stdin_closes and stdin_closed():
+            break
         width, height = sizes[n % len(sizes)]
         header = Header(frame_id=args.frame_id)
         header.stamp.sec, header.stamp.nanosec = 1000 + i // 1000, (i % 1000) * 1_000_000
-        index = (i if args.count <= 8 else i % 8, width, height)
+        index = (i if args.count <= 8 and not args.until_stdin_closes else i % 8, width, height)
         if index not in frames:
             frames[index] = frame_rgb(width, height, index[0])
         kind = bad[n % len(bad)] if bad else None
@@ -232,17 +248,22 @@ def publish(args: argparse.Namespace) -> None:
             pub_info.publish(info)
         sent.append(i)
         if args.await_each:
-            status = diagnostics.wait(lambda s, b=before: handled(s) > b, 60.0, f"frame {i} handled")
+            status = diagnostics.wait(lambda s, b=before: handled(s) > b, EVENT_TIMEOUT, f"frame {i} handled")
             for key in args.track:
                 tracked[key] = max(tracked.get(key, -math.inf), float(status[key]))
         else:
             next_time = start + (n + 1) / args.rate
             time.sleep(max(0.0, next_time - time.monotonic()))  # the camera's frame rate
+    else:
+        if args.until_stdin_closes:  # the ceiling, not the test, ended the stream
+            print(json.dumps({"timeout": f"published the ceiling of {len(sent)} frames (--count) and the test "
+                                         "never closed stdin"}), flush=True)
+            raise SystemExit(1)
     if args.reliable:
         for pub in (pub_image, pub_info):
-            pub.wait_for_all_acked(Duration(seconds=10))
+            pub.wait_for_all_acked(Duration(seconds=30))
     for text in args.until:
-        status = diagnostics.wait(parse_condition(text), 60.0, text)
+        status = diagnostics.wait(parse_condition(text), EVENT_TIMEOUT, text)
     print(json.dumps({"sent": len(sent), "seconds": time.monotonic() - start, "first": first,
                       "diagnostics": status, "max": tracked}), flush=True)
     node.destroy_node()
@@ -299,14 +320,14 @@ def collect(args: argparse.Namespace) -> None:
         subs.append(node.create_subscription(Image, "depth/colored", on_colored, RELIABLE))
         subs.append(node.create_subscription(PointCloud2, "points", on_points, RELIABLE))
     watch = Diagnostics(node, args.status)
-    wait_matched(node, subs, 30.0, "the node's outputs")
+    wait_matched(node, subs, MATCH_TIMEOUT, "the node's outputs")
     print(json.dumps({"ready": True}), flush=True)
     conditions = [parse_condition(text) for text in args.until]
     deadline = time.monotonic() + args.timeout
     last = -1
     while time.monotonic() < deadline:
         rclpy.spin_once(node, timeout_sec=0.05)
-        if args.until_stdin_closes and select.select([sys.stdin], [], [], 0)[0] and not sys.stdin.read(1):
+        if args.until_stdin_closes and stdin_closed():
             break  # EOF: the test closed our stdin
         if watch.count != last and watch.latest is not None:
             last = watch.count
@@ -360,7 +381,7 @@ def call(args: argparse.Namespace) -> None:
         srv_type = {"spatial_query": SpatialQuery, "depth_at": DepthAt}[args.service]
         req = srv_type.Request(**request)
     client = node.create_client(srv_type, f"/depthvlm/{args.service}")
-    assert client.wait_for_service(timeout_sec=30.0), "service not available"
+    assert client.wait_for_service(timeout_sec=MATCH_TIMEOUT), "service not available"
     futures = [client.call_async(req) for _ in range(args.repeat)]
     done: list[tuple[int, float]] = []
     start = time.monotonic()
@@ -406,8 +427,8 @@ def ask_scenes(args: argparse.Namespace) -> None:
     sub = node.create_subscription(Image, "depth/image",
                                    lambda m: depth_stamps.add((m.header.stamp.sec, m.header.stamp.nanosec)), RELIABLE)
     client = node.create_client(SpatialQuery, "/depthvlm/spatial_query")
-    wait_matched(node, [pub_image, pub_info, sub], 30.0, "the node's camera topics and depth")
-    assert client.wait_for_service(timeout_sec=30.0), "spatial_query not available"
+    wait_matched(node, [pub_image, pub_info, sub], MATCH_TIMEOUT, "the node's camera topics and depth")
+    assert client.wait_for_service(timeout_sec=MATCH_TIMEOUT), "spatial_query not available"
 
     def until(done, what: str) -> None:
         spin_until(node, done, what, args.timeout)
@@ -483,7 +504,7 @@ def lifecycle(args: argparse.Namespace) -> None:
         sent[0] += 1
 
     def until(done, what: str) -> None:
-        spin_until(node, done, what, 90.0, report)
+        spin_until(node, done, what, EVENT_TIMEOUT, report)
 
     def alive() -> bool:
         return Path(f"/proc/{args.pid}").exists() and "zombie" not in Path(f"/proc/{args.pid}/status").read_text()
@@ -499,13 +520,13 @@ def lifecycle(args: argparse.Namespace) -> None:
         return future.result().success if future.done() else None
 
     report: dict[str, object] = {}
-    assert change.wait_for_service(timeout_sec=60.0) and get.wait_for_service(timeout_sec=60.0)
+    assert change.wait_for_service(timeout_sec=MATCH_TIMEOUT) and get.wait_for_service(timeout_sec=MATCH_TIMEOUT)
     report["initial"] = state()
     report["rss_unconfigured"] = rss_mb(args.pid)
     report["configure"] = transition(Transition.TRANSITION_CONFIGURE)
     report["after_configure"] = state()
     report["rss_configured"] = rss_mb(args.pid)
-    wait_matched(node, [pub_image, pub_info, sub], 30.0, "the node's camera topics and depth")
+    wait_matched(node, [pub_image, pub_info, sub], MATCH_TIMEOUT, "the node's camera topics and depth")
     node.create_timer(1.0 / args.rate, camera)
     report["activate"] = transition(Transition.TRANSITION_ACTIVATE)
     until(lambda: len(depth) >= 3, "depth after activate")
@@ -515,7 +536,7 @@ def lifecycle(args: argparse.Namespace) -> None:
     report["rss_answered"] = rss_mb(args.pid)
     report["deactivate"] = transition(Transition.TRANSITION_DEACTIVATE)
     before, started = len(depth), time.monotonic()
-    ignored = diagnostics.wait(lambda st: True, 30.0, "diagnostics")["frames_ignored_inactive"]
+    ignored = diagnostics.wait(lambda st: True, EVENT_TIMEOUT, "diagnostics")["frames_ignored_inactive"]
     until(lambda: diagnostics.latest is not None
           and int(diagnostics.latest["frames_ignored_inactive"]) >= int(ignored) + args.ignored
           and time.monotonic() - started >= 2.0, "frames ignored while inactive")
@@ -577,9 +598,9 @@ def ask(args: argparse.Namespace) -> None:
     marker_sub = node.create_subscription(MarkerArray, "/depthvlm/answer_markers", on_markers, RELIABLE)
     client = ActionClient(node, Ask, "/depthvlm/ask")
     service = node.create_client(SpatialQuery, "/depthvlm/spatial_query")
-    wait_matched(node, [pub_image, pub_info, sub] + ([marker_sub] if args.markers else []), 30.0,
+    wait_matched(node, [pub_image, pub_info, sub] + ([marker_sub] if args.markers else []), MATCH_TIMEOUT,
                  "the node's topics")
-    assert client.wait_for_server(timeout_sec=30.0) and service.wait_for_service(timeout_sec=30.0)
+    assert client.wait_for_server(timeout_sec=MATCH_TIMEOUT) and service.wait_for_service(timeout_sec=MATCH_TIMEOUT)
 
     def until(done, what: str) -> None:
         spin_until(node, done, what, args.timeout)
@@ -661,11 +682,13 @@ def main() -> None:
     p.add_argument("--until", action="append", default=[], help="then wait for this diagnostics condition")
     p.add_argument("--track", action="append", default=[], help="with --await: report the largest value of KEY")
     p.add_argument("--depth", type=int, default=5)
+    p.add_argument("--until-stdin-closes", action="store_true",
+                   help="stream at --rate until stdin is closed; --count is a ceiling that fails")
     c = sub.add_parser("collect")
     c.add_argument("--out", type=Path, required=True)
     c.add_argument("--count", type=int, default=5)
     c.add_argument("--keep", type=int, default=5)
-    c.add_argument("--timeout", type=float, default=60.0)
+    c.add_argument("--timeout", type=float, default=240.0, help="ceiling: end with what arrived by then")
     c.add_argument("--until", action="append", default=[], help="also wait for this diagnostics condition")
     c.add_argument("--no-heavy", action="store_true", help="do not subscribe to depth/colored and points")
     c.add_argument("--until-stdin-closes", action="store_true", help="end when stdin is closed (not on --count)")
@@ -674,12 +697,12 @@ def main() -> None:
         parser_.add_argument("--status", help="the diagnostics status to follow (default: the one '...: depth')")
     w = sub.add_parser("watch")
     w.add_argument("--until", action="append", default=[], required=True)
-    w.add_argument("--timeout", type=float, default=60.0)
+    w.add_argument("--timeout", type=float, default=EVENT_TIMEOUT)
     q = sub.add_parser("call")
     q.add_argument("service", choices=["spatial_query", "depth_at", "set_parameters"])
     q.add_argument("request", help="JSON object: request fields (set_parameters: name -> value)")
     q.add_argument("--repeat", type=int, default=1, help="send this many identical requests at once")
-    q.add_argument("--timeout", type=float, default=60.0)
+    q.add_argument("--timeout", type=float, default=EVENT_TIMEOUT)
     a = sub.add_parser("ask_scenes")
     a.add_argument("--seed", type=int, required=True)
     a.add_argument("--kind", choices=["indoor", "outdoor"], required=True)

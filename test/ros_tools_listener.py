@@ -1,7 +1,7 @@
 """Test helper run as its own process: receive ``image`` + ``camera_info`` and save what arrived.
 
 ``python ros_tools_listener.py OUT.npz COUNT TIMEOUT_S [compressed]`` subscribes (reliable, deep
-queue), stops after COUNT images and COUNT camera_infos (and COUNT image/compressed) or TIMEOUT_S,
+queue), stops after COUNT images and COUNT camera_infos (and COUNT image/compressed) or TIMEOUT_S (a ceiling),
 and writes OUT.npz: ``images`` (N, H, W, 3) as received (rgb8 only) and ``meta``, a JSON string:
 per image stamp, frame_id, encoding, size; per camera_info stamp, frame_id, size, k; per
 image/compressed stamp, frame_id, format. Prints ``ready`` once subscribed.

@@ -171,6 +171,7 @@ def cli_commands(message: str) -> list[list[str]]:
     ("fp16", "fp32", "built from a fp32 graph"),
     ("fp32", "bf16", "bf16 engines are not built"),
 ])
+@pytest.mark.processes
 def test_engines_are_strongly_typed_and_errors_name_commands_that_exist(graph, requested, error):
     from depthvlm_ros.backends.tensorrt_backend import engine_plan
     from depthvlm_ros.tools.cli import build_parser
@@ -201,6 +202,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=300, env=dict(os.environ))
 
 
+@pytest.mark.processes
 def test_cli_export_then_predict_with_onnxruntime_matches_torch(tmp_path, tiny_checkpoint):
     onnx_path = tmp_path / "engines" / "tiny_320x256.onnx"
     run = run_cli("export", "--model", str(tiny_checkpoint), "--size", "320x256", "--out", str(onnx_path),
@@ -222,6 +224,7 @@ def test_cli_export_then_predict_with_onnxruntime_matches_torch(tmp_path, tiny_c
     assert max_relative_error(outs["onnxruntime"], outs["torch"]) < 1e-4
 
 
+@pytest.mark.processes
 def test_cli_bench_measures_backends_side_by_side(tiny_checkpoint, exports):
     run = run_cli("bench", "--model", str(tiny_checkpoint), "--size", "320x256", "--runs", "2", "--warmup", "1",
                   "--backends", "torch,onnxruntime", "--onnx", exports[(320, 256)].path)
@@ -234,6 +237,7 @@ def test_cli_bench_measures_backends_side_by_side(tiny_checkpoint, exports):
                                                                       rel=1e-3)
 
 
+@pytest.mark.processes
 def test_cli_compiled_path_errors_are_one_line(tmp_path, tiny_checkpoint):
     run = run_cli("build-engine", "--onnx", str(tmp_path / "x.onnx"), "--out", str(tmp_path / "x.engine"))
     assert run.returncode == 2

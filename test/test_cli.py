@@ -19,6 +19,7 @@ def depthvlm(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
                           timeout=300, env={**os.environ, **(env or {})})
 
 
+@pytest.mark.processes
 def test_predict_writes_five_consistent_files_per_image(tmp_path, tiny_checkpoint):
     second = tmp_path / "second.jpg"
     Image.open(SAMPLE_IMAGE).resize((160, 120)).save(second)  # same camera, half resolution: K scaled
@@ -53,6 +54,7 @@ def test_predict_writes_five_consistent_files_per_image(tmp_path, tiny_checkpoin
     np.testing.assert_allclose(np.sort(points[:, 2]), np.sort(depth.ravel()), rtol=1e-5)
 
 
+@pytest.mark.processes
 def test_default_model_is_the_shipped_depthvlm_tiny(tmp_path):
     run = depthvlm("predict", str(SAMPLE_IMAGE), "--fx", "300", "--out", str(tmp_path / "o"),
                    env={"DEPTHVLM_CACHE": str(tmp_path / "cache")})
@@ -68,6 +70,7 @@ def test_default_model_is_the_shipped_depthvlm_tiny(tmp_path):
     assert len(list((tmp_path / "o").iterdir())) == 5
 
 
+@pytest.mark.processes
 def test_ask_prints_the_models_answer(tiny_checkpoint, tiny_model):
     from depthvlm_ros.geometry import Intrinsics
     from depthvlm_ros.tools.cli import NO_TEXT
@@ -82,6 +85,7 @@ def test_ask_prints_the_models_answer(tiny_checkpoint, tiny_model):
     assert "tokens" in run.stderr
 
 
+@pytest.mark.processes
 def test_bench_prints_a_table_and_json(tiny_checkpoint):
     run = depthvlm("bench", "--model", str(tiny_checkpoint), "--size", "320x256", "--warmup", "1", "--runs", "3")
     assert run.returncode == 0, run.stderr
@@ -102,6 +106,7 @@ def test_bench_prints_a_table_and_json(tiny_checkpoint):
     (["predict", str(SAMPLE_IMAGE), "--fx", "300", "--model", "BROKEN"], "missing keys: depth_head.norm.weight"),
     (["ask", str(SAMPLE_IMAGE), "", "--fx", "300", "--model", "MODEL"], "question is empty"),
 ])
+@pytest.mark.processes
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, tiny_checkpoint, args, message):
     from safetensors.torch import load_file, save_file
 

@@ -7,6 +7,9 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.processes]
 
 
 def test_demo_runs_and_writes_bag_pngs_cloud_and_summary(tmp_path, ros_env):

@@ -187,6 +187,7 @@ def test_dataset_spec_parsing(tmp_path):
             parse_dataset_spec(bad)
 
 
+@pytest.mark.processes
 def test_records_are_validated_one_by_one(tmp_path):
     good = record_dict("a.png", "a.png", 1000.0, (8, 6), (8, 6), 10.0, [[1, 2]], [1.5])
     lines = [json.dumps(good), "{not json", json.dumps({**good, "image": "b.png", "depth": [1.0, 2.0]}),
@@ -310,6 +311,7 @@ def bench(tmp_path_factory) -> tuple[Path, dict[str, dict]]:
     return root, make_benchmark(root)
 
 
+@pytest.mark.processes
 def test_saved_perfect_predictions_score_perfectly_and_the_cache_resumes(bench, tmp_path):
     root, data = bench
     preds = tmp_path / "preds"
@@ -423,6 +425,7 @@ def test_prediction_of_another_aspect_is_a_skipped_record(bench):
     assert all("different aspect ratio" in s.reason for s in results.skipped)
 
 
+@pytest.mark.processes
 def test_model_run_end_to_end(bench, tmp_path, tiny_checkpoint):
     root, data = bench
     specs = [a for d in data.values() for a in ("--dataset", d["spec"])]
@@ -437,6 +440,7 @@ def test_model_run_end_to_end(bench, tmp_path, tiny_checkpoint):
     assert (tmp_path / "plots" / "worst_argo2.png").is_file()
 
 
+@pytest.mark.processes
 def test_model_cache_is_keyed_by_the_weights_not_the_folder(bench, tmp_path, tiny_checkpoint):
     """Retraining in place (same folder, new weights) must not return the old scores."""
     from safetensors.torch import load_file, save_file
@@ -462,6 +466,7 @@ def test_model_cache_is_keyed_by_the_weights_not_the_folder(bench, tmp_path, tin
     assert retrained["datasets"]["argo2"]["dense"] != runs[0]["datasets"]["argo2"]["dense"]
 
 
+@pytest.mark.processes
 def test_bad_dataset_spec_is_one_line_and_exit_code_2():
     run = depthvlm("eval", "--dataset", "nyuv2=only_one_path.jsonl", "--predictions", ".")
     assert run.returncode == 2
@@ -491,6 +496,8 @@ def test_bad_arguments_are_input_errors(tmp_path, capsys, args, message):
     assert len(err) == 1 and err[0].startswith("depthvlm: error:") and message in err[0], err
 
 
+@pytest.mark.processes
+@pytest.mark.slow
 def test_two_processes_evaluate_exactly_what_one_does(tmp_path):
     """``torchrun``/``accelerate launch`` with two processes: each scores every other record, the main process
     merges them in record order and alone writes the report, which is byte for byte the one-process report

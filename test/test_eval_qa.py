@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from depthvlm_ros.evaluation.qa import score_answer, score_response, summarize
 from depthvlm_ros.scenes.dataset import FrameSpec, generate_frame
@@ -58,6 +59,7 @@ def test_a_service_response_is_scored_like_the_answer_it_came_from():
             assert score_response(record, answer, [], float("nan")).grounded is False  # no place: not grounded
 
 
+@pytest.mark.processes
 def test_eval_qa_command_scores_the_builtin_model(tmp_path):
     data = tmp_path / "gen"
     gen = subprocess.run([sys.executable, "-m", "depthvlm_ros", "generate", "--out", str(data), "--n", "3",

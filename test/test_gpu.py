@@ -60,6 +60,7 @@ def needs(*what: str) -> pytest.MarkDecorator:
 
 
 #: The probe size of the exports: a 320x240 camera at the canonical focal reaches the model at 320x256.
+pytestmark = pytest.mark.gpu
 SIZE = (320, 256)
 CAMERA = Intrinsics.from_fx(320, 240, 1000.0)
 RUNS = 20

@@ -110,10 +110,27 @@ def start_peer(env: dict[str, str], *args: str) -> subprocess.Popen:
     return proc
 
 
-def finish(proc: subprocess.Popen, timeout: float = 180.0) -> dict:
+def finish(proc: subprocess.Popen, timeout: float = 300.0) -> dict:
+    """Close the peer's stdin (a streaming peer's signal to end), wait for it; its last line as JSON."""
     out, err = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, err + out
     return json.loads(out.strip().splitlines()[-1])
+
+
+def start_camera(env: dict[str, str], *args: str, ceiling: int = 3000) -> subprocess.Popen:
+    """A camera peer that streams at its ``--rate`` until :func:`finish` closes its stdin: a test stops it
+    once its listener has what it waits for, however long this machine takes. ``ceiling`` frames (300 s at
+    10 Hz) end it with a failure that says so."""
+    return subprocess.Popen([PY, PEER, "publish", "--until-stdin-closes", "--count", str(ceiling), *args], env=env,
+                            cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    """Kill peers that a failed test left running (a passing test has finished them)."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 def load_collected(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
@@ -335,17 +352,15 @@ def test_questions_cannot_starve_depth(node, module_env, tmp_path):
     listener = start_peer(module_env, "collect", "--out", str(out), "--count", "1", "--no-heavy",
                           "--until", "queries_busy>=6", "--until", "query_active==false",
                           "--until", "queries_waiting==0")  # both answers done
-    camera = subprocess.Popen([PY, PEER, "publish", "--count", "100000", "--start", "400", "--rate", "5",
-                               "--reliable"], env=module_env, cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+    camera = start_camera(module_env, "--start", "400", "--rate", "5", "--reliable")
     try:
         before = peer(module_env, "watch", "--until", "frames_processed>=1", "--until", "inference_rate_hz>0")
         results = peer(module_env, "call", "spatial_query", json.dumps({"question": "How far is the blue disc?"}),
                        "--repeat", "8")
         assert finish(listener)["depth_count"] >= 1
+        finish(camera)
     finally:
-        camera.kill()
-        camera.communicate()
+        stop_all([camera])
         peer(module_env, "call", "set_parameters", json.dumps({"max_answer_tokens": 64}))
     answered = [r for r in results if r["success"]]
     busy = [r for r in results if not r["success"]]
@@ -411,10 +426,9 @@ def test_two_cameras_are_served_by_one_model(node, ros_env, tiny_checkpoint, tin
         listeners = {name: start_peer(ros_env, "collect", "--ns", name, "--out", str(tmp_path / name), "--count", "3",
                                       "--keep", "3", "--status", f"depthvlm: {name}: depth",
                                       "--until", "frames_processed>=3") for name in cams}
-        cameras = [subprocess.Popen([PY, PEER, "publish", "--ns", name, "--width", str(w), "--height", str(h),
-                                     "--fx", str(fx), "--start", str(start), "--count", "40", "--rate", "10",
-                                     "--reliable", "--frame-id", f"{name}_optical"], env=ros_env, cwd=REPO,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # each camera streams until its listener has its three depth images, however long that takes
+        cameras = [start_camera(ros_env, "--ns", name, "--width", str(w), "--height", str(h), "--fx", str(fx),
+                                "--start", str(start), "--rate", "10", "--reliable", "--frame-id", f"{name}_optical")
                    for name, (w, h, fx, start) in cams.items()]
         try:
             results = {name: finish(listener) for name, listener in listeners.items()}
@@ -422,10 +436,9 @@ def test_two_cameras_are_served_by_one_model(node, ros_env, tiny_checkpoint, tin
             answer = peer(ros_env, "call", "spatial_query", json.dumps({**question, "camera": "right"}))
             nowhere = peer(ros_env, "call", "spatial_query", json.dumps({**question, "camera": "top"}))
             depth_at = peer(ros_env, "call", "depth_at", json.dumps({"u": [10], "v": [10], "camera": "left"}))
+            sent = [finish(camera)["sent"] for camera in cameras]
         finally:
-            for camera in cameras:
-                camera.kill()
-                camera.communicate()
+            stop_all(cameras)
         two, one = proc.rss_mb(), node.rss_mb()
     finally:
         assert proc.stop() == 0, proc.output
@@ -437,7 +450,7 @@ def test_two_cameras_are_served_by_one_model(node, ros_env, tiny_checkpoint, tin
         for key, item in meta["depth"].items():
             stamp, frame_id = key.split("|")
             index = round((float(stamp) - 1000.0) * 1000)
-            assert frame_id == f"{name}_optical" and start <= index < start + 40
+            assert frame_id == f"{name}_optical" and start <= index < start + max(sent)
             assert (item["width"], item["height"]) == (width, height)
             info = meta["info"][key]
             assert info["k"] == pytest.approx(list(k.k.reshape(-1)))

@@ -100,6 +100,7 @@ def test_qa_answers_point_inside_the_named_object(kind):
     assert checked > 10 and {"distance", "where"} <= kinds
 
 
+@pytest.mark.processes
 def test_generate_cli_writes_a_bench_dataset(tmp_path):
     from depthvlm_ros.evaluation.bench_data import BadRecord, iter_records, load_ground_truth
 
@@ -127,6 +128,7 @@ def test_generate_cli_writes_a_bench_dataset(tmp_path):
     assert info["n"] == 6 and info["seed"] == 4
 
 
+@pytest.mark.processes
 def test_generate_cli_rejects_a_bad_focal_range(tmp_path):
     run = subprocess.run([sys.executable, "-m", "depthvlm_ros", "generate", "--out", str(tmp_path / "g"), "--n", "2",
                           "--fx-min", "300", "--fx-max", "100"], capture_output=True, text=True, timeout=60)

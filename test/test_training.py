@@ -152,6 +152,7 @@ def test_each_draw_of_a_sample_flips_on_its_own_coin(tiny_init, generated):
     assert all(np.array_equal(data[(1, d)]["pixel_values"], data[(1, 0)]["pixel_values"]) for d in range(4))
 
 
+@pytest.mark.processes
 def test_train_stage0_saves_loadable_checkpoints_and_resumes(tmp_path, generated):
     from safetensors.torch import load_file
 
@@ -180,6 +181,7 @@ def test_train_stage0_saves_loadable_checkpoints_and_resumes(tmp_path, generated
     assert "steps 2->4" in resumed.stdout + resumed.stderr
 
 
+@pytest.mark.processes
 def test_stage1_changes_only_the_head_and_stage2_never_the_vision_tower(tmp_path, generated, tiny_init):
     from safetensors.torch import load_file
 
@@ -200,6 +202,7 @@ def test_stage1_changes_only_the_head_and_stage2_never_the_vision_tower(tmp_path
             assert any(k.startswith("model.language_model.") for k in changed)
 
 
+@pytest.mark.processes
 def test_train_rejects_bad_arguments_in_one_line(tmp_path):
     run = depthvlm("train", "--stage", "1", "--init", str(tmp_path / "missing"), "--data", str(tmp_path),
                    "--out", str(tmp_path / "o"), "--steps", "1")
@@ -239,6 +242,8 @@ def _relative(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return diff / sum(float(b[k].double().norm() ** 2) for k in b) ** 0.5
 
 
+@pytest.mark.processes
+@pytest.mark.slow
 def test_two_processes_train_the_same_weights_as_one(tmp_path, generated, tiny_init):
     """DDP on two CPU processes (gloo, torchrun) with a global batch of 4 ends 5 steps of stage 0 with the
     weights one process gets from the same global batches: each process trains on its own half of every

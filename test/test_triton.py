@@ -21,7 +21,6 @@ from conftest import REPO, alter_onnx_weights, ros_environment
 sys.path.insert(0, str(REPO / "test"))
 from ros_peer import frame_rgb  # noqa: E402
 from test_ros_node import (  # noqa: E402
-    PEER,
     PY,
     TEST_PARAMS,
     NodeProcess,
@@ -30,12 +29,15 @@ from test_ros_node import (  # noqa: E402
     load_collected,
     node_depth,
     peer,
+    start_camera,
     start_peer,
+    stop_all,
 )
 
 pytest.importorskip("tritonclient.grpc", reason="tritonclient is not installed (make setup installs it)")
 SERVER = pytest.importorskip("pytriton.triton", reason="nvidia-pytriton is not installed (make setup installs it "
                              "on x86_64)")
+pytestmark = [pytest.mark.slow, pytest.mark.processes]
 SIZE = (320, 256)
 CAMERA = (320, 240, 300.0)  # width, height, fx of the test cameras
 
@@ -155,6 +157,7 @@ def server(graph, private_cache):
     assert code == 0, "\n".join(serve.lines[-40:])
 
 
+@pytest.mark.ros
 def test_two_nodes_stream_from_one_server_batched_and_equal_to_local_onnxruntime(server, tiny_checkpoint,
                                                                                  local_onnxruntime, private_cache,
                                                                                  tmp_path):
@@ -175,10 +178,8 @@ def test_two_nodes_stream_from_one_server_batched_and_equal_to_local_onnxruntime
         collectors = [start_peer(env, "collect", "--out", str(tmp_path / f"node{i}"), "--count", "4", "--keep", "4",
                                  "--no-heavy", "--until", "frames_processed>=4")
                       for i, env in enumerate(envs)]
-        cameras = [subprocess.Popen([PY, PEER, "publish", "--width", str(width), "--height", str(height), "--fx",
-                                     str(fx), "--count", "3000", "--rate", "10", "--reliable", "--start", str(100 * i)],
-                                    env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-                   for i, env in enumerate(envs)]
+        cameras = [start_camera(env, "--width", str(width), "--height", str(height), "--fx", str(fx), "--rate", "10",
+                                "--reliable", "--start", str(100 * i)) for i, env in enumerate(envs)]
         results = [finish(collector) for collector in collectors]
         refused = peer(envs[1], "call", "spatial_query", '{"question": "How far is the wall?"}')
         deadline = time.monotonic() + 240.0
@@ -189,10 +190,10 @@ def test_two_nodes_stream_from_one_server_batched_and_equal_to_local_onnxruntime
             if executions < inferences or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
-    finally:
         for camera in cameras:
-            camera.kill()
-            camera.communicate()
+            finish(camera)
+    finally:
+        stop_all(cameras)
         codes = [node.stop() for node in nodes]
     assert codes == [0, 0], [node.output[-2000:] for node in nodes]
     assert "(no weights loaded: answers off)" in nodes[1].output and "no weights" not in nodes[0].output
@@ -211,6 +212,7 @@ def test_two_nodes_stream_from_one_server_batched_and_equal_to_local_onnxruntime
         assert meta["diagnostics"][-1]["backend"].startswith(f"triton (grpc://{server.url}"), meta["diagnostics"][-1]
 
 
+@pytest.mark.ros
 def test_a_node_reports_a_missing_server_and_streams_once_it_is_back(graph, tiny_checkpoint, private_cache):
     """Started before its server, a node says so (diagnostics ERROR with the URL; frames dropped and counted);
     once the server serves, depth flows; when the server goes mid-stream, the same again; and it comes back
@@ -222,8 +224,7 @@ def test_a_node_reports_a_missing_server_and_streams_once_it_is_back(graph, tiny
     camera = serve = None
     try:
         node.wait_ready()
-        camera = subprocess.Popen([PY, PEER, "publish", "--count", "3000", "--rate", "10", "--reliable"], env=env,
-                                  cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        camera = start_camera(env, "--rate", "10", "--reliable", ceiling=6000)
         down = peer(env, "watch", "--until", "level==2", "--until", f"message~grpc://{url}", "--until",
                     "frames_failed_backend>=3", "--timeout", "120")
         assert "unreachable" in down["backend_problem"] and down["frames_processed"] == "0", down
@@ -238,12 +239,11 @@ def test_a_node_reports_a_missing_server_and_streams_once_it_is_back(graph, tiny
                         f"frames_failed_backend>{up['frames_failed_backend']}", "--timeout", "120")
             assert f"grpc://{url}" in down["message"], down
         assert node.proc.poll() is None
+        finish(camera)
     finally:
         if serve is not None:
             serve.stop()
-        if camera is not None:
-            camera.kill()
-            camera.communicate()
+        stop_all([camera] if camera is not None else [])
         code = node.stop()
     assert code == 0, node.output[-3000:]
     assert node.output.count("configured: model") == 1  # never restarted

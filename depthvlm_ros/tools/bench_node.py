@@ -93,11 +93,15 @@ def run_bench(args: argparse.Namespace) -> dict:
     diagnostics: list[dict[str, str]] = []
     measuring = [False]
 
+    last_stamp = [0]  # the newest frame's depth has arrived when this stamp does
+
     def on_depth(msg: Image) -> None:
         now = client.get_clock().now().nanoseconds
         stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
         if measuring[0] and stamp in sent:
             received.append(((now - stamp) / 1e6, time.monotonic()))
+        if stamp == last_stamp[0]:
+            last_stamp[0] = -1
 
     def on_diag(msg: DiagnosticArray) -> None:
         for status in msg.status:
@@ -145,12 +149,25 @@ def run_bench(args: argparse.Namespace) -> dict:
             image = rgb_to_image(rgb, header)
             pub_info.publish(intrinsics_to_camera_info(k, header))
             pub_image.publish(image)
+            stamp_ns = header.stamp.sec * 1_000_000_000 + header.stamp.nanosec
             if measuring[0]:
-                sent[header.stamp.sec * 1_000_000_000 + header.stamp.nanosec] = now_m
+                sent[stamp_ns] = now_m
+            last_stamp[0] = stamp_ns
             next_frame = max(next_frame + period, time.monotonic() - period)  # late: no burst to catch up
         measure_end = time.monotonic()
         rss.append((len(sent), rss_mb(node.pid)))
-        time.sleep(2.0)  # depth of the last frames still on its way (latency < 2 s)
+        # The node always serves its newest frame (latest wins): once the last frame's depth is here, every
+        # depth image of the run has been sent. If best-effort transport lost that frame, a status after it
+        # that shows nothing pending says the same.
+        seen = len(diagnostics)
+        deadline = time.monotonic() + args.startup_timeout
+        def settled() -> bool:
+            return last_stamp[0] == -1 or (len(diagnostics) > seen + 1 and diagnostics[-1].get("frames_pending") == "0")
+
+        while not settled():
+            if node.poll() is not None or time.monotonic() > deadline:
+                raise InputError("the node stopped answering: the last frame's depth never came back")
+            time.sleep(0.05)
         executor.shutdown(timeout_sec=2.0)
     finally:
         node.terminate()

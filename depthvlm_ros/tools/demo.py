@@ -328,7 +328,7 @@ def run(args: argparse.Namespace) -> int:
                 _wait(lambda: min(camera.pub_image.get_subscription_count(),
                                   camera.pub_info.get_subscription_count()) >= 2
                       and all(sub.get_publisher_count() >= 1 for sub in [*recorder.subs.values(), *scorer.subs]),
-                      30.0, "the scorer and the recorder to match the node's topics")
+                      SETTLE_TIMEOUT_S, "the scorer and the recorder to match the node's topics")
                 answers = _drive(args, camera, scorer, client, stop)
 
                 def counted(key: str) -> int:
@@ -340,7 +340,7 @@ def run(args: argparse.Namespace) -> int:
                       and counted("frames_received") + counted("frames_lost_before_node") >= camera.published
                       and status.get()[1].get("frames_pending") == "0"
                       and scorer.received >= counted("frames_processed")
-                      and recorder.counts.get("/depth/image", 0) >= scorer.received, 30.0,
+                      and recorder.counts.get("/depth/image", 0) >= scorer.received, SETTLE_TIMEOUT_S,
                       lambda: f"the last frames to be processed (published {camera.published}, recorded "
                               f"{recorder.counts}, node {status.get()[1]}, scored {scorer.received})")
                 node_counts = {key: counted(key) for key in baseline}
@@ -361,6 +361,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+#: The most the demo waits, once its camera has stopped, for the answers and the last frames' depth (s): only a
+#: node that stopped working takes this long (a slow machine just ends later).
+SETTLE_TIMEOUT_S = 180.0
 #: The node's counters the demo reads from its diagnostics (relative to the end of the warm-up).
 NODE_COUNTERS = ("frames_received", "frames_processed", "frames_dropped", "frames_lost_before_node", "errors")
 
@@ -391,7 +394,7 @@ def _warm_up(camera: DemoCamera, status: Any, node: Any, timeout_s: float) -> di
         time.sleep(0.5)
     seen = status.get()[0]
     _wait(lambda: _node_alive(node) and status.get()[0] >= seen + 2 and status.get()[1].get("frames_pending") == "0",
-          30.0, "the node to finish the warm-up frames")
+          SETTLE_TIMEOUT_S, "the node to finish the warm-up frames")
     _, latest = status.get()
     return {key: int(latest.get(key, "0")) for key in NODE_COUNTERS}
 
@@ -407,7 +410,12 @@ def _wait(condition: Any, timeout_s: float, what: Any) -> None:
 
 def _drive(args: argparse.Namespace, camera: DemoCamera, scorer: DepthScorer, client: Any,
            stop: threading.Event) -> list[dict[str, Any]]:
-    """Publish frames on time, print live lines, ask questions at evenly spaced moments."""
+    """Publish frames on time, print live lines, ask questions at evenly spaced moments.
+
+    A question falls due at its moment and is asked as soon as the one before it has its answer (the node
+    answers one question at a time): on a slow machine questions come later, never refused "busy". Those
+    still due when the camera stops are asked then, about its last frame.
+    """
     from depthvlm_msgs.srv import SpatialQuery
 
     period = 1.0 / args.rate
@@ -415,20 +423,27 @@ def _drive(args: argparse.Namespace, camera: DemoCamera, scorer: DepthScorer, cl
     ask_at = {int(total * (i + 1) / (args.queries + 1)) for i in range(args.queries)}
     pending: list[tuple[Any, DemoQuestion, float]] = []
     answers: list[dict[str, Any]] = []
-    asked = 0
+    due = taken = asked = 0  # questions due so far, taken up (asked, or none to ask on that frame), asked
+
+    def ask_due() -> None:
+        nonlocal taken, asked
+        while taken < due and not pending and camera.latest is not None:
+            taken += 1
+            question = pick_question(camera.latest, asked)
+            if question is not None:
+                pending.append((client.call_async(SpatialQuery.Request(question=question.question)), question,
+                                time.monotonic()))
+                asked += 1
+
     started = next_frame = last_print = time.monotonic()
     while not stop.is_set() and camera.index < total:
         now = time.monotonic()
         if now >= next_frame:
             camera.publish_next()
             next_frame = max(next_frame + period, time.monotonic() - period)  # late: no burst to catch up
-            if camera.index in ask_at and camera.latest is not None:
-                question = pick_question(camera.latest, asked)
-                if question is not None:
-                    pending.append((client.call_async(SpatialQuery.Request(question=question.question)), question,
-                                    now))
-                    asked += 1
+            due += camera.index in ask_at
         _collect(pending, answers, camera, args.out)
+        ask_due()
         if now - last_print >= 1.0:
             last_print = now
             live = scorer.live()
@@ -436,16 +451,20 @@ def _drive(args: argparse.Namespace, camera: DemoCamera, scorer: DepthScorer, cl
                   f"latency {live['latency_ms']:.0f} ms, live δ1 {live['delta1']:.3f} AbsRel {live['abs_rel']:.3f}",
                   flush=True)
         time.sleep(max(0.0, min(next_frame - time.monotonic(), 0.02)))
-    deadline = time.monotonic() + 30.0
-    while pending and time.monotonic() < deadline:
-        _collect(pending, answers, camera, args.out)
-        time.sleep(0.05)
+
+    def settled() -> bool:
+        left = _collect(pending, answers, camera, args.out)
+        ask_due()
+        return not left and not pending and (taken == due or stop.is_set())
+
+    _wait(settled, SETTLE_TIMEOUT_S, lambda: f"answers to {len(pending)} question(s) ({due - taken} not yet asked)")
     return answers
 
 
 def _collect(pending: list[tuple[Any, DemoQuestion, float]], answers: list[dict[str, Any]], camera: DemoCamera,
-             out: Path) -> None:
-    """Move finished service calls from ``pending`` to ``answers``; print them and draw ``answer_N.png``."""
+             out: Path) -> int:
+    """Move finished service calls from ``pending`` to ``answers``; print them and draw ``answer_N.png``.
+    Returns how many are still pending."""
     for item in list(pending):
         future, question, asked = item
         if future.done():
@@ -460,6 +479,7 @@ def _collect(pending: list[tuple[Any, DemoQuestion, float]], answers: list[dict[
             answers.append(row)
             print(f"  Q: {question.question}\n  A: {row['answer']!r}\n     {_verdict(row)} ({row['message']}; "
                   f"{row['image']})", flush=True)
+    return len(pending)
 
 
 def _answer_row(result: Any, question: DemoQuestion, view: Any, seconds: float) -> dict[str, Any]:
