@@ -1,27 +1,58 @@
 #!/usr/bin/env bash
-# Reproduce the shipped depthvlm-tiny: generate data, train stages 0 -> 1 -> 2, then store the result
-# (float16 weights) in depthvlm_ros/models/depthvlm-tiny/; measure it with scripts/eval_tiny.sh.
-# Usage: scripts/train_tiny.sh [WORKDIR]   (default build/tiny; about 60 min on 2 CPU cores)
-# A step already done in WORKDIR (its data, or a stage's final folder) is not done again. Training runs
-# through Accelerate, so on a machine with a GPU the same script trains there (data generated there too).
+# Reproduce the shipped depthvlm-tiny: generate data, teach the model to point (bind phase, then readout phase,
+# both with the grounding losses of depthvlm_ros/training/grounding.py), finish with a short stage 1 for depth,
+# then store the result (float16 weights) in depthvlm_ros/models/depthvlm-tiny/; measure it with
+# scripts/eval_tiny.sh.
+# Usage: scripts/train_tiny.sh [WORKDIR]   (default build/tiny; the model card says how long it took)
+# A step already done in WORKDIR (its data, or a phase's final folder) is not done again; a phase that was
+# interrupted continues from its newest checkpoint. Training runs through Accelerate, so on a machine with a GPU
+# the same script trains there (DEVICE_ARGS, e.g. larger batches, are passed to every phase).
+#
+# The phases start from the weights shipped before this recipe (issue 13's model, commit 6a00fc8, recreated by
+# its own recipe in that commit's scripts/train_tiny.sh); START_MODEL=DIR starts from another folder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${1:-build/tiny}
 D=${DEPTHVLM:-.venv/bin/depthvlm}
 PY=${PYTHON:-.venv/bin/python}
+read -r -a EXTRA <<< "${DEVICE_ARGS:-}"
 mkdir -p "$W"
-# Focal lengths 0.25x-4x of a 60-degree lens at 320 px (277.1 px): 69.3-1108.5 px.
+# Focal lengths 0.25x-4x of a 60-degree lens at 320 px (277.1 px): 69.3-1108.5 px. Questions weighted toward
+# the kinds that must find the named object (--qa-mix binding), 6 per frame; every frame has its object mask.
 [ -f "$W/train/info.json" ] || $D generate --out "$W/train" --n 10000 --seed 1 --kind mixed --size 320x240 \
-  --fx-min 69.3 --fx-max 1108.5 --workers 2
+  --fx-min 69.3 --fx-max 1108.5 --qa-mix binding --qa-per-frame 6 --workers 2
 [ -f "$W/val/info.json" ] || $D generate --out "$W/val" --n 64 --seed 7 --kind mixed --size 320x240
-[ -f "$W/stage0/final/config.json" ] || $D train --stage 0 --init-tiny --data "$W/train" --out "$W/stage0" \
-  --steps 6500 --batch-size 8 --lr 1e-3 --warmup-steps 100 --qa-fraction 0.875 --seed 0 --eval-data "$W/val" \
-  --eval-every 1000 --eval-limit 32 --save-every 500 --freeze model.visual.pos_embed
-[ -f "$W/stage1/final/config.json" ] || $D train --stage 1 --init "$W/stage0/final" --data "$W/train" \
-  --out "$W/stage1" --steps 300 --batch-size 8 --lr 5e-4 --warmup-steps 20 --seed 1 --eval-data "$W/val" \
-  --eval-every 300 --eval-limit 32 --save-every 300
-[ -f "$W/stage2/final/config.json" ] || $D train --stage 2 --init "$W/stage1/final" --data "$W/train" \
-  --out "$W/stage2" --steps 800 --batch-size 8 --lr 3e-4 --warmup-steps 50 --qa-fraction 0.75 --seed 2 \
-  --eval-data "$W/val" --eval-every 500 --eval-limit 32 --save-every 500
-echo "trained: $W/stage2/final"
-$PY -m depthvlm_ros.training.tiny package "$W/stage2/final" depthvlm_ros/models/depthvlm-tiny
+[ -f "$W/probe/info.json" ] || $D generate --out "$W/probe" --n 64 --seed 9 --kind mixed --size 320x240 \
+  --qa-mix binding
+[ -f "$W/qa-val/info.json" ] || $D generate --out "$W/qa-val" --n 100 --seed 11 --kind mixed --size 320x240
+START=${START_MODEL:-$W/start}
+if [ -z "${START_MODEL:-}" ] && [ ! -f "$W/start/model.safetensors" ]; then
+  mkdir -p "$W/start"
+  git archive 6a00fc8 depthvlm_ros/models/depthvlm-tiny | tar -x -C "$W/start" --strip-components=3
+fi
+phase() {  # NAME ARGS...: run a phase unless its final folder exists; resume it if it has checkpoints
+  local name=$1
+  shift
+  [ -f "$W/$name/final/config.json" ] && return 0
+  local resume=()
+  compgen -G "$W/$name/checkpoint-*/trainer_state.json" > /dev/null && resume=(--resume)
+  $D train --out "$W/$name" "$@" "${resume[@]}" "${EXTRA[@]}"
+}
+GROUND=(--mirror-qa --hop-weight 1 --hop-heads 1.1,1.2 --pointer-heads 2.2,2.3,3.2,3.3 --position-weight 1
+        --position-layer 2 --coord-weight 3 --coord-sigma 15 --probe-data "$W/probe")
+# Bind: every grounding loss at full weight; the run stops at step 1500 unless the pointer heads are on the
+# named object for at least 35 % of the probe's answer points (exit 3: rethink before spending more).
+phase bind --stage 0 --init "$START" --data "$W/train" --steps 3000 --batch-size 8 --lr 3e-4 --warmup-steps 100 \
+  --qa-fraction 0.875 --seed 3 --freeze model.visual.pos_embed --pointer-weight 1 "${GROUND[@]}" \
+  --probe-every 500 --gate "pointer>=0.35@1500" --eval-data "$W/val" --eval-every 1000 --eval-limit 32 \
+  --save-every 500
+# Readout: the pointer's weight lowered; the spatial answers scored on 200 held-out questions every 1000 steps.
+phase readout --stage 0 --init "$W/bind/final" --data "$W/train" --steps 3000 --batch-size 8 --lr 2e-4 \
+  --warmup-steps 50 --qa-fraction 0.875 --seed 4 --freeze model.visual.pos_embed --pointer-weight 0.3 \
+  "${GROUND[@]}" --probe-every 1000 --eval-qa-data "$W/qa-val" --eval-qa-every 1000 --eval-qa-limit 200 \
+  --eval-data "$W/val" --eval-every 1000 --eval-limit 32 --save-every 500
+# Finish: the depth head alone (stage 1), so that depth gets the last word.
+phase depth --stage 1 --init "$W/readout/final" --data "$W/train" --steps 300 --batch-size 8 --lr 5e-4 \
+  --warmup-steps 20 --seed 5 --eval-data "$W/val" --eval-every 300 --eval-limit 32 --save-every 300
+echo "trained: $W/depth/final"
+$PY -m depthvlm_ros.training.tiny package "$W/depth/final" depthvlm_ros/models/depthvlm-tiny

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +67,30 @@ def tiny_model(tiny_checkpoint: Path):
     from depthvlm_ros.pipeline import DepthVLM
 
     return DepthVLM.from_pretrained(tiny_checkpoint)
+
+
+def depthvlm(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """``python -m depthvlm_ros ARGS``, as a user runs it; its output captured."""
+    return subprocess.run([sys.executable, "-m", "depthvlm_ros", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def generated(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 generated frames with QA, masks and places, written by ``depthvlm generate``: 128x96 keeps the files
+    small (the tiny models see them at 320x224, their input limit)."""
+    out = tmp_path_factory.mktemp("train-data") / "gen"
+    run = depthvlm("generate", "--out", str(out), "--n", "12", "--seed", "3", "--size", "128x96")
+    assert run.returncode == 0, run.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_init(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh randomly initialised depthvlm-tiny (the built-in model's tokenizer: coordinates are tokens)."""
+    from depthvlm_ros.training.tiny import init_tiny_model
+
+    return init_tiny_model(tmp_path_factory.mktemp("tiny-init") / "init", seed=0)
 
 
 def scene_image(width: int, height: int, fx: float, fy: float | None = None) -> np.ndarray:

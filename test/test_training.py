@@ -24,27 +24,7 @@ from depthvlm_ros.training.trainer import (
     silog_per_image,
 )
 
-SIZE = "128x96"  # small files; the tiny model sees them at 320x224 (its input limit)
-
-
-def depthvlm(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "depthvlm_ros", *args], capture_output=True, text=True,
-                          timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def generated(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("train-data") / "gen"
-    run = depthvlm("generate", "--out", str(out), "--n", "12", "--seed", "3", "--size", SIZE)
-    assert run.returncode == 0, run.stderr
-    return out
-
-
-@pytest.fixture(scope="module")
-def tiny_init(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from depthvlm_ros.training.tiny import init_tiny_model
-
-    return init_tiny_model(tmp_path_factory.mktemp("tiny-init") / "init", seed=0)
+from conftest import depthvlm
 
 
 def test_silog_is_scale_invariant_by_half_and_ignores_invalid_pixels():

@@ -106,3 +106,33 @@ def summarize(scores: Iterable[QAScore]) -> dict[str, Any]:
     for s in scores:
         out["by_kind"][s.kind] = out["by_kind"].get(s.kind, 0) + 1
     return out
+
+
+def evaluate_qa(vlm: Any, data: Any, limit: int | None = None, max_new_tokens: int = 64, max_tokens: int = 0,
+                progress: bool = False) -> dict[str, Any]:
+    """Ask ``vlm`` (a :class:`~depthvlm_ros.pipeline.DepthVLM`) every question of ``data/qa.jsonl`` (the first
+    ``limit``) and score what the node would return: ``{"summary": summarize(...), "answers": rows}``."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from depthvlm_ros.errors import InputError
+    from depthvlm_ros.training.data import load_sample, read_qa_samples
+
+    path = Path(data) / "qa.jsonl"
+    if not path.is_file():
+        raise InputError(f"{data}: no qa.jsonl (make one with depthvlm generate)")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    refs = read_qa_samples(path, Path(data))
+    if limit is not None:
+        records, refs = records[:limit], refs[:limit]
+    scores, rows = [], []
+    for record, ref in tqdm(list(zip(records, refs)), unit="question", file=sys.stderr, disable=not progress or None):
+        rgb, _, k = load_sample(ref)
+        answer = vlm.ask(rgb, k, ref.question, max_new_tokens=max_new_tokens, max_tokens=max_tokens)
+        score = score_answer(record, answer.text, answer.depth.depth, answer.depth.intrinsics)
+        scores.append(score)
+        rows.append({"question": ref.question, "answer": answer.text, "expected": ref.answer, **vars(score)})
+    return {"summary": summarize(scores), "answers": rows}

@@ -4,10 +4,13 @@
 
     out/rgb/000000.png        RGB, uint8
     out/depth/000000.png      z-depth, 16-bit millimetres, 0 = invalid (sky, beyond max depth)
+    out/mask/000000.png       object index + 1 per pixel, 8-bit, 0 = background (``mask_path``)
     out/depth.jsonl           one DepthVLM-Bench record per image (+ ``intrinsics``, ``kind``,
-                              ``objects``: the labels of every visible object)
-    out/qa.jsonl              spatial questions (``qa_kind``, ``question``, ``answer``, ``truth``)
-                              with the same ``image``/``depth_path``/size/focal fields
+                              ``objects``: the labels of every visible object, ``mask_path``)
+    out/qa.jsonl              spatial questions (``qa_kind``, ``question``, ``answer``, ``places``,
+                              ``truth``) with the same ``image``/``depth_path``/``mask_path``/size/focal
+                              fields; ``places``: the object index (in the mask) of each point the
+                              answer names
     out/info.json             the arguments, for reproducibility
 
 Frame ``i`` of seed ``s`` depends only on ``(s, i)``: any subset, any worker count, same bytes.
@@ -49,10 +52,15 @@ class FrameSpec:
     fx_min: float
     fx_max: float
     qa_per_frame: int = 4
+    qa_mix: str = "uniform"  # weights of the question kinds (scenes.qa.QA_MIXES)
 
     def check(self) -> None:
+        from depthvlm_ros.scenes.qa import QA_MIXES
+
         if self.kind not in KINDS:
             raise InputError(f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.qa_mix not in QA_MIXES:
+            raise InputError(f"qa mix must be one of {', '.join(QA_MIXES)}, got {self.qa_mix!r}")
         if not (0 < self.fx_min <= self.fx_max):
             raise InputError(f"need 0 < fx-min <= fx-max, got {self.fx_min:g}, {self.fx_max:g}")
 
@@ -83,7 +91,7 @@ def frame_records(seed: int, index: int, spec: FrameSpec) -> tuple[Rendering, di
     rows, cols = np.nonzero(np.isfinite(view.depth))
     pick = rng.choice(len(rows), size=min(SPARSE_POINTS, len(rows)), replace=False) if len(rows) else []
     common = {
-        "image": f"rgb/{name}", "depth_path": f"depth/{name}", "depth_scale": 1000.0,
+        "image": f"rgb/{name}", "depth_path": f"depth/{name}", "mask_path": f"mask/{name}", "depth_scale": 1000.0,
         "original_rgb_size": [k.width, k.height], "original_depth_size": [k.width, k.height],
         "original_fx": round(k.fx, 4), "canonical_fx": CANONICAL_FX,
         "canonical_size": list(canonical_size(k)), "scene_id": f"{spec.kind}-{seed}-{index}",
@@ -99,8 +107,23 @@ def frame_records(seed: int, index: int, spec: FrameSpec) -> tuple[Rendering, di
         "objects": [lab.to_dict() for lab in view.labels],
     }
     qa = [{**common, "scene_kind": scene.kind, "qa_kind": q["kind"], "question": q["question"],
-           "answer": q["answer"], "truth": q["truth"]} for q in make_qa(view, rng, spec.qa_per_frame)]
+           "answer": q["answer"], "places": q["places"], "truth": q["truth"]}
+          for q in make_qa(view, rng, spec.qa_per_frame, spec.qa_mix)]
     return view, record, qa
+
+
+def object_mask_png(object_index: np.ndarray) -> np.ndarray:
+    """The object index map (-1 background) as the 8-bit mask written to ``mask/``: index + 1, 0 = none."""
+    if int(object_index.max(initial=-1)) > 254:
+        raise ValueError(f"object index {int(object_index.max())} does not fit the 8-bit mask")
+    return (object_index.astype(np.int16) + 1).astype(np.uint8)
+
+
+def read_object_mask(path: Path) -> np.ndarray:
+    """A ``mask/`` PNG -> (H, W) int16 object indices, -1 = background."""
+    from depthvlm_ros.imageio import read_integer_png
+
+    return read_integer_png(path, str(path)).astype(np.int16) - 1
 
 
 def _write_one(job: tuple[Path, int, int, FrameSpec]) -> tuple[int, dict[str, Any], list[dict[str, Any]]]:
@@ -110,6 +133,7 @@ def _write_one(job: tuple[Path, int, int, FrameSpec]) -> tuple[int, dict[str, An
     view, record, qa = frame_records(seed, index, spec)
     Image.fromarray(view.rgb).save(out / record["image"], compress_level=1)
     Image.fromarray(depth_to_16uc1(view.depth)).save(out / record["depth_path"], compress_level=1)
+    Image.fromarray(object_mask_png(view.object_index)).save(out / record["mask_path"], compress_level=1)
     return index, record, qa
 
 
@@ -133,6 +157,7 @@ def write_dataset(out: Path, n: int, seed: int, spec: FrameSpec, workers: int = 
     out.mkdir(parents=True, exist_ok=True)
     (out / "rgb").mkdir(exist_ok=True)
     (out / "depth").mkdir(exist_ok=True)
+    (out / "mask").mkdir(exist_ok=True)
     start = time.perf_counter()
     n_qa = 0
     with open(out / "depth.jsonl", "w") as depth_file, open(out / "qa.jsonl", "w") as qa_file:
@@ -146,7 +171,7 @@ def write_dataset(out: Path, n: int, seed: int, spec: FrameSpec, workers: int = 
     info = {
         "generator": "depthvlm_ros.scenes", "n": n, "seed": seed, "kind": spec.kind,
         "size": [spec.width, spec.height], "fx_range": [spec.fx_min, spec.fx_max],
-        "qa_per_frame": spec.qa_per_frame, "qa_records": n_qa,
+        "qa_per_frame": spec.qa_per_frame, "qa_mix": spec.qa_mix, "qa_records": n_qa,
         "seconds": round(time.perf_counter() - start, 2),
     }
     (out / "info.json").write_text(json.dumps(info, indent=2) + "\n")

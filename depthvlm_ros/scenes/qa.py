@@ -25,6 +25,13 @@ MIN_QA_PIXELS = 150
 MIN_QA_FRACTION = 0.003
 
 QA_KINDS = ("distance", "closer", "between", "size", "at_pixel", "where")
+#: Mixes of question kinds (relative weights, in :data:`QA_KINDS` order). ``binding`` favours the kinds whose
+#: answer must find the named object in the image (where, how far, how tall, which is closer): what teaches a
+#: model to bind a question's words to image regions (the built-in model's training, scripts/train_tiny.sh).
+QA_MIXES: dict[str, tuple[float, ...]] = {
+    "uniform": (1.0, 1.0, 1.0, 1.0, 1.0, 1.0),
+    "binding": (3.0, 2.0, 1.0, 2.0, 1.0, 3.0),
+}
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "distance": ("How far is the {a}?", "How far away is the {a}?", "What is the distance to the {a}?"),
     "closer": ("Which is closer, the {a} or the {b}?", "Is the {a} or the {b} closer to the camera?"),
@@ -82,21 +89,25 @@ def _surface_point(lab: ObjectLabel, view: Rendering) -> np.ndarray:
     return np.array([(u - k.cx) / k.fx * z, (v - k.cy) / k.fy * z, z])
 
 
-def make_qa(view: Rendering, rng: np.random.Generator, n: int = 4) -> list[dict[str, Any]]:
-    """Up to ``n`` question/answer records about one view (kinds drawn at random).
+def make_qa(view: Rendering, rng: np.random.Generator, n: int = 4, mix: str = "uniform") -> list[dict[str, Any]]:
+    """Up to ``n`` question/answer records about one view (kinds drawn at random, weighted by :data:`QA_MIXES`
+    ``mix``; "uniform" draws exactly as before the mixes existed).
 
-    Each record: ``kind``, ``question``, ``answer`` (the training target) and ``truth`` — the
-    object(s) with their pixel boxes, the true distance in metres for ``distance``/``between``,
-    the true label for ``closer``/``at_pixel``, the true height for ``size``.
+    Each record: ``kind``, ``question``, ``answer`` (the training target), ``places`` (the scene object index
+    of each ``point_2d`` of the answer, in order; empty for "what is at (x, y)", whose point is the question's)
+    and ``truth`` — the object(s) with their pixel boxes and scene indices, the true distance in metres for
+    ``distance``/``between``, the true label for ``closer``/``at_pixel``, the true height for ``size``.
     """
     k = view.intrinsics
     objects = [(lab, p) for lab in askable(view.labels, k.width, k.height)
                if (p := _answer_point(lab, view)) is not None]
+    weights = np.asarray(QA_MIXES[mix], dtype=np.float64)
     out: list[dict[str, Any]] = []
     for _ in range(4 * n):
         if len(out) >= n:
             break
-        kind = QA_KINDS[int(rng.integers(len(QA_KINDS)))]
+        kind = (QA_KINDS[int(rng.integers(len(QA_KINDS)))] if mix == "uniform"
+                else QA_KINDS[int(rng.choice(len(QA_KINDS), p=weights / weights.sum()))])
         record = _one(kind, objects, view, rng)
         if record is not None and all(r["question"] != record["question"] for r in out):
             out.append(record)
@@ -104,7 +115,7 @@ def make_qa(view: Rendering, rng: np.random.Generator, n: int = 4) -> list[dict[
 
 
 def _truth_object(lab: ObjectLabel) -> dict[str, Any]:
-    return {"label": lab.label, "box_px": list(lab.box_px), "distance_m": round(lab.distance_m, 4),
+    return {"label": lab.label, "index": lab.index, "box_px": list(lab.box_px), "distance_m": round(lab.distance_m, 4),
             "depth_m": round(lab.depth_m, 4)}
 
 
@@ -118,6 +129,7 @@ def _one(kind: str, objects: list[tuple[ObjectLabel, tuple[int, int]]], view: Re
     i, j = (int(v) for v in rng.permutation(len(objects))[:2]) if len(objects) > 1 else (0, 0)
     (a, pa), (b, pb) = objects[i], objects[j]
     question = template.format(a=a.label, b=b.label)
+    places = [a.index]
     if kind == "distance":
         answer = f"{_json(_place(a.label, pa))} The {a.label} is {a.distance_m:.1f} meters away."
         truth = {"objects": [_truth_object(a)], "distance_m": round(a.distance_m, 4)}
@@ -133,12 +145,14 @@ def _one(kind: str, objects: list[tuple[ObjectLabel, tuple[int, int]]], view: Re
         near, p_near = (a, pa) if a.distance_m < b.distance_m else (b, pb)
         answer = f"{_json(_place(near.label, p_near))} The {near.label} is closer."
         truth = {"objects": [_truth_object(a), _truth_object(b)], "label": near.label}
+        places = [near.index]
     else:  # between: straight-line distance of the two answer points on the objects' surfaces
         apart = float(np.linalg.norm(_surface_point(a, view) - _surface_point(b, view)))
         answer = (f"{_json([_place(a.label, pa), _place(b.label, pb)])} "
                   f"They are {apart:.1f} meters apart.")
         truth = {"objects": [_truth_object(a), _truth_object(b)], "distance_m": round(apart, 4)}
-    return {"kind": kind, "question": question, "answer": answer, "truth": truth}
+        places = [a.index, b.index]
+    return {"kind": kind, "question": question, "answer": answer, "places": places, "truth": truth}
 
 
 def _at_pixel(template: str, view: Rendering, rng: np.random.Generator) -> dict[str, Any] | None:
@@ -160,7 +174,8 @@ def _at_pixel(template: str, view: Rendering, rng: np.random.Generator) -> dict[
     else:
         answer = f"{_json(_place(name, (x, y)))} The {name}."
         truth = {"label": name}
-    return {"kind": "at_pixel", "question": template.format(x=x, y=y), "answer": answer, "truth": truth}
+    return {"kind": "at_pixel", "question": template.format(x=x, y=y), "answer": answer, "places": [],
+            "truth": truth}
 
 
 def tokenizer_corpus() -> list[str]:

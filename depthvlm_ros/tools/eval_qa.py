@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 
@@ -25,30 +24,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from depthvlm_ros.errors import InputError
-    from depthvlm_ros.evaluation.qa import DISTANCE_TOLERANCE, score_answer, summarize
+    from depthvlm_ros.evaluation.qa import DISTANCE_TOLERANCE, evaluate_qa
     from depthvlm_ros.tools.common import check_max_image_tokens, load_model
-    from depthvlm_ros.training.data import load_sample, read_qa_samples
 
-    path = args.data / "qa.jsonl"
-    if not path.is_file():
-        raise InputError(f"{args.data}: no qa.jsonl (make one with depthvlm generate)")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    refs = read_qa_samples(path, args.data)
-    if args.limit is not None:
-        records, refs = records[: args.limit], refs[: args.limit]
     max_tokens = check_max_image_tokens(args)
     model = load_model(args)
-    scores, rows = [], []
-    for record, ref in tqdm(list(zip(records, refs)), unit="question", file=sys.stderr, disable=None):
-        rgb, _, k = load_sample(ref)
-        answer = model.ask(rgb, k, ref.question, max_new_tokens=args.max_new_tokens, max_tokens=max_tokens)
-        score = score_answer(record, answer.text, answer.depth.depth, answer.depth.intrinsics)
-        scores.append(score)
-        rows.append({"question": ref.question, "answer": answer.text, "expected": ref.answer, **vars(score)})
-    summary = summarize(scores)
+    result = evaluate_qa(model, args.data, args.limit, args.max_new_tokens, max_tokens, progress=True)
+    summary = result["summary"]
     pct = lambda v: "n/a" if v is None else f"{100 * v:.1f} %"  # noqa: E731
     print(f"{summary['answers']} answers from {model.name} on {args.data}")
     print(f"  grounding point inside the object's box : {pct(summary['grounded']['rate'])} "
@@ -61,5 +43,5 @@ def run(args: argparse.Namespace) -> int:
           f"{pct(summary['text_distance_ok']['rate'])}")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"summary": summary, "answers": rows}, indent=2) + "\n")
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -22,6 +22,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="smallest fx in pixels (default 0.5x the nominal 60-degree fx)")
     p.add_argument("--fx-max", type=float, metavar="F", help="largest fx in pixels (default 2x nominal)")
     p.add_argument("--qa-per-frame", type=int, default=4, metavar="K", help="questions per frame (default 4)")
+    p.add_argument("--qa-mix", default="uniform", choices=["uniform", "binding"],
+                   help="weights of the question kinds: uniform (default), or binding (more where / how far / "
+                        "which is closer: questions that must find the named object)")
     p.add_argument("--workers", type=int, default=1, metavar="N", help="processes (default 1)")
     p.set_defaults(func=run)
 
@@ -38,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--qa-per-frame must be in 0..64, got {args.qa_per_frame}")
     if not 1 <= args.workers <= 64:
         raise InputError(f"--workers must be in 1..64, got {args.workers}")
-    spec = FrameSpec(args.kind, width, height, args.fx_min or lo, args.fx_max or hi, args.qa_per_frame)
+    spec = FrameSpec(args.kind, width, height, args.fx_min or lo, args.fx_max or hi, args.qa_per_frame, args.qa_mix)
     with tqdm(total=args.n, unit="frame", file=sys.stderr, disable=None) as bar:
         info = write_dataset(args.out, args.n, args.seed, spec, args.workers, bar.update)
     print(f"wrote {info['n']} frames ({info['qa_records']} questions) to {args.out} in {info['seconds']:.1f} s; "

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+
+#: Exit code of a run that an early-stop gate ended (``--gate``): not an error of the input (2).
+EXIT_EARLY_STOP = 3
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -36,12 +40,36 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="also keep parameters whose names start with PREFIX frozen (repeatable), "
                         "e.g. model.visual.pos_embed")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--mirror-qa", action="store_true",
+                   help="mirror QA samples too, on the flip coin, their points' x rewritten as 1000 - x")
+    g = p.add_argument_group("grounding losses (training only; 0 = off; depthvlm_ros/training/grounding.py)")
+    g.add_argument("--pointer-weight", type=float, default=0.0,
+                   help="attention of --pointer-heads at the positions predicting x and y on the named object")
+    g.add_argument("--pointer-heads", default="2.2,2.3,3.2,3.3", metavar="L.H,...")
+    g.add_argument("--hop-weight", type=float, default=0.0,
+                   help="attention of --hop-heads at those positions on the question's words naming the object")
+    g.add_argument("--hop-heads", default="1.1,1.2", metavar="L.H,...")
+    g.add_argument("--position-weight", type=float, default=0.0,
+                   help="linear readout of each image token's column and row (vision output, LLM layer input)")
+    g.add_argument("--position-layer", type=int, default=2, help="the LLM layer whose input is read out (default 2)")
+    g.add_argument("--coord-weight", type=float, default=1.0, help="weight of the answers' coordinate tokens")
+    g.add_argument("--coord-sigma", type=float, default=0.0,
+                   help="soft coordinate targets: a Gaussian of this width (0-1000 units; 0 = one-hot)")
+    o = p.add_argument_group("watching a run")
+    o.add_argument("--probe-data", metavar="DIR", help="generated folder for the grounding probes")
+    o.add_argument("--probe-every", type=int, default=0, metavar="STEPS")
+    o.add_argument("--gate", action="append", default=[], metavar="METRIC>=VALUE@STEP",
+                   help="stop early (exit 3, checkpoint saved) unless a probe metric holds at STEP, "
+                        "e.g. pointer>=0.35@1500 (repeatable)")
+    o.add_argument("--eval-qa-data", metavar="DIR", help="generated folder: spatial answers scored during the run")
+    o.add_argument("--eval-qa-every", type=int, default=0, metavar="STEPS")
+    o.add_argument("--eval-qa-limit", type=int, default=200, metavar="N")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from depthvlm_ros.errors import InputError
-    from depthvlm_ros.training.trainer import TrainConfig, train
+    from depthvlm_ros.training.trainer import EarlyStopError, TrainConfig, train
 
     for name in ("steps", "batch_size"):
         if not 1 <= getattr(args, name) <= 10_000_000:
@@ -60,7 +88,16 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, qa_fraction=args.qa_fraction,
         seed=args.seed, save_every=args.save_every, eval_every=args.eval_every, eval_data=args.eval_data,
         eval_limit=args.eval_limit, flip=not args.no_flip, workers=args.workers, freeze=list(args.freeze),
+        mirror_qa=args.mirror_qa, pointer_weight=args.pointer_weight, pointer_heads=args.pointer_heads,
+        hop_weight=args.hop_weight, hop_heads=args.hop_heads, position_weight=args.position_weight,
+        position_layer=args.position_layer, coord_weight=args.coord_weight, coord_sigma=args.coord_sigma,
+        probe_data=args.probe_data, probe_every=args.probe_every, gates=list(args.gate),
+        eval_qa_data=args.eval_qa_data, eval_qa_every=args.eval_qa_every, eval_qa_limit=args.eval_qa_limit,
     )
-    final = train(cfg, resume=args.resume)
+    try:
+        final = train(cfg, resume=args.resume)
+    except EarlyStopError as exc:
+        print(f"depthvlm: stopped early: {exc}", file=sys.stderr)
+        return EXIT_EARLY_STOP
     print(f"stage {args.stage} done: {final}")
     return 0
