@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from depthvlm_ros.errors import InputError
+from depthvlm_ros.errors import InputError, shown
 
 #: The focal length (pixels) at which DepthVLM sees every image (paper: "canonical focal").
 CANONICAL_FX = 1000.0
@@ -55,15 +55,21 @@ class Intrinsics:
         for name in ("fx", "fy", "cx", "cy"):
             value = getattr(self, name)
             if not isinstance(value, (int, float, np.floating, np.integer)) or not math.isfinite(value):
-                raise InputError(f"intrinsics: {name} must be a finite number, got {value!r}")
+                raise InputError(f"intrinsics: {name} must be a finite number, got {shown(value)}", "intrinsics.finite")
         if self.fx <= 0 or self.fy <= 0:
-            raise InputError(f"intrinsics: focal lengths must be positive, got fx={self.fx}, fy={self.fy}")
+            raise InputError(f"intrinsics: focal lengths must be positive, got fx={self.fx:.6g}, fy={self.fy:.6g}",
+                             "intrinsics.focal")
         if not (1 <= int(self.width) <= MAX_IMAGE_SIDE and 1 <= int(self.height) <= MAX_IMAGE_SIDE):
             raise InputError(
                 f"intrinsics: image size {self.width}x{self.height} outside 1..{MAX_IMAGE_SIDE} pixels"
             )
         object.__setattr__(self, "width", int(self.width))
         object.__setattr__(self, "height", int(self.height))
+        # A principal point far outside the image is a broken calibration: it would put every 3D point
+        # kilometres off (cx = 1e30 gives finite but absurd clouds). Off-centre lenses stay well inside this.
+        if not (-self.width <= self.cx <= 2 * self.width and -self.height <= self.cy <= 2 * self.height):
+            raise InputError(f"intrinsics: principal point ({self.cx:.6g}, {self.cy:.6g}) px is outside "
+                             f"[-W, 2W] x [-H, 2H] of a {self.width}x{self.height} image", "intrinsics.principal_point")
         for name in ("fx", "fy", "cx", "cy"):
             object.__setattr__(self, name, float(getattr(self, name)))
 
@@ -387,6 +393,6 @@ def intrinsics_for_image(intrinsics: Intrinsics, width: int, height: int, tolera
     if abs(sx / sy - 1.0) > tolerance:
         raise InputError(
             f"intrinsics describe {intrinsics.width}x{intrinsics.height} but the image is "
-            f"{width}x{height} (not proportional)"
+            f"{width}x{height} (not proportional)", "intrinsics.aspect"
         )
     return intrinsics.resized(width, height)

@@ -10,12 +10,13 @@ from pathlib import Path
 DIGITS = 16
 
 
-def sha256_of_files(paths: Iterable[str | Path]) -> str:
-    """sha256 over the bytes of ``paths`` in order (first :data:`DIGITS` hex digits); OSError if one
-    cannot be read. Reads 4 MB at a time, so any file size takes constant memory."""
+def sha256_of_files(paths: Iterable[str | Path], digits: int = DIGITS) -> str:
+    """sha256 over the bytes of ``paths`` in order (first ``digits`` hex digits; 64 = all of it, what an
+    integrity check needs); OSError if one cannot be read. Reads 4 MB at a time, so any file size takes
+    constant memory."""
     digest = hashlib.sha256()
     for path in paths:
         with open(path, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 22), b""):
                 digest.update(block)
-    return digest.hexdigest()[:DIGITS]
+    return digest.hexdigest()[:digits]

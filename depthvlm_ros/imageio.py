@@ -49,7 +49,8 @@ def open_image(source: Path | bytes, what: str, formats: tuple[str, ...] = READ_
     except FileNotFoundError:
         raise InputError(f"{what}: no such image") from None
     except UnidentifiedImageError:
-        raise InputError(f"{what}: not an image in a format this package reads ({', '.join(formats)})") from None
+        raise InputError(f"{what}: cannot read image (not in a format this package reads: "
+                         f"{', '.join(formats)})") from None
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
         raise InputError(f"{what}: cannot read image ({exc.__class__.__name__})") from None
 
@@ -75,6 +76,8 @@ def read_rgb(source: Path | bytes, what: str, formats: tuple[str, ...] = READ_FO
 def read_integer_png(path: Path, what: str, allow_8bit: bool = True) -> np.ndarray:
     """A single-channel integer PNG (16-bit, or 8-bit when ``allow_8bit``) as a 2-D integer array."""
     modes = ("I;16", "I;16B", "I;16L", "I") + (("L",) if allow_8bit else ())
+    if not Path(path).is_file():
+        raise InputError(f"missing file {path}")
     with open_image(path, what, ("PNG",)) as img:
         if img.mode not in modes:
             raise InputError(f"{what}: expected a single-channel {'integer' if allow_8bit else '16-bit'} PNG, "

@@ -9,7 +9,8 @@ empty: the params file's, else the built-in model), image and camera_info (the c
 ``image`` / ``camera_info`` are remapped to), namespace, rviz (also start rviz2 with config/depthvlm.rviz),
 use_compressed (subscribe to ``<image>/compressed`` instead of ``<image>``), autostart (true: the node
 configures and activates itself; false: it waits unconfigured for a lifecycle manager, e.g. Nav2's
-lifecycle_manager with node_names [depthvlm]), log_level. Several cameras: set ``cameras`` in the params
+lifecycle_manager with node_names [depthvlm]), log_level, enclave (the node's SROS2 enclave on a
+security-enabled install: ``/depthvlm/node`` of config/sros2_policy.xml; empty: none). Several cameras: set ``cameras`` in the params
 file (each camera's topics live under its namespace; remap them there). The Fast DDS large-data profile
 (config/fastdds_large_data.xml) is set for the launched processes unless FASTDDS_DEFAULT_PROFILES_FILE is
 already set.
@@ -34,6 +35,7 @@ def _depthvlm_node(context):
         'autostart': LaunchConfiguration('autostart').perform(context) == 'true',
     }
     model_path = LaunchConfiguration('model_path').perform(context)
+    enclave = LaunchConfiguration('enclave').perform(context)
     if model_path:
         overrides['model_path'] = model_path
     return [Node(
@@ -49,7 +51,8 @@ def _depthvlm_node(context):
             ('image/compressed', [image, '/compressed']),
             ('camera_info', LaunchConfiguration('camera_info')),
         ],
-        arguments=['--ros-args', '--log-level', LaunchConfiguration('log_level')],
+        arguments=['--ros-args', '--log-level', LaunchConfiguration('log_level')]
+        + (['--enclave', enclave] if enclave else []),
     )]
 
 
@@ -76,6 +79,8 @@ def generate_launch_description():
         DeclareLaunchArgument('use_compressed', default_value='false', choices=['true', 'false'],
                               description='subscribe to <image>/compressed (JPEG/PNG) instead of <image>'),
         DeclareLaunchArgument('log_level', default_value='info', description='node log level'),
+        DeclareLaunchArgument('enclave', default_value='',
+                              description='SROS2 enclave of the node (e.g. /depthvlm/node; config/sros2_policy.xml)'),
 
         # Large depth images / clouds need Fast DDS's 64 MiB shared-memory transport (see the XML).
         SetEnvironmentVariable('FASTDDS_DEFAULT_PROFILES_FILE',

@@ -1,8 +1,8 @@
 """Peer processes for the node tests: a camera that publishes, a subscriber that records, a diagnostics
 watcher and a service client.
 
-Run as ``python test/ros_peer.py publish|collect|watch|call|ask_scenes|lifecycle|ask ...`` in the test's ROS environment
-(private ROS_DOMAIN_ID, localhost discovery, the shipped Fast DDS profile). Each peer is its own
+Run as ``python test/ros_peer.py publish|collect|watch|call|ask_scenes|lifecycle|ask|graph ...`` in the test's ROS
+environment (private ROS_DOMAIN_ID, localhost discovery, the shipped Fast DDS profile). Each peer is its own
 process, so the node is exercised over real Fast DDS exactly as a robot's software would use it.
 Peers never wait a fixed time: they wait for matched endpoints, acknowledged messages, message
 counts and diagnostics values, each with a generous timeout that fails loudly (exit 1).
@@ -85,7 +85,7 @@ def encode_padded(rgb: np.ndarray, header: Header, pad: int) -> Image:
 
 #: Diagnostics counters that together say what became of every frame the node received.
 OUTCOMES = ("frames_processed", "errors", "frames_dropped", "frames_skipped_rate_limit", "frames_without_camera_info")
-BAD_KINDS = ("step", "size", "nan_k", "zero_k", "encoding", "aspect")
+BAD_KINDS = ("step", "size", "nan_k", "zero_k", "encoding", "aspect", "huge", "cx")
 
 
 def parse_condition(text: str):
@@ -171,7 +171,7 @@ def spin_until(node, done, what: str, timeout: float, report: object = None) -> 
     deadline = time.monotonic() + timeout
     while not done():
         if time.monotonic() > deadline:
-            print(json.dumps({"timeout": what, "report": report}), flush=True)
+            print(json.dumps({"timeout": what, "report": report() if callable(report) else report}), flush=True)
             raise SystemExit(1)
         rclpy.spin_once(node, timeout_sec=0.01)
 
@@ -199,7 +199,7 @@ def publish(args: argparse.Namespace) -> None:
                      reliability=ReliabilityPolicy.RELIABLE if args.reliable else ReliabilityPolicy.BEST_EFFORT)
     pub_image = node.create_publisher(Image, "image", qos)
     pub_info = node.create_publisher(CameraInfo, "camera_info", qos)
-    diagnostics = Diagnostics(node, args.status) if (args.await_each or args.until) else None
+    diagnostics = Diagnostics(node, args.status) if (args.await_each or args.until or args.await_all) else None
     wait_matched(node, [pub_image] if args.no_info else [pub_image, pub_info], MATCH_TIMEOUT, "the node's inputs")
     status = first = diagnostics.wait(lambda _s: True, EVENT_TIMEOUT, "first diagnostics") if diagnostics else None
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")] if args.sizes else [
@@ -209,6 +209,7 @@ def publish(args: argparse.Namespace) -> None:
     frames: dict[tuple, np.ndarray] = {}  # frame i shows frame_rgb(i) (long runs cycle through 8)
     tracked: dict[str, float] = {}  # --track: the largest value of a key in any status seen
     sent = []
+    rng = np.random.default_rng(args.start)
     start = time.monotonic()
     for n, i in enumerate(range(args.start, args.start + args.count)):
         if args.until_stdin_closes and stdin_closed():
@@ -221,10 +222,14 @@ def publish(args: argparse.Namespace) -> None:
             frames[index] = frame_rgb(width, height, index[0])
         kind = bad[n % len(bad)] if bad else None
         image = encode(frames[index], "16UC1" if kind == "encoding" else args.encoding, header, args.pad)
+        if args.random_encoding:  # an encoding no one knows: random printable text of that length
+            image.encoding = "".join(chr(c) for c in rng.integers(33, 127, args.random_encoding))
         if kind == "step":
             image.step = image.step - 1
         elif kind == "size":
             image.data = bytes(image.data[: len(image.data) // 2])
+        elif kind == "huge":  # declares 8192x8192 rgba8 (268 MB) and carries a few bytes
+            image = Image(header=header, height=8192, width=8192, encoding="rgba8", step=8192 * 4, data=bytes(64))
         k = Intrinsics.from_fx(width, height, args.fx)
         info_k = Intrinsics.from_fx(args.info_width or width, args.info_height or height,
                                     args.fx * (args.info_width or width) / width)
@@ -237,6 +242,8 @@ def publish(args: argparse.Namespace) -> None:
         elif kind == "zero_k":
             info.k = [0.0] * 9
             info.p = [0.0] * 12
+        elif kind == "cx":  # a principal point 1e30 px off the image: finite, and absurd
+            info.k[2] = info.p[2] = 1e30
         before = handled(status) if args.await_each else 0
         if args.no_info:
             pub_image.publish(image)
@@ -262,6 +269,10 @@ def publish(args: argparse.Namespace) -> None:
     if args.reliable:
         for pub in (pub_image, pub_info):
             pub.wait_for_all_acked(Duration(seconds=30))
+    if args.await_all:  # every frame sent is accounted for by the node (processed, refused, dropped, lost, ...)
+        due = handled(first) + int(first["frames_lost_before_node"]) + len(sent)
+        status = diagnostics.wait(lambda s: handled(s) + int(s["frames_lost_before_node"]) >= due, EVENT_TIMEOUT,
+                                  f"all {len(sent)} frames accounted for")
     for text in args.until:
         status = diagnostics.wait(parse_condition(text), EVENT_TIMEOUT, text)
     print(json.dumps({"sent": len(sent), "seconds": time.monotonic() - start, "first": first,
@@ -371,7 +382,7 @@ def call(args: argparse.Namespace) -> None:
     from rclpy.parameter import Parameter
 
     node = rclpy.create_node("test_client")
-    request = json.loads(args.request)
+    request = json.loads(sys.stdin.read() if args.request == "-" else args.request)
     if args.service == "set_parameters":
         srv_type = SetParameters
         req = SetParameters.Request(parameters=[
@@ -456,6 +467,28 @@ def ask_scenes(args: argparse.Namespace) -> None:
                         "region_px": [float(v) for v in res.region_px],
                         "stamp": [res.point.header.stamp.sec, res.point.header.stamp.nanosec]})
     print(json.dumps(out, allow_nan=True), flush=True)
+    node.destroy_node()
+
+
+def graph(args: argparse.Namespace) -> None:
+    """Print the topics and services node ``--node`` has on the graph, once its ``--expect`` services are seen:
+    {"publish": [...], "subscribe": [...], "service": [...]} (fully qualified names)."""
+    node = rclpy.create_node("test_graph")
+
+    def seen() -> dict[str, list[str]]:
+        ns = "/"
+        if (args.node, ns) not in node.get_node_names_and_namespaces():
+            return {"publish": [], "subscribe": [], "service": []}
+        return {"publish": sorted(n for n, _ in node.get_publisher_names_and_types_by_node(args.node, ns)),
+                "subscribe": sorted(n for n, _ in node.get_subscriber_names_and_types_by_node(args.node, ns)),
+                "service": sorted(n for n, _ in node.get_service_names_and_types_by_node(args.node, ns))}
+
+    def complete() -> bool:
+        now = seen()
+        return all(name in now["service"] + now["publish"] + now["subscribe"] for name in args.expect)
+
+    spin_until(node, complete, f"{args.node}'s names on the graph", EVENT_TIMEOUT, report=seen)
+    print(json.dumps(seen()), flush=True)
     node.destroy_node()
 
 
@@ -680,6 +713,10 @@ def main() -> None:
     p.add_argument("--await", dest="await_each", action="store_true",
                    help="publish each frame once the node accounted for the previous one (needs --reliable)")
     p.add_argument("--until", action="append", default=[], help="then wait for this diagnostics condition")
+    p.add_argument("--await-all", action="store_true",
+                   help="then wait until the node accounted for every frame sent (reliable, deep enough --depth)")
+    p.add_argument("--random-encoding", type=int, default=0, metavar="N",
+                   help="each frame's encoding is N random printable characters")
     p.add_argument("--track", action="append", default=[], help="with --await: report the largest value of KEY")
     p.add_argument("--depth", type=int, default=5)
     p.add_argument("--until-stdin-closes", action="store_true",
@@ -700,7 +737,8 @@ def main() -> None:
     w.add_argument("--timeout", type=float, default=EVENT_TIMEOUT)
     q = sub.add_parser("call")
     q.add_argument("service", choices=["spatial_query", "depth_at", "set_parameters"])
-    q.add_argument("request", help="JSON object: request fields (set_parameters: name -> value)")
+    q.add_argument("request", help="JSON object: request fields (set_parameters: name -> value); - reads it from "
+                                   "stdin (requests too long for a command line)")
     q.add_argument("--repeat", type=int, default=1, help="send this many identical requests at once")
     q.add_argument("--timeout", type=float, default=EVENT_TIMEOUT)
     a = sub.add_parser("ask_scenes")
@@ -715,6 +753,9 @@ def main() -> None:
     lc.add_argument("--pid", type=int, required=True, help="the node's process (its RSS is read from /proc)")
     lc.add_argument("--rate", type=float, default=10.0)
     lc.add_argument("--ignored", type=int, default=10, help="frames the inactive node must have ignored")
+    g = sub.add_parser("graph")
+    g.add_argument("--node", default="depthvlm")
+    g.add_argument("--expect", action="append", default=[], help="wait until this name is on the graph")
     k = sub.add_parser("ask")
     k.add_argument("question")
     k.add_argument("--camera", default="")
@@ -730,7 +771,7 @@ def main() -> None:
     rclpy.init()
     try:
         {"publish": publish, "collect": collect, "watch": watch, "call": call, "ask_scenes": ask_scenes,
-         "lifecycle": lifecycle, "ask": ask}[args.cmd](args)
+         "lifecycle": lifecycle, "ask": ask, "graph": graph}[args.cmd](args)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:

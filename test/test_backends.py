@@ -395,7 +395,9 @@ def test_held_sizes_are_bounded_and_background_sizes_never_block(exports, tiny_m
             assert release.wait(60), "never released"  # an export that takes as long as the test wants
             return graphs[(width, height)]
 
-        back = OnnxRuntimeBackend(exporter=slow_exporter, max_sizes=1, background=True, log=lambda _: None)
+        # persist_frames 1: made on the first ask (the default's wait for a settled size: test_faults.py)
+        back = OnnxRuntimeBackend(exporter=slow_exporter, max_sizes=1, background=True, log=lambda _: None,
+                                  persist_frames=1)
         try:
             with pytest.raises(SizeNotReadyError):
                 back.nearest_size(320, 256)

@@ -157,6 +157,7 @@ def test_the_collator_finds_each_points_positions_object_cells_and_named_words(g
             assert max(named) < x  # in the question, before the answer
 
 
+@pytest.mark.processes
 def test_a_grounded_run_trains_saves_its_readouts_apart_and_resumes(tmp_path, generated, tiny_init):
     """Every loss on: the run writes checkpoints whose model folder loads strictly (the readouts in
     grounding.safetensors beside it), logs the probes, and --resume continues from a checkpoint that a kill
@@ -186,6 +187,7 @@ def test_a_grounded_run_trains_saves_its_readouts_apart_and_resumes(tmp_path, ge
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-9.partial"]
 
 
+@pytest.mark.processes
 def test_a_gate_that_does_not_hold_stops_the_run_with_exit_3(tmp_path, generated, tiny_init):
     out = tmp_path / "gated"
     run = depthvlm("train", "--stage", "0", "--init", str(tiny_init), "--data", str(generated), "--out", str(out),

@@ -644,11 +644,21 @@ def test_sigterm_while_a_question_is_answered_exits_0_at_once(ros_env, tiny_chec
     assert "stopped after" in proc.output and "the node is shutting down" in proc.output, proc.output
 
 
-def test_compiled_sizes_stay_bounded_and_depth_keeps_flowing(ros_env, tiny_checkpoint):
+def test_compiled_sizes_stay_bounded_and_depth_keeps_flowing(ros_env, tiny_checkpoint, tiny_model):
     """30 camera sizes into an onnxruntime node: exports run in the background (another process), the frame
     takes the nearest held size or PyTorch meanwhile, at most max_compiled_sizes sessions are held, every
-    frame is published and memory stays flat."""
-    sizes = ",".join(f"{256 + 8 * (i % 10)}x{256 + 16 * (i // 10)}" for i in range(30))  # 6 model-grid sizes
+    frame is published and memory stays flat. The cameras reaching one model-grid size come one after
+    another, at least 6 frames together: a size is made once it was wanted in 5 of the last 16 frames
+    (a camera_info changing every frame makes none: test_faults.py)."""
+    from depthvlm_ros.pipeline.plan import model_input_size
+
+    cameras = [(256 + 8 * (i % 10), 256 + 16 * (i // 10)) for i in range(30)]  # 6 model-grid sizes
+    groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for w, h in cameras:
+        groups.setdefault(model_input_size(tiny_model.processor, Intrinsics.from_fx(w, h, 1000.0)), []).append((w, h))
+    runs = [(group * 6)[: max(6, len(group))] for group in groups.values()]
+    sizes = ",".join(f"{w}x{h}" for run in runs for w, h in run)
+    per_round = sum(len(run) for run in runs)
     proc = NodeProcess(ros_env, {**TEST_PARAMS, "model_path": tiny_checkpoint, "backend": "onnxruntime",
                                  "max_compiled_sizes": 2, "compiled_size_idle_s": 1.0})
 
@@ -660,9 +670,9 @@ def test_compiled_sizes_stay_bounded_and_depth_keeps_flowing(ros_env, tiny_check
         rounds = []
         while len(rounds) < 2 or made() < 3:  # every size at least twice, until 3 sizes were made (one evicted)
             assert len(rounds) < 20, proc.output
-            rounds.append(peer(ros_env, "publish", "--sizes", sizes, "--count", "30", "--start", str(30 * len(rounds)),
-                               "--fx", "1000", "--reliable", "--await", "--track", "compiled_sizes_held",
-                               timeout=600))
+            rounds.append(peer(ros_env, "publish", "--sizes", sizes, "--count", str(per_round), "--start",
+                               str(per_round * len(rounds)), "--fx", "1000", "--reliable", "--await", "--track",
+                               "compiled_sizes_held", timeout=600))
             if len(rounds) == 1:
                 rss_start = proc.rss_mb()
         rss_end = proc.rss_mb()
@@ -672,9 +682,10 @@ def test_compiled_sizes_stay_bounded_and_depth_keeps_flowing(ros_env, tiny_check
         status = r["diagnostics"]
         assert r["max"]["compiled_sizes_held"] <= 2, r["max"]
         assert int(status["errors"]) == 0 and int(status["frames_dropped"]) == 0, status
-        assert int(status["frames_processed"]) - int(r["first"]["frames_processed"]) == 30  # every frame published
+        assert int(status["frames_processed"]) - int(r["first"]["frames_processed"]) == per_round  # all published
     assert int(rounds[-1]["diagnostics"]["compiled_sizes_held"]) == 2
     assert rounds[-1]["diagnostics"]["max_compiled_sizes"] == "2"  # the bound in force, as set
+    assert rounds[-1]["diagnostics"]["compiled_size_after_frames"] == "5"  # and the wait for a settled size
     assert int(rounds[0]["diagnostics"]["frames_on_reference"]) >= 1  # PyTorch served before the first export
     assert rss_end - rss_start < 100, (rss_start, rss_end)
 

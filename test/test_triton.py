@@ -62,8 +62,10 @@ def statistics(url: str, name: str) -> tuple[int, int]:
     """(inferences, executions) the server counted for ``name``."""
     import tritonclient.grpc as grpcclient
 
-    client = grpcclient.InferenceServerClient(url)
-    stats = client.get_inference_statistics(name, as_json=True)["model_stats"][0]
+    from depthvlm_ros.backends.triton_backend import TOKEN_HEADER, read_token
+
+    client = grpcclient.InferenceServerClient(url)  # statistics need the token serve wrote to the (test's) cache
+    stats = client.get_inference_statistics(name, headers={TOKEN_HEADER: read_token()}, as_json=True)["model_stats"][0]
     client.close()
     return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
 
@@ -112,7 +114,8 @@ def test_the_batched_graph_computes_each_image_as_the_export_does(graph, tmp_pat
     fingerprint = read_metadata(graph)["depthvlm.model_fingerprint"]
     for line in ('backend: "onnxruntime"', "max_batch_size: 4", "data_type: TYPE_FP32", f"dims: {list(shape)}",
                  f"dims: [{SIZE[1]}, {SIZE[0]}]",
-                 "dynamic_batching { max_queue_delay_microseconds: 500 }",
+                 "dynamic_batching { max_queue_delay_microseconds: 500 default_queue_policy { max_queue_size: 16 "
+                 "timeout_action: REJECT default_timeout_microseconds: 2000000 allow_timeout_override: true } }",
                  f'key: "depthvlm.model_fingerprint" value {{ string_value: "{fingerprint}" }}',
                  'key: "depthvlm.canonical_fx" value { string_value: "1000" }'):
         assert line in config, config
@@ -249,6 +252,26 @@ def test_a_node_reports_a_missing_server_and_streams_once_it_is_back(graph, tiny
     assert node.output.count("configured: model") == 1  # never restarted
 
 
+def test_a_tls_client_of_a_plaintext_server_and_missing_certificates_are_one_line_errors(server, tiny_checkpoint,
+                                                                                         tmp_path):
+    """The client's TLS options reach gRPC: a TLS client of the (plaintext) server does not connect, a missing
+    certificate file is named; each one line, exit 2. (No TLS server runs here: depthvlm serve cannot offer
+    TLS, see its docstring; the standard container can.)"""
+    from conftest import SAMPLE_IMAGE
+
+    cert = tmp_path / "ca.pem"
+    cert.write_text("-----BEGIN CERTIFICATE-----\nnot a certificate\n-----END CERTIFICATE-----\n")
+    base = [PY, "-m", "depthvlm_ros", "predict", str(SAMPLE_IMAGE), "--fx", "300", "--out", str(tmp_path / "o"),
+            "--model", str(tiny_checkpoint), "--backend", "triton", "--triton-url", server.url]
+    tls = subprocess.run([*base, "--triton-tls-root-cert", str(cert)], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    missing = subprocess.run([*base, "--triton-tls-root-cert", str(tmp_path / "nowhere.pem")], cwd=REPO,
+                             capture_output=True, text=True, timeout=300)
+    for run, says in ((tls, "unreachable"), (missing, "nowhere.pem")):
+        lines = [line for line in run.stderr.splitlines() if line.startswith("depthvlm: error:")]
+        assert run.returncode == 2 and len(lines) == 1 and says in lines[0], run.stderr[-2000:]
+
+
 def test_triton_errors_are_one_line_with_exit_code_2(server, tiny_checkpoint, tmp_path):
     """An unreachable server names its URL; a server serving other weights is refused."""
     from conftest import SAMPLE_IMAGE
@@ -304,7 +327,7 @@ def test_a_batch_above_the_served_size_is_split_and_a_refused_request_is_not_a_l
     becomes the backend's problem."""
     from tritonclient.utils import InferenceServerException
 
-    from depthvlm_ros.backends.triton_backend import TritonBackend
+    from depthvlm_ros.backends.triton_backend import TritonBackend, TritonConnection, read_token
     from depthvlm_ros.model.checkpoint import model_fingerprint
     from depthvlm_ros.pipeline import DepthVLM
 
@@ -314,7 +337,8 @@ def test_a_batch_above_the_served_size_is_split_and_a_refused_request_is_not_a_l
     expected = [r.depth for r in local_onnxruntime.infer(local_onnxruntime.plan(k, exact=False), frames)]
     weightless = DepthVLM.from_pretrained(tiny_checkpoint, weights=False)
     assert {p.device.type for p in weightless.model.parameters()} == {"meta"}
-    backend = TritonBackend(server.url, expected_fingerprint=model_fingerprint(tiny_checkpoint), log=lambda _: None)
+    backend = TritonBackend(TritonConnection(server.url, token=read_token()),
+                            expected_fingerprint=model_fingerprint(tiny_checkpoint), log=lambda _: None)
     try:
         weightless.backend = backend
         name = f"depthvlm_depth_{SIZE[0]}x{SIZE[1]}"

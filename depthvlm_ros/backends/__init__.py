@@ -99,8 +99,7 @@ def create_backend(
     max_sizes: int = 0,
     background: bool = False,
     idle_before_replaced_s: float = 30.0,
-    triton_url: str = "",
-    triton_model: str = "",
+    triton: object | None = None,
 ) -> DepthBackend:
     """A backend for ``vlm`` (a loaded :class:`DepthVLM`) by name; see the module docstring.
 
@@ -115,17 +114,17 @@ def create_backend(
     torch.compile for the torch backend. A backend chosen by fallback carries the reason in
     ``fallback_reason`` (shown in the node's diagnostics).
 
-    ``triton``: the server at ``triton_url`` serving models named ``<triton_model>_WxH``; never part of a
-    fallback. Unreachable: BackendError, or with ``background`` (the node) a backend that says so in
-    ``problem()`` and connects when the server comes.
+    ``triton``: the server a :class:`~depthvlm_ros.backends.triton_backend.TritonConnection` names (address,
+    models ``<prefix>_WxH``, token, timeout, TLS; default: localhost:8001); never part of a fallback.
+    Unreachable: BackendError, or with ``background`` (the node) a backend that says so in ``problem()`` and
+    connects when the server comes.
     """
     if name == TRITON:
-        from depthvlm_ros.backends.triton_backend import DEFAULT_URL, TritonBackend
-        from depthvlm_ros.backends.triton_repo import DEFAULT_PREFIX
+        from depthvlm_ros.backends.triton_backend import TritonBackend, TritonConnection
         from depthvlm_ros.model.checkpoint import model_fingerprint
 
         fingerprint = model_fingerprint(vlm.folder) if vlm.folder is not None else None
-        backend = TritonBackend(triton_url or DEFAULT_URL, triton_model or DEFAULT_PREFIX, fingerprint,
+        backend = TritonBackend(triton if isinstance(triton, TritonConnection) else TritonConnection(), fingerprint,
                                 connect_now=not background, log=log)
         backend.choice_reason = f"{TRITON} (asked for)"
         return backend

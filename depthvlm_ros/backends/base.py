@@ -64,6 +64,9 @@ class DepthBackend(abc.ABC):
     fallback_reason: str = ""
     #: How this backend was chosen (``auto``'s reason, or "NAME (asked for)").
     choice_reason: str = ""
+    #: The depth is computed elsewhere (a server): its calls wait on a network, so callers never hold the
+    #: model's lock across them (questions keep the local model meanwhile).
+    remote: bool = False
 
     @abc.abstractmethod
     def sizes(self) -> list[tuple[int, int]] | None:
@@ -109,6 +112,10 @@ class DepthBackend(abc.ABC):
 
     def max_held_sizes(self) -> int:
         """The most compiled sizes held at once; 0 for backends that compile nothing."""
+        return 0
+
+    def size_persistence(self) -> int:
+        """Frames a size must be wanted in (of the last few) before it is made; 0: sizes are not made here."""
         return 0
 
     def close(self) -> None:  # noqa: B027 (most backends hold nothing to stop)

@@ -29,6 +29,11 @@ PROVIDER_OPTIONS = {"CUDAExecutionProvider": {"use_tf32": "0"}}
 #: one unused for this long: sizes in use are never swapped out, so cameras of more sizes than can be
 #: held never make the worker load sessions over and over.
 IDLE_BEFORE_REPLACED_S = 30.0
+#: In the background, a size not held is made only once it was wanted in this many of the last
+#: PERSIST_WINDOW frames: a camera_info that changes every frame (a new fx each time) makes nothing, a
+#: camera that settles on a size (or two cameras taking turns) gets it after a few frames.
+PERSIST_FRAMES = 5
+PERSIST_WINDOW = 16
 
 Size = tuple[int, int]
 #: ``exporter(width, height, replace) -> path``: an exported graph of that model-grid size (from a cache,
@@ -47,9 +52,11 @@ class OnnxRuntimeBackend(DepthBackend):
       tools) the call that needs a size waits for it. In the background (``background=True``, the
       node), :meth:`nearest_size` asks a worker thread for the size and answers with the nearest size
       already held meanwhile (:class:`SizeNotReadyError` while none is held: the caller runs PyTorch), so
-      an export never runs on the frame path. The worker makes one size at a time; a newer request
-      replaces an older one still waiting; a size that failed is not tried again. Once ``max_sizes``
-      are held, a new size is made only to replace one unused for ``idle_before_replaced_s``.
+      an export never runs on the frame path. A size is asked for only once it was wanted in
+      ``persist_frames`` of the last :data:`PERSIST_WINDOW` frames (camera_infos that keep changing start
+      no exports). The worker makes one size at a time; a newer request replaces an older one still
+      waiting; a size that failed is not tried again. Once ``max_sizes`` are held, a new size is made
+      only to replace one unused for ``idle_before_replaced_s``.
 
     Every graph proves its output before it serves: its probe runs when its session is made, and a
     graph whose output is NaN/Inf or off its PyTorch reference is refused with the re-export command.
@@ -70,6 +77,7 @@ class OnnxRuntimeBackend(DepthBackend):
         verify: bool = True,
         log: Callable[[str], None] = print,
         idle_before_replaced_s: float = IDLE_BEFORE_REPLACED_S,
+        persist_frames: int = PERSIST_FRAMES,
     ) -> None:
         try:
             import onnxruntime as ort
@@ -97,6 +105,8 @@ class OnnxRuntimeBackend(DepthBackend):
         self.verify = verify
         self.log = log
         self.idle_before_replaced_s = idle_before_replaced_s
+        self.persist_frames = max(1, min(int(persist_frames), PERSIST_WINDOW))
+        self._recent: collections.deque[Size] = collections.deque(maxlen=PERSIST_WINDOW)  # sizes wanted, newest last
         self.vision_patch = 16  # pixels per vision patch (Qwen3-VL); read from each export's metadata
         self._given: dict[Size, Path] = {}
         self._dtypes = {"fp32"} if exporter is not None else set()  # on-demand exports are fp32
@@ -275,6 +285,9 @@ class OnnxRuntimeBackend(DepthBackend):
     def max_held_sizes(self) -> int:
         return self.max_sizes
 
+    def size_persistence(self) -> int:
+        return self.persist_frames if self.background else 0
+
     def held_sizes(self) -> list[Size]:
         with self._lock:
             return sorted(self._sessions)
@@ -283,7 +296,8 @@ class OnnxRuntimeBackend(DepthBackend):
         if not self.background:
             return super().nearest_size(width, height)
         with self._lock:
-            if (width, height) not in self._sessions:
+            self._recent.append((width, height))
+            if (width, height) not in self._sessions and self._recent.count((width, height)) >= self.persist_frames:
                 self._request((width, height))
             if not self._sessions:
                 raise SizeNotReadyError(f"onnxruntime: no size held yet ({width}x{height} is being made)")

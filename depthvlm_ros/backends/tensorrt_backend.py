@@ -23,7 +23,9 @@ import collections
 import datetime
 import json
 import mmap
+import os
 import shutil
+import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -37,6 +39,7 @@ from depthvlm_ros.backends.base import BackendError, DepthBackend, Stage, _no_st
 from depthvlm_ros.backends.onnx_export import INPUT_NAME, OUTPUT_NAME, export_size, read_metadata
 from depthvlm_ros.backends.probe import probe_path, prove_artifact
 from depthvlm_ros.devices import cuda_device
+from depthvlm_ros.files import write_text_atomic
 from depthvlm_ros.hashing import sha256_of_files
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -149,6 +152,32 @@ def check_sidecar(
             raise BackendError(f"engine {engine_path} was built for {what} {built_for!r}, this is {here!r}; {rebuild}")
 
 
+def verify_engine_file(engine_path: str | Path, sidecar: dict[str, Any]) -> None:
+    """Prove an engine file is the one its sidecar describes before it is deserialized (a TensorRT engine is
+    code for the GPU; a swapped or edited file must never run): neither it nor its sidecar may be writable by
+    group or others, and its sha256 must be the sidecar's ``engine_sha256``. BackendError otherwise."""
+    engine_path = Path(engine_path)
+    for path in (engine_path, sidecar_path(engine_path)):
+        try:
+            mode = path.stat().st_mode
+        except OSError as exc:
+            raise BackendError(f"{path}: {exc.strerror or exc}") from None
+        if mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise BackendError(f"{path}: writable by others (mode {stat.S_IMODE(mode):o}); refused: chmod go-w it, "
+                               "or rebuild the engine")
+    want = sidecar.get("engine_sha256")
+    if not isinstance(want, str) or len(want) != 64:
+        raise BackendError(f"{engine_path}: its sidecar records no engine_sha256 (built by an older version); "
+                           f"{rebuild_command(sidecar, engine_path)}")
+    try:
+        got = sha256_of_files([engine_path], digits=64)
+    except OSError as exc:
+        raise BackendError(f"{engine_path}: unreadable ({exc.strerror or exc})") from None
+    if got != want:
+        raise BackendError(f"{engine_path}: its sha256 is not the one its sidecar records: the file changed after it "
+                           f"was built; refused. {rebuild_command(sidecar, engine_path)}")
+
+
 def rebuild_command(sidecar: dict[str, Any], engine_path: str | Path) -> str:
     """The advice that rebuilds an engine from its sidecar's ONNX and precision."""
     precision = sidecar.get("precision", "fp16")
@@ -226,11 +255,17 @@ def build_engine(
     build_s = time.perf_counter() - start
     del parser, network, builder  # the builder's memory goes before the engine is written
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_path, "wb") as handle:
+    staged = out_path.with_name(f".{out_path.name}.partial")
+    with open(staged, "wb") as handle:
         handle.write(memoryview(serialized))  # IHostMemory is a buffer: written without a bytes copy
+        handle.flush()
+        os.fsync(handle.fileno())
     del serialized
+    os.chmod(staged, 0o644)  # nobody else may write it: a changed engine is refused at load
+    os.replace(staged, out_path)
     sidecar = {
         "engine": out_path.name,
+        "engine_sha256": sha256_of_files([out_path], digits=64),  # checked before it is ever deserialized
         "onnx": str(onnx_path),
         "onnx_sha256": sha256_of_files([onnx_path]),
         "model_fingerprint": meta.get("depthvlm.model_fingerprint", ""),
@@ -247,7 +282,7 @@ def build_engine(
         "depthvlm_version": __version__,
     }
     shutil.copyfile(probe_path(onnx_path), probe_path(out_path))
-    sidecar_path(out_path).write_text(json.dumps(sidecar, indent=2) + "\n")
+    write_text_atomic(sidecar_path(out_path), json.dumps(sidecar, indent=2) + "\n")
     progress(f"wrote {out_path} ({out_path.stat().st_size / 1e6:.0f} MB) in {build_s:.0f} s")
     return sidecar
 
@@ -289,6 +324,7 @@ class TensorRTBackend(DepthBackend):
         sidecar = read_sidecar(engine_path)
         check_sidecar(sidecar, engine_path, self.gpu["gpu_name"], self.gpu["compute_capability"],
                       self._trt.__version__, self.expected_fingerprint)
+        verify_engine_file(engine_path, sidecar)  # before TensorRT reads a byte of it
         # Deserialised from a read-only map of the file: its pages are the page cache's, not a second
         # copy of the engine in this process's memory (on a Jetson that memory is the GPU's too).
         try:

@@ -18,22 +18,116 @@ Failures are the backend's, not the frame's:
 
 from __future__ import annotations
 
+import os
+import stat
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from depthvlm_ros.backends.base import INPUT_NAME, OUTPUT_NAME, BackendError, DepthBackend, Stage, _no_stage
 from depthvlm_ros.backends.triton_repo import DEFAULT_PREFIX, parse_served_name
+from depthvlm_ros.errors import InputError
 
 DEFAULT_URL = "localhost:8001"
 #: Seconds between connection attempts while the server is unreachable (frames meanwhile fail at once).
 RETRY_S = 1.0
 #: Seconds a control call (liveness, repository index, a model's config) may take.
 CONTROL_TIMEOUT_S = 2.0
-#: Seconds one request (a frame) may take before it counts as failed.
-REQUEST_TIMEOUT_S = 30.0
+#: Seconds one request (a frame) may take before it counts as failed: a few frame periods of a camera at
+#: 5-10 Hz (the node's ``triton_timeout_s``). A server slower than that fails frames; it never holds them.
+REQUEST_TIMEOUT_S = 1.0
+#: The gRPC header that carries the server's access token: Triton prefixes a restricted protocol's key
+#: (``--grpc-restricted-protocol=model-repository:triton-access-token=TOKEN``) with ``triton-grpc-protocol-``.
+TOKEN_HEADER = "triton-grpc-protocol-triton-access-token"
+#: Where a token is found when none is named: this variable, then the file ``depthvlm serve`` writes.
+TOKEN_ENV = "DEPTHVLM_TRITON_TOKEN"
+TOKEN_FILE_NAME = "triton_token"
+
+
+def default_token_file() -> Path:
+    """The file ``depthvlm serve`` writes its generated token to (mode 0600, in the package's cache)."""
+    from depthvlm_ros.model.default import cache_dir
+
+    return cache_dir() / TOKEN_FILE_NAME
+
+
+def read_token(path: str | Path | None = None) -> str | None:
+    """The access token: the first line of ``path``; without one, :data:`TOKEN_ENV`, then
+    :func:`default_token_file` if it exists; None when there is none. A token file that others may read
+    (group or world permissions) is refused, as ssh refuses such keys."""
+    if not path:
+        if os.environ.get(TOKEN_ENV):
+            return os.environ[TOKEN_ENV].strip()
+        path = default_token_file()
+        if not path.is_file():
+            return None
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise InputError(f"token file {path}: readable by others (mode {stat.S_IMODE(mode):o}); chmod 600 it")
+        token = (path.read_text().splitlines() or [""])[0].strip()
+    except OSError as exc:
+        raise InputError(f"token file {path}: {exc.strerror or exc}") from None
+    if not token:
+        raise InputError(f"token file {path}: empty")
+    return token
+
+
+@dataclass(frozen=True)
+class TritonConnection:
+    """How the client reaches a server: address, model prefix, access token, request timeout and TLS: PEM
+    files (``root_certificates`` given: gRPC over TLS; with ``private_key`` and ``certificate_chain`` too:
+    mutual TLS)."""
+
+    url: str = DEFAULT_URL
+    prefix: str = DEFAULT_PREFIX
+    token: str | None = None  # the token itself; None: read at each connection attempt (:func:`read_token`)
+    timeout_s: float = REQUEST_TIMEOUT_S
+    root_certificates: str | None = None
+    private_key: str | None = None
+    certificate_chain: str | None = None
+    token_file: str = ""  # where read_token looks when ``token`` is None ("" = its defaults)
+
+    def headers(self) -> dict[str, str] | None:
+        """The request headers that carry the token (None without one). Read now: a token that appears after
+        the node started (a server started later) is used at the next connection attempt."""
+        token = self.token if self.token is not None else read_token(self.token_file or None)
+        return {TOKEN_HEADER: token} if token else None
+
+    def __repr__(self) -> str:  # never the token
+        return f"TritonConnection(url={self.url!r}, prefix={self.prefix!r}, token={'set' if self.token else None})"
+
+    @property
+    def scheme(self) -> str:
+        return "grpcs" if self.root_certificates else "grpc"
+
+    @classmethod
+    def from_settings(cls, url: str, prefix: str, token_file: str = "", timeout_s: float = REQUEST_TIMEOUT_S,
+                      root_cert: str = "", cert: str = "", key: str = "") -> TritonConnection:
+        """A connection from the node's parameters or the tools' options (files read now; empty = unset)."""
+        def pem(path: str, what: str) -> str | None:
+            if not path:
+                return None
+            try:
+                with open(path, "rb"):
+                    return str(path)
+            except OSError as exc:
+                raise InputError(f"{what} {path}: {exc.strerror or exc}") from None
+
+        if bool(cert) != bool(key):
+            raise InputError("a TLS client certificate needs its key, and a key its certificate")
+        if (cert or key) and not root_cert:
+            raise InputError("a TLS client certificate needs the server's root certificate too")
+        if token_file:
+            read_token(token_file)  # a missing or readable-by-others file is refused now, in one line
+        return cls(url or DEFAULT_URL, prefix or DEFAULT_PREFIX, None, float(timeout_s),
+                   pem(root_cert, "TLS root certificate"), pem(key, "TLS key"), pem(cert, "TLS certificate"),
+                   token_file)
 #: gRPC status codes that mean the server is gone (anything else fails only the request).
 LOST = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "UNKNOWN")
 Size = tuple[int, int]
@@ -48,18 +142,21 @@ class TritonBackend(DepthBackend):
     """
 
     name = "triton"
+    remote = True
 
-    def __init__(self, url: str = DEFAULT_URL, prefix: str = DEFAULT_PREFIX, expected_fingerprint: str | None = None,
-                 connect_now: bool = True, retry_s: float = RETRY_S, timeout_s: float = REQUEST_TIMEOUT_S,
-                 log: Callable[[str], None] = print) -> None:
+    def __init__(self, connection: TritonConnection = TritonConnection(), expected_fingerprint: str | None = None,
+                 connect_now: bool = True, retry_s: float = RETRY_S, log: Callable[[str], None] = print) -> None:
         try:
             import tritonclient.grpc as grpcclient
         except ImportError:
             raise BackendError("tritonclient is not installed (pip install 'tritonclient[grpc]')") from None
         self._grpc = grpcclient
-        self.url, self.prefix = url.removeprefix("grpc://"), prefix
+        self.connection = connection
+        self.url = connection.url.removeprefix("grpcs://").removeprefix("grpc://")
+        self.prefix = connection.prefix
+        self._headers: dict[str, str] | None = None  # the token's header, read at each connection attempt
         self.expected_fingerprint = expected_fingerprint
-        self.retry_s, self.timeout_s, self.log = retry_s, timeout_s, log
+        self.retry_s, self.timeout_s, self.log = retry_s, connection.timeout_s, log
         self._lock = threading.Lock()
         self._client = None
         self._models: dict[Size, dict] = {}  # served size -> {"name", "dtype", "max_batch"}
@@ -80,8 +177,9 @@ class TritonBackend(DepthBackend):
     def _discover(self, client: object) -> tuple[dict[Size, dict], int]:
         """The served sizes of ``client``'s server, their fingerprints checked; BackendError if none."""
         try:
-            client.is_server_live(client_timeout=CONTROL_TIMEOUT_S)
-            index = client.get_model_repository_index(as_json=True, client_timeout=CONTROL_TIMEOUT_S)
+            client.is_server_live(headers=self._headers, client_timeout=CONTROL_TIMEOUT_S)
+            index = client.get_model_repository_index(headers=self._headers, as_json=True,
+                                                      client_timeout=CONTROL_TIMEOUT_S)
         except Exception as exc:  # tritonclient's InferenceServerException, grpc errors
             raise BackendError(f"triton server at grpc://{self.url} unreachable ({_first_line(exc)})") from None
         models: dict[Size, dict] = {}
@@ -93,7 +191,8 @@ class TritonBackend(DepthBackend):
                 continue
             name = entry["name"]
             try:
-                config = client.get_model_config(name, as_json=True, client_timeout=CONTROL_TIMEOUT_S)["config"]
+                config = client.get_model_config(name, headers=self._headers, as_json=True,
+                                                 client_timeout=CONTROL_TIMEOUT_S)["config"]
                 params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
                 dtype = config["input"][0].get("data_type", "TYPE_FP32")
                 max_batch = int(config.get("max_batch_size", 0))
@@ -135,7 +234,8 @@ class TritonBackend(DepthBackend):
             old.close()
         client = None
         try:
-            client = self._grpc.InferenceServerClient(self.url)
+            self._headers = self.connection.headers()
+            client = self._client_for()
             models, patch = self._discover(client)
         except Exception as exc:
             if client is not None:
@@ -151,6 +251,14 @@ class TritonBackend(DepthBackend):
             self._problem, self._connecting, self._connected_once = "", False, True
         if again:
             self.log(f"triton: connected to grpc://{self.url} again")
+
+    def _client_for(self) -> object:
+        """A new gRPC client (channel) for the server, over TLS when the connection names certificates."""
+        c = self.connection
+        if not c.root_certificates:
+            return self._grpc.InferenceServerClient(self.url)
+        return self._grpc.InferenceServerClient(self.url, ssl=True, root_certificates=c.root_certificates,
+                                                private_key=c.private_key, certificate_chain=c.certificate_chain)
 
     def problem(self) -> str:
         return self._problem  # one attribute read: never waits for a connection attempt
@@ -192,11 +300,25 @@ class TritonBackend(DepthBackend):
                 request = self._grpc.InferInput(INPUT_NAME, list(batch.shape), kind)
                 request.set_data_from_numpy(batch)
                 try:
-                    result = client.infer(model["name"], [request], client_timeout=self.timeout_s)
+                    result = client.infer(model["name"], [request], headers=self._headers,
+                                          client_timeout=self.timeout_s)
                 except Exception as exc:
                     raise self._failed(exc) from None
-                out.append(result.as_numpy(OUTPUT_NAME).astype(np.float32, copy=False))
+                out.append(self._checked(result.as_numpy(OUTPUT_NAME), model["name"], (len(batch), size[1], size[0])))
         return np.concatenate(out, axis=0)
+
+    def _checked(self, depth: object, name: str, shape: tuple[int, int, int]) -> np.ndarray:
+        """A server's depth output, trusted only as what it must be: float32 of ``shape`` (images, model-grid
+        rows and columns), every value finite and positive (metres). Anything else fails the frame."""
+        if not isinstance(depth, np.ndarray):
+            raise BackendError(f"triton at grpc://{self.url}: {name} returned no {OUTPUT_NAME} output; refused")
+        if depth.dtype != np.float32 or depth.shape != shape:
+            raise BackendError(f"triton at grpc://{self.url}: {name} returned {depth.dtype} {list(depth.shape)[:4]} "
+                               f"where float32 {list(shape)} was due; refused")
+        if not np.isfinite(depth).all() or not (depth > 0).all():
+            raise BackendError(f"triton at grpc://{self.url}: {name} returned depth that is not finite and positive "
+                               "everywhere; refused")
+        return depth
 
     def _failed(self, exc: BaseException) -> BackendError:
         """A failed request's error; a lost server (gRPC UNAVAILABLE, ...) also becomes the problem."""

@@ -2,7 +2,8 @@
 
 One Triton model per model-grid size, named ``PREFIX_WxH`` (:func:`served_name`), each::
 
-    PREFIX_WxH/config.pbtxt      backend, fixed dims, max_batch_size, dynamic batching, depthvlm metadata
+    PREFIX_WxH/config.pbtxt      backend, fixed dims, max_batch_size, dynamic batching with a bounded
+                                 queue (QUEUE_SIZE_PER_BATCH, QUEUE_TIMEOUT_US), depthvlm metadata
     PREFIX_WxH/1/model.onnx      the depth path with a leading batch dimension
     PREFIX_WxH/1/model.py        (python backend only: runs model.onnx with ONNX Runtime)
 
@@ -34,6 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from depthvlm_ros.backends.base import INPUT_NAME, OUTPUT_NAME, BackendError
+from depthvlm_ros.errors import shown
+from depthvlm_ros.files import write_text_atomic
 from depthvlm_ros.geometry import CANONICAL_FX
 
 #: Default name prefix of the served models (the node's ``triton_model``).
@@ -42,6 +45,11 @@ DEFAULT_PREFIX = "depthvlm_depth"
 #: fill one (microseconds) by default.
 DEFAULT_MAX_BATCH = 8
 DEFAULT_QUEUE_DELAY_US = 2000
+#: The queue policy of every served model: at most this many batches' requests wait (more are refused at
+#: once: a full server says so instead of queueing without bound), and a request that waited this long
+#: is refused (a frame that late is of no use to a robot; a client may ask for less).
+QUEUE_SIZE_PER_BATCH = 4
+QUEUE_TIMEOUT_US = 2_000_000
 #: Triton backends this writer knows.
 TRITON_BACKENDS = ("onnxruntime", "python")
 #: The file the python backend runs (copied into each version folder as model.py).
@@ -76,6 +84,8 @@ def batched_graph(single: Path, out: Path) -> None:
 
     model = onnx.load(str(single), load_external_data=False)
     body = model.graph
+    locations = {bare_file_name(e.value, single) for t in body.initializer for e in t.external_data
+                 if e.key == "location"}  # checked before anything is written
     (inp,), (outp,) = body.input, body.output
     elem, out_elem = inp.type.tensor_type.elem_type, outp.type.tensor_type.elem_type
     in_dims = [d.dim_value for d in inp.type.tensor_type.shape.dim]
@@ -108,8 +118,17 @@ def batched_graph(single: Path, out: Path) -> None:
     batched.metadata_props.add(key="depthvlm.batch_axis", value="0")
     out.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(batched, str(out))
-    for data in {e.value for t in body.initializer for e in t.external_data if e.key == "location"}:
+    for data in locations:
         shutil.copyfile(single.parent / data, out.parent / data)
+
+
+def bare_file_name(location: str, graph: Path) -> str:
+    """An ONNX external-data ``location``, which must be a plain file name beside its graph: a path
+    (``../x``, ``/etc/x``, ``a/b``) would read or write outside the model's folder, so it is refused."""
+    if not location or Path(location).name != location or location in (".", "..") or "\x00" in location:
+        raise BackendError(f"{graph}: external data location {shown(location)} is not a file name beside the "
+                           "graph; refused (export it again with depthvlm export)")
+    return location
 
 
 def check_serving(backend: str, max_batch: int, queue_delay_us: int) -> None:
@@ -163,7 +182,9 @@ def model_config(name: str, backend: str, graph: Path, max_batch: int, queue_del
     return (f'name: "{name}"\n{engine}\nmax_batch_size: {max_batch}\n'
             f'input [ {{ name: "{INPUT_NAME}" data_type: {in_type} dims: {in_dims} }} ]\n'
             f'output [ {{ name: "{OUTPUT_NAME}" data_type: TYPE_FP32 dims: {out_dims} }} ]\n'
-            f"dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} }}\n"
+            f"dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} default_queue_policy {{ "
+            f"max_queue_size: {QUEUE_SIZE_PER_BATCH * max_batch} timeout_action: REJECT "
+            f"default_timeout_microseconds: {QUEUE_TIMEOUT_US} allow_timeout_override: true }} }}\n"
             f"instance_group [ {{ kind: KIND_{'CPU' if backend == 'python' else 'AUTO'} count: 1 }} ]\n"
             f"{params}\n")
 
@@ -210,8 +231,8 @@ def write_triton_repo(graphs: Sequence[Path], repo: Path, prefix: str = DEFAULT_
         error = prove_batched(graph, folder / "1" / "model.onnx")
         if backend == "python":
             shutil.copyfile(PYTHON_MODEL, folder / "1" / "model.py")
-        (folder / "config.pbtxt").write_text(model_config(name, backend, folder / "1" / "model.onnx", max_batch,
-                                                          queue_delay_us))
+        write_text_atomic(folder / "config.pbtxt", model_config(name, backend, folder / "1" / "model.onnx", max_batch,
+                                                               queue_delay_us))
         progress(f"{name}: {size[0]}x{size[1]} ({backend} backend, batches of up to {max_batch}; its probe in a "
                  f"batch of 2: max relative error {error:.1e})")
         names.append(name)

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from depthvlm_ros.errors import InputError
+from depthvlm_ros.errors import InputError, shown
 from depthvlm_ros.evaluation.metrics import (
     DepthRange,
     abs_rel_by_depth_bin,
@@ -231,9 +231,14 @@ def _positive(record: Mapping[str, Any], key: str, default: float | None = None)
 
 
 def _relative_path(record: Mapping[str, Any], key: str) -> str:
+    """A record's path, which must stay inside its root: relative, without ``..`` (a hostile record cannot
+    make the evaluator read elsewhere)."""
     value = record.get(key)
     if not isinstance(value, str) or not value.strip():
-        raise InputError(f"{key} must be a non-empty path string, got {value!r}")
+        raise InputError(f"{key} must be a non-empty path string, got {shown(value)}", "record.path")
+    parts = Path(value).parts
+    if Path(value).is_absolute() or ".." in parts or "\x00" in value:
+        raise InputError(f"{key} {shown(value)} leaves the dataset root (absolute, or with ..)", "record.path")
     return value
 
 
@@ -313,27 +318,19 @@ def iter_records(path: Path, limit: int | None = None) -> Iterator[BenchRecord |
 
 def _read_png_integer(path: Path, allow_8bit: bool = True) -> np.ndarray:
     """A single-channel integer PNG as a 2-D integer array; InputError if missing or not one."""
-    from PIL import Image, UnidentifiedImageError
+    from depthvlm_ros.imageio import read_integer_png
 
-    modes = ("I;16", "I;16B", "I;16L", "I") + (("L",) if allow_8bit else ())
-    try:
-        with Image.open(path) as img:
-            if img.mode not in modes:
-                raise InputError(f"{path.name}: expected a single-channel {'integer' if allow_8bit else '16-bit'} "
-                                 f"PNG, got mode {img.mode}")
-            if max(img.size) > MAX_IMAGE_SIDE:
-                raise InputError(f"{path.name}: {img.size[0]}x{img.size[1]} exceeds {MAX_IMAGE_SIDE} px")
-            return np.asarray(img)
-    except FileNotFoundError:
-        raise InputError(f"missing file {path}") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise InputError(f"{path.name}: cannot read image ({exc.__class__.__name__})") from None
+    return read_integer_png(path, path.name, allow_8bit)
 
 
 def _read_npy_2d(path: Path) -> np.ndarray:
-    """A .npy numeric array, squeezed to 2-D; InputError if missing, unreadable or not 2-D."""
+    """A .npy numeric array, squeezed to 2-D; InputError if missing, unreadable, not 2-D or too large.
+
+    The file is memory-mapped and its shape (from the header) checked before anything is read: a header
+    that declares a (100000, 100000) array costs nothing.
+    """
     try:
-        array = np.load(path, allow_pickle=False)
+        array = np.load(path, allow_pickle=False, mmap_mode="r")
     except FileNotFoundError:
         raise InputError(f"missing file {path}") from None
     except (OSError, ValueError) as exc:
@@ -344,7 +341,10 @@ def _read_npy_2d(path: Path) -> np.ndarray:
         raise InputError(f"{path.name}: expected a 2-D numeric array, got {array.dtype} {array.shape}")
     if max(array.shape) > MAX_IMAGE_SIDE or min(array.shape) < 1:
         raise InputError(f"{path.name}: shape {array.shape} outside 1..{MAX_IMAGE_SIDE} pixels")
-    return array
+    try:
+        return np.array(array)  # read now, within the bound just checked
+    except (OSError, ValueError) as exc:  # a header that promises more bytes than the file holds
+        raise InputError(f"{path.name}: cannot read .npy ({exc.__class__.__name__})") from None
 
 
 def read_depth_file(path: Path, scale: float, allow_8bit: bool = True) -> np.ndarray:

@@ -34,6 +34,9 @@ DEPTH_PROMPT = (
 )
 #: Training's LM target for the depth prompt.
 DEPTH_ANSWER = "OK, I will estimate the depth map of this image."
+#: Where the chat template puts the user's text while the prompt is built (a private-use character no
+#: tokenizer gives meaning to): the text itself is tokenized apart, with special tokens split.
+USER_TEXT_SLOT = "\ue000"
 #: Longest question we accept, in characters (bounds tokens and memory per query).
 MAX_QUESTION_CHARS = 1000
 
@@ -163,15 +166,25 @@ class ImageTextProcessor:
         )
 
     def token_ids(self, user_text: str, n_image_tokens: int, answer: str | None = None) -> list[int]:
-        """Prompt token ids with the image placeholder expanded to ``n_image_tokens`` pads."""
+        """Prompt token ids with the image placeholder expanded to ``n_image_tokens`` pads.
+
+        The user's text is tokenized as text only: a special token written in it (``<|im_end|>``,
+        ``<|image_pad|>``, ...) becomes the characters it is written with, never a control token, so a
+        question cannot forge a turn of the conversation or an image. The chat template's own parts are
+        tokenized as before (special tokens delimit the user text, so ordinary questions get exactly the
+        ids of the whole prompt tokenized at once).
+        """
         key = (user_text if answer is None else f"{user_text}\x00{answer}", n_image_tokens)
         cached = self._prompt_cache.get(key)
         if cached is None:
-            text = self.prompt_text(user_text, answer)
-            if text.count(self.image_token) != 1:
-                raise CheckpointError("chat template must place exactly one image placeholder")
-            text = text.replace(self.image_token, self.image_token * n_image_tokens)
-            cached = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            text = self.prompt_text(USER_TEXT_SLOT, answer)
+            if text.count(self.image_token) != 1 or text.count(USER_TEXT_SLOT) != 1:
+                raise CheckpointError("chat template must place exactly one image placeholder and one user text")
+            before, after = text.replace(self.image_token, self.image_token * n_image_tokens).split(USER_TEXT_SLOT)
+            tokenize = self.tokenizer
+            cached = (list(tokenize(before, add_special_tokens=False)["input_ids"])
+                      + list(tokenize(user_text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+                      + list(tokenize(after, add_special_tokens=False)["input_ids"]))
             if len(self._prompt_cache) > 64:  # bounded: questions vary, sizes rarely do
                 self._prompt_cache.clear()
             self._prompt_cache[key] = cached

@@ -213,7 +213,9 @@ class DepthVLM:
         ``plan``: the camera's plan, or one plan per image (equal sizes: one forward for all).
         """
         plans = [plan] * len(images) if isinstance(plan, CameraPlan) else list(plan)
-        with self.lock:
+        # The model's lock guards the local model; a remote backend's call waits on a network and never
+        # holds it (a question keeps the model meanwhile; a stalled server never stalls answers).
+        with contextlib.nullcontext() if plans[0].backend.remote else self.lock:
             clock = _StageClock(self.device)
             with clock.stage("preprocess"):
                 inputs = plans[0].prepare(images, plans)

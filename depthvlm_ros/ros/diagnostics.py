@@ -97,6 +97,7 @@ def camera_status(node_name: str, camera: Camera, model: Any, questions: Questio
         "backend_choice": backend.choice_reason or f"{backend.name} (asked for)",
         "compiled_sizes_held": str(len(backend.held_sizes())),
         "max_compiled_sizes": str(backend.max_held_sizes()),  # the parameter, or the backend's default
+        "compiled_size_after_frames": str(backend.size_persistence()),  # wanted this often before it is made
         "model": model.name,
         "last_error": last_error,
     }

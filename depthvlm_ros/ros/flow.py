@@ -279,9 +279,45 @@ class SequenceGaps:
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|\bnan\b|\binf\b", re.IGNORECASE)
 
 
+#: Longest error text kept for diagnostics and logs (the untrusted parts are cut shorter where they are
+#: quoted: errors.shown); a last guard, so no input makes a line long.
+MAX_ERROR_CHARS = 300
+
+
 def error_kind(message: str) -> str:
-    """The kind of an error message: its text with numbers blanked out (bounded length)."""
-    return _NUMBER.sub("#", message)[:160]
+    """The kind of an error message that has no fixed code: its first words with numbers blanked out.
+
+    Errors about input carry a fixed ``kind`` (:class:`~depthvlm_ros.errors.InputError`); this is for the
+    rest (an exception's text), cut before a quote so that nothing an input wrote becomes part of the key.
+    """
+    head = re.split(r"['\"(]", message, maxsplit=1)[0]
+    return _NUMBER.sub("#", head)[:80]
+
+
+class LogBudget:
+    """At most ``lines`` log lines per ``period_s`` seconds (a token bucket), for one source (a camera, the
+    questions): however many kinds of bad input arrive, one source cannot flood the log. Lines over the
+    budget are counted; the next line allowed says how many were left out."""
+
+    def __init__(self, lines: int = 12, period_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.lines, self.period_s, self._clock = lines, period_s, clock
+        self._tokens = float(lines)
+        self._last = clock()
+        self.suppressed = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> tuple[bool, int]:
+        """(allowed, lines suppressed since the last allowed one)."""
+        now = self._clock()
+        with self._lock:
+            self._tokens = min(float(self.lines), self._tokens + (now - self._last) * self.lines / self.period_s)
+            self._last = now
+            if self._tokens < 1.0:
+                self.suppressed += 1
+                return False, 0
+            self._tokens -= 1.0
+            left_out, self.suppressed = self.suppressed, 0
+            return True, left_out
 
 
 class KindThrottle:

@@ -22,9 +22,19 @@ from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import Header
 
+from depthvlm_ros.errors import InputError
 from depthvlm_ros.geometry import Intrinsics
 from depthvlm_ros.ros import messages
-from depthvlm_ros.ros.flow import LatencyWindow, LatestSlots, RateMeter, SequenceGaps, StampSync
+from depthvlm_ros.ros.flow import (
+    MAX_ERROR_CHARS,
+    LatencyWindow,
+    LatestSlots,
+    LogBudget,
+    RateMeter,
+    SequenceGaps,
+    StampSync,
+    error_kind,
+)
 
 #: Without any camera_info for this long, ``fallback_fx`` frames go straight through (no pairing wait),
 #: and (without ``fallback_fx``) diagnostics say that camera_info stopped.
@@ -99,7 +109,7 @@ class CameraIntake:
 
     def __init__(self, node: Any, index: int, name: str, setting: Callable[[str], Any],
                  slots: LatestSlots[Frame], is_active: Callable[[], bool],
-                 log: Callable[[str, str], None]) -> None:
+                 log: Callable[[str, str, str, LogBudget | None], None]) -> None:
         """``setting(name)``: a parameter's current value (read per frame where it may change at run time)."""
         s = {k: setting(k) for k in ("sync_tolerance_s", "input_reliability", "input_depth", "use_compressed")}
         self.index, self.name = index, name
@@ -118,6 +128,7 @@ class CameraIntake:
         self.ros_overhead = LatencyWindow()  # everything but the model's infer (decode, outputs, publish), ms
         self.forward = LatencyWindow()  # the model forward (vision + LLM + head, or a compiled graph), ms
         self.last_inference = -math.inf
+        self.log_budget = LogBudget()  # this camera's share of the log, whatever its inputs
         qos_in = qos(s["input_reliability"], s["input_depth"])
         # Images and camera_infos in groups of their own: a camera_info that arrives while an image's
         # callback runs is taken at once, instead of leaving the executor looping over a ready entity
@@ -145,13 +156,17 @@ class CameraIntake:
         with self._sync_lock:
             return self._sync.pending
 
-    def record_error(self, message: str) -> None:
+    def record_error(self, message: str, kind: str = "") -> None:
+        """A frame refused: counted, shown in diagnostics and logged (throttled by ``kind``, a fixed code, and
+        within this camera's log budget)."""
+        message = message[:MAX_ERROR_CHARS]
         with self.lock:
             self.counters.errors += 1
             self.counters.last_error = message
             self.counters.last_error_time = time.monotonic()
         where = f" ({self.name})" if self.name else ""
-        self._log("error", f"frame skipped{where}: {message}")
+        self._log("error", f"frame skipped{where}: {message}", f"{self.name}:{kind or error_kind(message)}",
+                  self.log_budget)
 
     def count(self, name: str, n: int = 1) -> None:
         with self.lock:
@@ -172,7 +187,7 @@ class CameraIntake:
                 decided = self._sync.push_info(stamp_ns(msg.header), msg)
             self._hand_over(decided)
         except Exception as exc:  # an exception here would end the executor's spin: never let it out
-            self.record_error(f"camera_info callback: {exc.__class__.__name__}: {exc}")
+            self.record_error(f"camera_info callback: {exc.__class__.__name__}: {exc}", "camera_info.callback")
 
     def _on_image(self, msg: Image | CompressedImage, info: dict) -> None:
         """An image and its MessageInfo (rclpy passes it to a two-argument callback)."""
@@ -190,14 +205,17 @@ class CameraIntake:
             if self.first_image_time == -math.inf:
                 self.first_image_time = now
             self.count("frames_in")
+            messages.check_image(msg)  # what it declares, before it is kept anywhere (an image may be huge)
             if self._setting("fallback_fx") > 0 and now - self.last_info_time > NO_INFO_AFTER_S:
                 self._hand_over([(msg, None)])
                 return
             with self._sync_lock:
                 decided = self._sync.push_image(stamp_ns(msg.header), msg)
             self._hand_over(decided)
+        except InputError as exc:
+            self.record_error(str(exc), exc.kind)
         except Exception as exc:
-            self.record_error(f"image callback: {exc.__class__.__name__}: {exc}")
+            self.record_error(f"image callback: {exc.__class__.__name__}: {exc}", "image.callback")
 
     def _hand_over(self, decided: list[tuple[Image | CompressedImage, CameraInfo | None]]) -> None:
         now = time.monotonic()
@@ -205,7 +223,8 @@ class CameraIntake:
             if info is None and not self._setting("fallback_fx") > 0:
                 self.count("unmatched")
                 self._log("warning", "frames without matching camera_info are skipped (same stamp expected, or "
-                          "within sync_tolerance_s; set fallback_fx to process them anyway)")
+                          "within sync_tolerance_s; set fallback_fx to process them anyway)",
+                          f"{self.name}:unmatched", self.log_budget)
                 continue
             if self._slots.put(self.index, Frame(image, info, now)):
                 self.count("dropped")

@@ -17,7 +17,7 @@ from geometry_msgs.msg import Point
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2, PointField
 from std_msgs.msg import Header
 
-from depthvlm_ros.errors import InputError
+from depthvlm_ros.errors import InputError, shown
 from depthvlm_ros.geometry import (
     MAX_IMAGE_SIDE,
     Intrinsics,
@@ -74,7 +74,33 @@ def _byte_data(values: np.ndarray, buffer: MessageBuffer | None) -> array.array:
 
 def _check_size(what: str, width: int, height: int) -> None:
     if not (1 <= width <= MAX_IMAGE_SIDE and 1 <= height <= MAX_IMAGE_SIDE):
-        raise InputError(f"{what}: size {width}x{height} outside 1..{MAX_IMAGE_SIDE} pixels")
+        raise InputError(f"{what}: size {width}x{height} outside 1..{MAX_IMAGE_SIDE} pixels", f"{what}.size")
+
+
+def check_image(msg: Image | CompressedImage) -> None:
+    """What an image message declares, checked before it is kept anywhere (the node's image callback):
+    a known encoding, a size within bounds, a step that holds a row, a buffer of exactly step x height
+    bytes; a compressed image within :data:`MAX_COMPRESSED_BYTES`. Decoding checks the pixels later."""
+    if isinstance(msg, CompressedImage):
+        if len(msg.data) == 0:
+            raise InputError("compressed image: no data", "compressed.empty")
+        if len(msg.data) > MAX_COMPRESSED_BYTES:
+            raise InputError(f"compressed image: {len(msg.data)} bytes exceeds {MAX_COMPRESSED_BYTES}",
+                             "compressed.bytes")
+        return
+    encoding = msg.encoding.lower()
+    if encoding not in IMAGE_ENCODINGS:
+        raise InputError(f"image: unsupported encoding {shown(msg.encoding)} (use {', '.join(IMAGE_ENCODINGS)})",
+                         "image.encoding")
+    channels, _ = IMAGE_ENCODINGS[encoding]
+    width, height, step = int(msg.width), int(msg.height), int(msg.step)
+    _check_size("image", width, height)
+    if step < width * channels:
+        raise InputError(f"image: step {step} < width {width} x {channels} bytes per pixel ({encoding})",
+                         "image.step")
+    if len(msg.data) != step * height:
+        raise InputError(f"image: data has {len(msg.data)} bytes, expected step {step} x height {height}",
+                         "image.length")
 
 
 def image_to_rgb(msg: Image) -> np.ndarray:
@@ -82,18 +108,9 @@ def image_to_rgb(msg: Image) -> np.ndarray:
 
     Rows may be padded (``step`` > width x channels). The result never aliases the message.
     """
-    encoding = msg.encoding.lower()
-    if encoding not in IMAGE_ENCODINGS:
-        raise InputError(
-            f"image: unsupported encoding {msg.encoding!r} (use {', '.join(IMAGE_ENCODINGS)})"
-        )
-    channels, order = IMAGE_ENCODINGS[encoding]
+    check_image(msg)
+    channels, order = IMAGE_ENCODINGS[msg.encoding.lower()]
     width, height, step = int(msg.width), int(msg.height), int(msg.step)
-    _check_size("image", width, height)
-    if step < width * channels:
-        raise InputError(f"image: step {step} < width {width} x {channels} bytes per pixel ({encoding})")
-    if len(msg.data) != step * height:
-        raise InputError(f"image: data has {len(msg.data)} bytes, expected step {step} x height {height}")
     rows = np.frombuffer(msg.data, dtype=np.uint8).reshape(height, step)
     pixels = rows[:, : width * channels].reshape(height, width, channels)
     if order == (0, 1, 2) and channels == 3:
@@ -102,25 +119,20 @@ def image_to_rgb(msg: Image) -> np.ndarray:
 
 
 def compressed_to_rgb(msg: CompressedImage) -> np.ndarray:
-    """A ``sensor_msgs/CompressedImage`` (JPEG or PNG) as (H, W, 3) uint8 RGB.
+    """A ``sensor_msgs/CompressedImage`` (8-bit JPEG or PNG) as (H, W, 3) uint8 RGB.
 
     The header is read first and the size checked before any pixel is decoded (no decompression
-    bombs).
+    bombs); only JPEG and PNG are tried, and a 16-bit PNG is refused, not cut to 8 bits
+    (:mod:`depthvlm_ros.imageio`).
     """
-    from PIL import Image as PILImage
+    from depthvlm_ros.imageio import COMPRESSED_FORMATS, read_rgb
 
-    if len(msg.data) == 0:
-        raise InputError("compressed image: no data")
-    if len(msg.data) > MAX_COMPRESSED_BYTES:
-        raise InputError(f"compressed image: {len(msg.data)} bytes exceeds {MAX_COMPRESSED_BYTES}")
+    check_image(msg)
+    what = f"compressed image ({shown(msg.format)})"
     try:
-        with PILImage.open(io.BytesIO(msg.data)) as img:
-            _check_size("compressed image", *img.size)
-            if img.format not in ("JPEG", "PNG"):
-                raise InputError(f"compressed image: format {img.format} (use jpeg or png)")
-            return np.asarray(img.convert("RGB"), dtype=np.uint8)
-    except (OSError, ValueError, PILImage.DecompressionBombError) as exc:
-        raise InputError(f"compressed image ({msg.format or 'no format'}): cannot decode ({exc})") from None
+        return read_rgb(bytes(msg.data), what, COMPRESSED_FORMATS)
+    except InputError as exc:
+        raise InputError(f"{what}: cannot decode ({str(exc).removeprefix(what + ': ')})", "compressed.decode") from None
 
 
 def rgb_to_image(rgb: np.ndarray, header: Header, buffer: MessageBuffer | None = None) -> Image:
@@ -165,7 +177,8 @@ def image_to_depth(msg: Image) -> np.ndarray:
 
     kinds = {"32FC1": np.dtype(np.float32), "16UC1": np.dtype(np.uint16)}
     if msg.encoding not in kinds:
-        raise InputError(f"depth image: unsupported encoding {msg.encoding!r} (use 32FC1 or 16UC1)")
+        raise InputError(f"depth image: unsupported encoding {shown(msg.encoding)} (use 32FC1 or 16UC1)",
+                         "depth.encoding")
     dtype = kinds[msg.encoding].newbyteorder(">" if msg.is_bigendian else "<")
     width, height, step = int(msg.width), int(msg.height), int(msg.step)
     _check_size("depth image", width, height)
@@ -186,14 +199,15 @@ def camera_info_to_intrinsics(msg: CameraInfo, width: int | None = None, height:
     """
     cw, ch = int(msg.width), int(msg.height)
     if cw == 0 or ch == 0:
-        raise InputError("camera_info: width/height are 0 (uncalibrated camera?)")
+        raise InputError("camera_info: width/height are 0 (uncalibrated camera?)", "camera_info.size")
     k = np.asarray(msg.k, dtype=np.float64)
     p = np.asarray(msg.p, dtype=np.float64)
     if not np.all(np.isfinite(k)) or not np.all(np.isfinite(p)):
-        raise InputError("camera_info: K or P has NaN or infinite entries")
+        raise InputError("camera_info: K or P has NaN or infinite entries", "camera_info.finite")
     if k[0] <= 0 or k[4] <= 0:
         if p[0] <= 0 or p[5] <= 0:
-            raise InputError(f"camera_info: focal lengths must be positive (K fx={k[0]}, fy={k[4]})")
+            raise InputError(f"camera_info: focal lengths must be positive (K fx={k[0]:.6g}, fy={k[4]:.6g})",
+                             "camera_info.focal")
     intrinsics = Intrinsics.from_mapping({"width": cw, "height": ch, "k": k, "p": p})
     if width is None or height is None:
         return intrinsics

@@ -27,8 +27,9 @@ stops within one token); cleanup frees the model (its memory returns to the syst
 from any state and ends ``depthvlm node`` with exit code 0. With ``autostart`` (default true) the node
 configures and activates itself at start, as a plain node.
 
-Bad input never stops the node: it is counted, logged (at most once per ``LOG_PERIOD_S`` per kind)
-and shown in diagnostics.
+Bad input never stops the node: it is counted, logged (at most once per ``LOG_PERIOD_S`` per kind, a
+fixed code, and at most a dozen lines a minute per camera and for the questions; untrusted text quoted
+short) and shown in diagnostics.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from rclpy.task import Future
 
 from depthvlm_ros.errors import InputError
 from depthvlm_ros.ros.diagnostics import diagnostic_array
-from depthvlm_ros.ros.flow import KindThrottle, LatestSlots, QuestionGate, error_kind
+from depthvlm_ros.ros.flow import MAX_ERROR_CHARS, KindThrottle, LatestSlots, LogBudget, QuestionGate, error_kind
 from depthvlm_ros.ros.intake import CameraIntake, Frame, topic
 from depthvlm_ros.ros.outputs import DepthOutputs
 from depthvlm_ros.ros.params import BY_NAME, PARAMS, Param, check_cameras, check_settings, check_value
@@ -202,13 +203,22 @@ class DepthVLMNode(LifecycleNode):
         """The lifecycle state: unconfigured, inactive, active or finalized."""
         return self._state
 
-    def _log(self, level: str, message: str, kind: str | None = None) -> None:
-        """Log ``message`` unless its kind was logged less than LOG_PERIOD_S ago (kinds independent).
+    def _log(self, level: str, message: str, kind: str | None = None, budget: LogBudget | None = None) -> None:
+        """Log ``message`` unless its kind (a fixed code; or :func:`error_kind`) was logged less than
+        LOG_PERIOD_S ago (kinds independent) or its source's ``budget`` is spent. Never more than
+        MAX_ERROR_CHARS characters (untrusted parts are quoted shorter where the message is made).
 
         One call site per severity: rclpy raises if one call site logs at two severities.
         """
         if not self._log_throttle.allow(kind or error_kind(message)):
             return
+        message = message[:MAX_ERROR_CHARS]
+        if budget is not None:
+            allowed, left_out = budget.take()
+            if not allowed:
+                return
+            if left_out:
+                message += f" ({left_out} more lines from this source were left out)"
         logger = self.get_logger()
         if level == "error":
             logger.error(message)
@@ -310,9 +320,17 @@ class DepthVLMNode(LifecycleNode):
                 fallback=s["backend_fallback"], log=self.get_logger().warning,
                 max_sizes=s["max_compiled_sizes"], background=True,
                 idle_before_replaced_s=s["compiled_size_idle_s"],
-                triton_url=s["triton_url"], triton_model=s["triton_model"],
+                triton=self._triton_connection(s) if s["backend"] == "triton" else None,
             )
         return model
+
+    @staticmethod
+    def _triton_connection(s: dict[str, Any]) -> Any:
+        from depthvlm_ros.backends.triton_backend import TritonConnection
+
+        return TritonConnection.from_settings(s["triton_url"], s["triton_model"], s["triton_token_file"],
+                                              s["triton_timeout_s"], s["triton_tls_root_cert"], s["triton_tls_cert"],
+                                              s["triton_tls_key"])
 
     def _wait_for_work(self) -> None:
         """Until the frame in the worker and the questions in flight are done (both stop early once the

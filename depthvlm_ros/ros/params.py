@@ -58,6 +58,16 @@ PARAMS: tuple[Param, ...] = (
               read_only=True),
         Param("triton_model", "depthvlm_depth", "backend triton: served models are named <triton_model>_WxH, one per "
               "size (depthvlm export --triton-repo, depthvlm serve)", read_only=True),
+        Param("triton_token_file", "", "backend triton: a file (mode 600) whose first line is the server's access "
+              "token; empty = $DEPTHVLM_TRITON_TOKEN, else the file depthvlm serve writes in the cache",
+              read_only=True),
+        Param("triton_timeout_s", 1.0, "backend triton: longest a frame's request may take; a slower answer fails "
+              "that frame (counted in frames_failed_backend)", read_only=True, range=(0.05, 60.0)),
+        Param("triton_tls_root_cert", "", "backend triton: PEM root certificate of the server (set: gRPC over TLS)",
+              read_only=True),
+        Param("triton_tls_cert", "", "backend triton: PEM client certificate chain (mutual TLS; with triton_tls_key)",
+              read_only=True),
+        Param("triton_tls_key", "", "backend triton: PEM client private key (mutual TLS)", read_only=True),
         Param("device", "cpu", "cpu, cuda or cuda:N", read_only=True),
         Param("answer_device", "", "where the PyTorch model (answers, and depth when backend is torch) lives; empty = "
               "device. With backend tensorrt, cpu keeps the GPU for the engine (answers then run on the CPU)",
@@ -76,10 +86,11 @@ PARAMS: tuple[Param, ...] = (
               read_only=True, range=(100.0, 5000.0)),
         Param("match_fy", False, "scale rows by canonical_fx / fy instead of / fx (non-square pixels)"),
         Param("max_side_px", 0, "cap on the model input's longer side in pixels (0 = none); a cap rescales the "
-              "depth by the focal ratio (approximation)", range=(0, 8192)),
+              "depth by the focal ratio (approximation); read-only: it bounds memory", range=(0, 8192), read_only=True),
         Param("max_image_tokens", DEFAULT_MAX_IMAGE_TOKENS, "cap on the model's image tokens, one per 32x32 px (0 = "
               "only the model's own max_pixels); 1280 keeps the released protocol for a 640x480 camera with fx >= 485 "
-              "px, larger canonical sizes take the canonical-camera route", range=(0, 65536)),
+              "px, larger canonical sizes take the canonical-camera route; read-only: it bounds memory",
+              range=(0, 65536), read_only=True),
     ),
     *_group("intake",
         Param("cameras", [], "camera namespaces, each with its own image, camera_info, depth/*, points (e.g. [front, "
@@ -124,7 +135,8 @@ PARAMS: tuple[Param, ...] = (
               "once", range=(0, 8)),
         Param("query_timeout_s", 30.0, "longest a question waits for its turn before it is refused (busy)",
               range=(0.1, 600.0)),
-        Param("max_query_pixels", 10000, "most pixels one ~/depth_at request may list", range=(1, 1000000)),
+        Param("max_query_pixels", 10000, "most pixels one ~/depth_at request may list; read-only: it bounds memory",
+              range=(1, 1000000), read_only=True),
         Param("marker_lifetime_s", 10.0, "how long an answer's markers stay in RViz (0 = until replaced)",
               range=(0.0, 3600.0)),
     ),

@@ -30,10 +30,10 @@ from std_msgs.msg import Header
 from visualization_msgs.msg import Marker, MarkerArray
 
 from depthvlm_ros import spatial
-from depthvlm_ros.errors import InputError
+from depthvlm_ros.errors import InputError, shown
 from depthvlm_ros.model.processing import check_question
 from depthvlm_ros.ros import messages
-from depthvlm_ros.ros.flow import QuestionGate
+from depthvlm_ros.ros.flow import MAX_ERROR_CHARS, LogBudget, QuestionGate, error_kind
 from depthvlm_ros.ros.worker import Camera, InferenceWorker
 
 #: Marker namespace of the answers on ``~/answer_markers``.
@@ -106,9 +106,10 @@ class QuestionInterface:
 
     def __init__(self, node: Any, model: Any, cameras: list[Camera], worker: InferenceWorker, gate: QuestionGate,
                  settings: Callable[[], dict[str, Any]], is_active: Callable[[], bool],
-                 log: Callable[[str, str], None]) -> None:
+                 log: Callable[[str, str, str, LogBudget | None], None]) -> None:
         self._node, self.model, self.cameras, self.worker, self.gate = node, model, cameras, worker, gate
         self._settings, self._is_active, self._log = settings, is_active, log
+        self.log_budget = LogBudget()  # the questions' share of the log, however many arrive
         self.counters = QuestionCounters()
         self._lock = threading.Lock()
         self._running = True
@@ -134,7 +135,7 @@ class QuestionInterface:
             if camera.name == name:
                 return camera
         names = ", ".join(repr(c.name) for c in self.cameras)
-        raise InputError(f"no camera {name!r} here; cameras: {names}")
+        raise InputError(f"no camera {shown(name)} here; cameras: {names}", "question.camera")
 
     # -- the answer path (service and action) ----------------------------------------------------
 
@@ -171,7 +172,7 @@ class QuestionInterface:
                 raise InputError(f"max_new_tokens {tokens} is more than the node's max_answer_tokens "
                                  f"{s['max_answer_tokens']}")
         except InputError as exc:
-            return self._failed(str(exc))
+            return self._failed(str(exc), exc.kind)
         refused = self.gate.enter(s["query_timeout_s"], stop)
         if refused is not None and stop():
             return Outcome(message=f"stopped before answering: {self._why_stopped(should_stop)}")
@@ -185,19 +186,19 @@ class QuestionInterface:
                 raise InputError(f"stopped before answering: {self._why_stopped(should_stop)}")
             if frame is None:
                 raise InputError(f"no camera frame received within query_wait_s={s['query_wait_s']} s")
-            self._node.get_logger().info(f"{via}: answering {question!r} (at most {tokens} tokens)")
+            self._node.get_logger().info(f"{via}: answering {shown(question, 80)} (at most {tokens} tokens)")
             answer = self.model.ask(frame.rgb, frame.intrinsics, question, tokens, s["canonical_fx"],
                                     s["max_side_px"], s["max_image_tokens"], should_stop=stop, on_text=on_text)
         except InputError as exc:
-            return self._failed(str(exc))
+            return self._failed(str(exc), exc.kind)
         except Exception as exc:
-            return self._failed(f"{exc.__class__.__name__}: {exc}")
+            return self._failed(f"{exc.__class__.__name__}: {exc}", exc.__class__.__name__)
         finally:
             self.gate.leave()
         if answer.stopped:  # a cancel is the client's wish; shutdown and deactivation are refusals
             why = self._why_stopped(should_stop)
             stopped = f"stopped after {answer.num_tokens} tokens: {why}"
-            outcome = Outcome(message=stopped) if why == "canceled" else self._failed(stopped)
+            outcome = Outcome(message=stopped) if why == "canceled" else self._failed(stopped, "stopped")
             outcome.answer, outcome.header = answer.text, frame.header
             return outcome
         outcome = Outcome(answer=answer.text, header=frame.header)
@@ -221,12 +222,15 @@ class QuestionInterface:
             return "canceled"
         return "the node is shutting down" if not self._running else "the node was deactivated"
 
-    def _failed(self, message: str) -> Outcome:
+    def _failed(self, message: str, kind: str = "") -> Outcome:
+        """A refused question: counted, shown in diagnostics, logged (throttled by ``kind``, a fixed code)."""
         with self._lock:
             self.counters.query_errors += 1
-            self.counters.last_error = f"question: {message}"
+            self.counters.last_error = f"question: {message}"[:MAX_ERROR_CHARS]
             self.counters.last_error_time = time.monotonic()
-        self._log("warning", f"question refused: {message}")  # (the service's and the action's alike)
+        # (the service's and the action's alike)
+        self._log("warning", f"question refused: {message}", f"question:{kind or error_kind(message)}",
+                  self.log_budget)
         return Outcome(message=message)
 
     def snapshot(self) -> QuestionCounters:

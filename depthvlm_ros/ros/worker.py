@@ -76,12 +76,12 @@ class InferenceWorker:
             self.process(camera, frame, s)
         except BackendError as exc:  # the frame is dropped and counted; the backend says why in problem()
             camera.intake.count("backend_failed")
-            camera.intake.record_error(str(exc))
+            camera.intake.record_error(str(exc), "backend")
         except InputError as exc:
-            camera.intake.record_error(str(exc))
+            camera.intake.record_error(str(exc), exc.kind)
         except Exception as exc:  # a model or backend failure must not kill the stream
             if self._running and self._context_ok():  # else a publish that raced with a stop: not the input's
-                camera.intake.record_error(f"{exc.__class__.__name__}: {exc}")
+                camera.intake.record_error(f"{exc.__class__.__name__}: {exc}", exc.__class__.__name__)
         finally:
             self.slots.done()
             self.gate.depth_served()

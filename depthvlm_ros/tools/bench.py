@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from depthvlm_ros.files import write_text_atomic
 from depthvlm_ros.geometry import Intrinsics
 from depthvlm_ros.tools.common import (
     add_backend_args,
@@ -124,6 +125,6 @@ def run(args: argparse.Namespace) -> int:
     text = json.dumps(report)
     print(text)
     if args.json:
-        args.json.write_text(text + "\n")
+        write_text_atomic(args.json, text + "\n")
     sys.stdout.flush()
     return 0

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from depthvlm_ros.errors import InputError
+from depthvlm_ros.files import write_text_atomic
 
 
 def rss_mb(pid: int) -> float:
@@ -221,7 +222,7 @@ def cmd_bench_node(args: argparse.Namespace) -> int:
               f"(p90 {node.get('ros_overhead_p90_ms', float('nan')):.2f})")
     print(json.dumps(report))
     if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_text_atomic(args.json, json.dumps(report, indent=2) + "\n")
     return 0
 
 

@@ -35,7 +35,7 @@ def check_max_image_tokens(args: argparse.Namespace) -> int:
 
 def add_backend_args(parser: argparse.ArgumentParser) -> None:
     from depthvlm_ros.backends.base import BACKENDS, TRITON
-    from depthvlm_ros.backends.triton_backend import DEFAULT_URL
+    from depthvlm_ros.backends.triton_backend import DEFAULT_URL, REQUEST_TIMEOUT_S
     from depthvlm_ros.backends.triton_repo import DEFAULT_PREFIX
 
     group = parser.add_argument_group("depth backend")
@@ -46,6 +46,14 @@ def add_backend_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--triton-url", default=DEFAULT_URL, help=f"Triton gRPC address (default {DEFAULT_URL})")
     group.add_argument("--triton-model", default=DEFAULT_PREFIX,
                        help=f"served models are named NAME_WxH (default {DEFAULT_PREFIX})")
+    group.add_argument("--triton-token-file", default="", metavar="FILE",
+                       help="the server's access token (first line; mode 600); default $DEPTHVLM_TRITON_TOKEN, else "
+                            "the file depthvlm serve writes")
+    group.add_argument("--triton-timeout", type=float, default=REQUEST_TIMEOUT_S, metavar="S",
+                       help=f"longest one request may take (default {REQUEST_TIMEOUT_S:g} s)")
+    group.add_argument("--triton-tls-root-cert", default="", metavar="PEM", help="server's root certificate: TLS")
+    group.add_argument("--triton-tls-cert", default="", metavar="PEM", help="client certificate (mutual TLS)")
+    group.add_argument("--triton-tls-key", default="", metavar="PEM", help="client key (mutual TLS)")
     group.add_argument("--onnx", type=Path, action="append", default=[],
                        help="exported graph for onnxruntime (repeatable; default: export each size once, cached)")
     group.add_argument("--engine", type=Path, action="append", default=[], help="TensorRT engine (repeatable)")
@@ -112,41 +120,35 @@ def make_backend(model, args: argparse.Namespace, name: str):
     def log(line: str) -> None:
         print(f"note: {line}", file=sys.stderr, flush=True)
 
+    triton = None
+    if name == "triton":
+        from depthvlm_ros.backends.triton_backend import TritonConnection
+
+        if not 0.05 <= args.triton_timeout <= 600:
+            raise InputError(f"--triton-timeout must be in 0.05..600 s, got {args.triton_timeout:g}")
+        triton = TritonConnection.from_settings(args.triton_url, args.triton_model, args.triton_token_file,
+                                                args.triton_timeout, args.triton_tls_root_cert, args.triton_tls_cert,
+                                                args.triton_tls_key)
     # Every graph or engine given is held (the tools have no max_compiled_sizes); without any, the
     # backend's default: sizes exported on demand share 4 places, least recently used first.
     return create_backend(model, name, device=args.device, onnx=args.onnx, engines=args.engine,
                           compile=args.compile, fallback=args.backend_fallback, log=log,
-                          max_sizes=max(len(args.onnx), len(args.engine)), triton_url=args.triton_url,
-                          triton_model=args.triton_model)
+                          max_sizes=max(len(args.onnx), len(args.engine)), triton=triton)
 
 
 def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) of an image file from its header; InputError if missing, corrupt or too large."""
-    from PIL import Image, UnidentifiedImageError
+    """(width, height) of an image file from its header; InputError if missing, corrupt, too large or not in a
+    format the package reads (:mod:`depthvlm_ros.imageio`)."""
+    from depthvlm_ros.imageio import image_size as read_size
 
-    try:
-        with Image.open(path) as img:
-            width, height = img.size
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such image") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise InputError(f"{path}: cannot read image ({exc.__class__.__name__})") from None
-    if max(width, height) > MAX_IMAGE_SIDE:
-        raise InputError(f"{path}: image {width}x{height} exceeds {MAX_IMAGE_SIDE} px")
-    return width, height
+    return read_size(path)
 
 
 def read_rgb(path: Path) -> np.ndarray:
-    """Read an image file as RGB uint8 (H, W, 3); InputError if missing, corrupt or too large."""
-    from PIL import Image, UnidentifiedImageError
+    """Read an 8-bit image file as RGB uint8 (H, W, 3); InputError if missing, corrupt, too large, 16-bit or
+    not in a format the package reads (:mod:`depthvlm_ros.imageio`)."""
+    from depthvlm_ros.imageio import read_rgb as read
 
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_SIDE * MAX_IMAGE_SIDE
-    try:
-        with Image.open(path) as img:
-            if max(img.size) > MAX_IMAGE_SIDE:
-                raise InputError(f"{path}: image {img.size[0]}x{img.size[1]} exceeds {MAX_IMAGE_SIDE} px")
-            return np.asarray(img.convert("RGB"))
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such image") from None
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-        raise InputError(f"{path}: cannot read image ({exc.__class__.__name__})") from None
+    return read(path, str(path))
+
+

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from depthvlm_ros.errors import InputError
+from depthvlm_ros.files import write_text_atomic
 
 FRAME_ID = "camera_optical_frame"
 #: Frames whose ground truth is kept for scoring (older ones are dropped).
@@ -356,7 +357,7 @@ def run(args: argparse.Namespace) -> int:
     move_into_place(bag_dir, tmp, bag)
     summary = _summary(args, latest, node_counts, camera, scorer, recorder, answers)
     summary["node"]["exit_code"] = code
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(args.out / "summary.json", json.dumps(summary, indent=2) + "\n")
     _print_summary(summary, args.out)
     return 0
 

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from depthvlm_ros.files import write_text_atomic
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from depthvlm_ros.tools.common import add_input_size_args, add_model_args
@@ -43,5 +45,5 @@ def run(args: argparse.Namespace) -> int:
           f"{pct(summary['text_distance_ok']['rate'])}")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
     return 0

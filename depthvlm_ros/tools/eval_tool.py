@@ -472,10 +472,9 @@ def _prepare_outputs(args: argparse.Namespace) -> None:
 
 
 def _write_text(path: Path, text: str) -> None:
-    try:
-        path.write_text(text)
-    except OSError as exc:
-        raise InputError(f"cannot write {path} ({exc.strerror or exc})") from None
+    from depthvlm_ros.files import write_text_atomic
+
+    write_text_atomic(path, text)
 
 
 def write_plots(folder: Path, report: dict[str, Any], evaluators: Sequence[DatasetEvaluator]) -> list[Path]:

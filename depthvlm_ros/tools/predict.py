@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from depthvlm_ros.files import write_text_atomic
 from depthvlm_ros.geometry import depth_to_16uc1, depth_to_points
 from depthvlm_ros.tools.common import (
     add_backend_args,
@@ -90,7 +91,7 @@ def write_outputs(
         "files": [p.name for p in paths[:4]],
         "depth_png": "16UC1 millimetres, 0 = invalid",
     }
-    paths[4].write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(paths[4], json.dumps(summary, indent=2) + "\n")
     return paths
 
 

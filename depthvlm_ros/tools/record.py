@@ -124,6 +124,21 @@ def final_path(out: Path) -> tuple[Path, Path | None]:
     return tmp / "bag", tmp
 
 
+def unfinished_recordings(out: Path) -> list[Path]:
+    """Temporary folders of earlier recordings to ``out`` that never finished (a kill, a power cut)."""
+    if out.suffix.lower() != ".mcap" or not out.parent.is_dir():
+        return []
+    return sorted(p for p in out.parent.glob(f".{out.name}.*.recording") if p.is_dir())
+
+
+def _why(exc: BaseException | None) -> str:
+    if exc is None:
+        return "unknown"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return f"{exc.__class__.__name__}: {str(exc)[:200]}"
+
+
 def move_into_place(bag_dir: Path, tmp: Path, out: Path) -> None:
     """Move the single MCAP file of ``bag_dir`` to ``out`` (never over an existing file)."""
     files = list(bag_dir.glob("*.mcap"))
@@ -250,10 +265,13 @@ def record(node, stop, args: argparse.Namespace, topics: list[tuple[str, str]]) 
     from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
     from rosbags.rosbag2 import StoragePlugin, Writer
 
+    for earlier in unfinished_recordings(args.out):
+        print(f"record: an unfinished recording of an earlier run is in {earlier} (kept: remove it, or read it "
+              "with rosbags)", file=sys.stderr, flush=True)
     bag_dir, tmp = final_path(args.out)
     writer = Writer(bag_dir, version=9, storage_plugin=StoragePlugin.MCAP)
     writer.open()
-    ok = False
+    failure: Exception | None = None
     recorder = None
     executor = SingleThreadedExecutor(context=node.context)
     try:
@@ -275,17 +293,24 @@ def record(node, stop, args: argparse.Namespace, topics: list[tuple[str, str]]) 
                           file=sys.stderr, flush=True)
         except (KeyboardInterrupt, ExternalShutdownException):
             pass
-        ok = True
+    except Exception as exc:  # a full disk, an unwritable folder: what was recorded is kept, never removed
+        failure = exc
     finally:
         executor.shutdown(timeout_sec=1.0)
-        if ok:
-            writer.close()
-        else:
-            writer.abort()
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
-    if tmp is not None:
-        move_into_place(bag_dir, tmp, args.out)
+    where = args.out if tmp is not None else bag_dir
+    try:
+        writer.close()  # finalises the MCAP file with every message written so far
+        if tmp is not None:
+            move_into_place(bag_dir, tmp, args.out)
+    except Exception as exc:
+        kept = tmp if tmp is not None else bag_dir
+        first = f"{_why(failure)}; " if failure is not None and _why(failure) != _why(exc) else ""
+        raise InputError(f"record: {first}could not finish the recording ({_why(exc)}): what was written is kept "
+                         f"in {kept}") from None
+    if failure is not None or recorder is None:
+        total = recorder.total if recorder is not None else 0
+        raise InputError(f"record: stopped by an error ({_why(failure)}); the {total} messages recorded before it "
+                         f"are kept in {where}")
     width = max(len(t) for t in recorder.counts)
     print(f"recorded {recorder.total} messages to {args.out}")
     for topic, count in recorder.counts.items():

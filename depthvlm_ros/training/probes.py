@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from depthvlm_ros.errors import InputError
+from depthvlm_ros.files import write_text_atomic
 
 #: Share of the probe images whose tokens fit the read-outs (the rest score them).
 FIT_SHARE = 0.7
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(markdown(result))
     if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
     return 0
 
 

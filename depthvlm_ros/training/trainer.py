@@ -323,16 +323,13 @@ def save_checkpoint(folder: Path, model: DepthVLMForConditionalGeneration, proce
 
 def fsync_tree(folder: Path, files: bool = True) -> None:
     """Flush ``folder`` (and, with ``files``, every file under it and its subfolders) to disk."""
-    paths = [p for p in folder.rglob("*") if p.is_file()] if files else []
-    for path in paths:
+    from depthvlm_ros.files import fsync_dir
+
+    for path in (p for p in folder.rglob("*") if p.is_file()) if files else ():
         with open(path, "rb") as f:
             os.fsync(f.fileno())
     for directory in ([folder, *(p for p in folder.rglob("*") if p.is_dir())] if files else [folder]):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(directory)
 
 
 #: A resumable checkpoint's folder name; ``.partial`` and ``.old`` folders a kill left behind are not.
@@ -610,7 +607,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 def _write_summary(out: Path, cfg: TrainConfig, state: TrainState, running: dict[str, float], world: int,
                    history: list[dict[str, Any]], accelerator: Any) -> None:
     if accelerator.is_main_process:
-        (out / "train_summary.json").write_text(json.dumps(
+        from depthvlm_ros.files import write_text_atomic
+
+        write_text_atomic(out / "train_summary.json", json.dumps(
             {"config": asdict(cfg), "state": asdict(state), "running": running, "processes": world,
              "history": history}, indent=2) + "\n")
 
