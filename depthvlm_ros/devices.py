@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from depthvlm_ros.errors import InputError
+from depthvlm_ros.errors import InputError, SetupError
 
 #: Compute capability from which NVIDIA GPUs compute in bf16 (Ampere; Orin is 8.7).
 BF16_MIN_CAPABILITY = (8, 0)
@@ -34,10 +34,10 @@ def cuda_device(device: str, current_index: int) -> str:
 
 
 def check_dtype_on_device(dtype: str, device_type: str, capability: tuple[int, int] | None, gpu_name: str = "") -> None:
-    """InputError when ``dtype`` (fp32, fp16, bf16) cannot run on the device; ``capability`` is the GPU's
+    """SetupError when ``dtype`` (fp32, fp16, bf16) cannot run on the device; ``capability`` is the GPU's
     compute capability (None on CPU, where every dtype runs, bf16 slowly)."""
     if dtype == "bf16" and device_type == "cuda" and capability is not None and capability < BF16_MIN_CAPABILITY:
-        raise InputError(
+        raise SetupError(
             f"{gpu_name or 'this GPU'} (compute capability {capability[0]}.{capability[1]}) has no bf16; "
             "use fp16 (--dtype fp16, node parameter precision: fp16) or fp32"
         )

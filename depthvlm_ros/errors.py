@@ -1,7 +1,15 @@
-"""Error types that mean "the caller gave us something wrong", and how untrusted text is quoted.
+"""Error types by kind, the exit code each gives, and how untrusted text is quoted.
 
-Tools turn these into a one-line message and exit code 2; the ROS node turns them into a
-throttled log line, a diagnostics entry or a service ``message``. Anything else is a bug.
+Two kinds of expected failure, both :class:`DepthVLMError`:
+
+- :class:`InputError`, exit code 2: the caller gave us something wrong (an image, intrinsics, a question,
+  an option, a file of data).
+- :class:`SetupError`, exit code 3: this machine or a model folder cannot do the job (a runtime that is not
+  installed, a device that is missing, a model folder that is incomplete or whose keys are wrong, an engine
+  built elsewhere). Fixing it means installing or rebuilding something, not changing the input.
+
+Tools turn both into a one-line message and their exit code; the ROS node turns them into a throttled log
+line, a diagnostics entry or a service ``message``. Anything else is a bug (exit code 1 with a traceback).
 
 Every string that comes from outside (a message's ``encoding`` or ``format``, a camera name in a
 request, a question) reaches an error message only through :func:`shown`: cut to a few dozen
@@ -25,17 +33,32 @@ def shown(value: object, limit: int = SHOWN_CHARS) -> str:
     return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
-class InputError(ValueError):
-    """Bad data from outside: an image, intrinsics, a question, a pixel list, a file.
+class DepthVLMError(Exception):
+    """An expected failure that a tool reports in one line and the node survives.
 
     ``kind``: a fixed code for what is wrong (logs are throttled by it); empty when the caller has none.
+    ``exit_code``: what a command-line tool exits with.
     """
+
+    exit_code = 1
 
     def __init__(self, message: str, kind: str = "") -> None:
         super().__init__(message)
         self.kind = kind
 
 
-class CheckpointError(InputError):
+class InputError(DepthVLMError, ValueError):
+    """Bad data from outside: an image, intrinsics, a question, a pixel list, an option, a file (exit code 2)."""
+
+    exit_code = 2
+
+
+class SetupError(DepthVLMError, RuntimeError):
+    """What this machine or a model folder cannot do: a runtime, a device, a model or engine file (exit code 3)."""
+
+    exit_code = 3
+
+
+class CheckpointError(SetupError):
     """A model folder that is missing files, has wrong/missing keys or is not loadable."""
 

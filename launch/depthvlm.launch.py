@@ -10,10 +10,10 @@ empty: the params file's, else the built-in model), image and camera_info (the c
 use_compressed (subscribe to ``<image>/compressed`` instead of ``<image>``), autostart (true: the node
 configures and activates itself; false: it waits unconfigured for a lifecycle manager, e.g. Nav2's
 lifecycle_manager with node_names [depthvlm]), log_level, enclave (the node's SROS2 enclave on a
-security-enabled install: ``/depthvlm/node`` of config/sros2_policy.xml; empty: none). Several cameras: set ``cameras`` in the params
-file (each camera's topics live under its namespace; remap them there). The Fast DDS large-data profile
-(config/fastdds_large_data.xml) is set for the launched processes unless FASTDDS_DEFAULT_PROFILES_FILE is
-already set.
+security-enabled install: ``/depthvlm/node`` of config/sros2_policy.xml; empty: none). Several cameras:
+set ``cameras`` in the params file (each camera's topics live under its namespace; remap them there). The
+Fast DDS large-data profile (config/fastdds_large_data.xml) is set for the launched processes unless
+FASTDDS_DEFAULT_PROFILES_FILE is already set.
 """
 # ruff: noqa: I001  (ruff takes the repo's launch/ folder for the `launch` package and mis-sorts its imports)
 

@@ -145,10 +145,9 @@ def main() -> int:
                 return 2
             time.sleep(0.2)
     try:
-        from depthvlm_ros.backends.export_cache import export_cache_path
 
         counts_wanted = [int(n) for n in args.streams.split(",")]
-        graph = export_cache_path(vlm, width, height)  # made by depthvlm serve (absent for a remote server)
+        graph = vlm.export_path(width, height)  # made by depthvlm serve (absent for a remote server)
         runs: dict[int | str, list[dict]] = {**({"local": []} if graph.is_file() else {}),
                                              **{n: [] for n in counts_wanted}}
         for _ in range(args.rounds):

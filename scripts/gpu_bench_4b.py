@@ -195,14 +195,13 @@ def main() -> int:
             report["notes"].append(f"{label} skipped: the {args.budget_s:g} s budget was spent")
             continue
         try:
-            vlm.backend = TorchBackend(model, compile=True, compile_mode=mode)
-            report["compiled"][label] = time_pipeline(vlm, synthetic_image(width, height),
+            compiled = vlm.with_backend(TorchBackend(model, compile=True, compile_mode=mode))
+            report["compiled"][label] = time_pipeline(compiled, synthetic_image(width, height),
                                                       Intrinsics.from_fx(width, height, fx), args.runs, warmup=3)
             print(f"{label}: {report['compiled'][label]['median_ms']}", flush=True)
         except Exception as exc:  # a compiler failure is a result to record, not a crash
             report["notes"].append(f"{label} failed: {exc.__class__.__name__}: {str(exc)[:300]}")
         finally:
-            vlm.backend = TorchBackend(model)
             torch._dynamo.reset()
             save()
     save()

@@ -19,6 +19,7 @@
 # test/test_gpu.py, each test's measurements appended to $OUT/gpu_report.jsonl; on a CUDA GPU,
 # `depthvlm bench` of the shipped model on cuda (torch, + onnxruntime with its CUDA provider, + a
 # TensorRT fp32 engine built here when tensorrt imports) -> $OUT/bench_cuda.json; a short summary.
+# GPU_BENCH_4B=0 skips the 4B stage-by-stage bench (for a short device lease).
 # Without a CUDA GPU it stops after the (skipped) tests: "no CUDA GPU: nothing to check".
 # Exit status: 0 when the tests pass and the bench runs; otherwise the first failure's.
 set -euo pipefail
@@ -88,7 +89,9 @@ except ImportError:
     print("tensorrt: not installed (optional)")
 EOF
 
-if "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
+if [ "${GPU_BENCH_4B:-1}" = 0 ]; then
+  echo "== DepthVLM-4B configuration: skipped (GPU_BENCH_4B=0)"
+elif "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
   echo "== DepthVLM-4B configuration, stage by stage (scripts/gpu_bench_4b.py)"
   timeout 420 "$PY" scripts/gpu_bench_4b.py --budget-s 240 --out "$OUT/gpu_bench_4b.json" || status=$?
 fi

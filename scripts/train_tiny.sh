@@ -41,7 +41,7 @@ phase() {  # NAME ARGS...: run a phase unless its final folder exists; resume it
 GROUND=(--mirror-qa --hop-weight 1 --hop-heads 1.1,1.2 --pointer-heads 2.2,2.3,3.2,3.3 --position-weight 1
         --position-layer 2 --coord-weight 3 --coord-sigma 15 --probe-data "$W/probe")
 # Bind: every grounding loss at full weight; the run stops at step 1500 unless the pointer heads are on the
-# named object for at least 35 % of the probe's answer points (exit 3: rethink before spending more).
+# named object for at least 35 % of the probe's answer points (exit 4: rethink before spending more).
 phase bind --stage 0 --init "$START" --data "$W/train" --steps 3000 --batch-size 8 --lr 3e-4 --warmup-steps 100 \
   --qa-fraction 0.875 --seed 3 --freeze model.visual.pos_embed --pointer-weight 1 "${GROUND[@]}" \
   --probe-every 500 --gate "pointer>=0.35@1500" --eval-data "$W/val" --eval-every 1000 --eval-limit 32 \

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -109,8 +111,18 @@ def scene_image(width: int, height: int, fx: float, fy: float | None = None) -> 
     return np.rint(np.stack([r, g, b], axis=-1) * 255).astype(np.uint8)
 
 
-# 0..101 keeps the DDS ports below Linux's ephemeral range (ROS 2 docs, "The ROS_DOMAIN_ID").
-_ROS_DOMAINS = iter(range(20 + os.getpid() % 30, 102))
+def _domains() -> Iterator[int]:
+    """ROS_DOMAIN_IDs for this test process, each used once before any repeats: 20..101 (0..101 keeps the DDS
+    ports below Linux's ephemeral range, ROS 2 docs "The ROS_DOMAIN_ID"), split between pytest-xdist workers
+    (worker w of W takes the IDs equal to w modulo W), so parallel workers never share a domain."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index, count = int(worker.removeprefix("gw") or 0), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    mine = [d for d in range(20, 102) if d % count == index % count]
+    start = os.getpid() % len(mine)  # another run on this machine most likely starts elsewhere
+    return itertools.cycle(mine[start:] + mine[:start])
+
+
+_ROS_DOMAINS = _domains()
 
 
 def ros_environment(cache: Path) -> dict[str, str]:

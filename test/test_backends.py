@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from depthvlm_ros.backends import BackendError, TorchBackend, create_backend
+from depthvlm_ros.backends import BackendError, BackendSpec, TorchBackend, create_backend
 from depthvlm_ros.backends.onnx_export import export_onnx, max_relative_error, read_metadata
 from depthvlm_ros.backends.onnxruntime_backend import OnnxRuntimeBackend
 from depthvlm_ros.backends.probe import TOLERANCE, probe_path, read_probe
@@ -37,12 +37,8 @@ def exports(tiny_model, tmp_path_factory):
 
 @pytest.fixture
 def use_backend(tiny_model):
-    """Swap the model's backend for one test and restore the reference after it."""
-    def swap(backend):
-        tiny_model.backend = backend
-        return tiny_model
-    yield swap
-    tiny_model.backend = TorchBackend(tiny_model.model)
+    """The tiny model (shared, not reloaded) with another backend."""
+    return tiny_model.with_backend
 
 
 @pytest.mark.model_core
@@ -97,16 +93,17 @@ def test_onnx_from_other_weights_is_refused(exports, tmp_path):
 
 
 def test_backend_selection_and_fallback(tiny_model, exports):
-    assert isinstance(create_backend(tiny_model, "torch"), TorchBackend)
-    ort = create_backend(tiny_model, "onnxruntime", onnx=[exports[(320, 256)].path])
+    model, fingerprint = tiny_model.model, tiny_model.fingerprint
+    assert isinstance(create_backend(BackendSpec("torch"), model), TorchBackend)
+    ort = create_backend(BackendSpec("onnxruntime", onnx=(exports[(320, 256)].path,)), model, fingerprint)
     assert ort.name == "onnxruntime" and ort.sizes() == [(320, 256)]
     with pytest.raises(BackendError, match="unknown backend"):
-        create_backend(tiny_model, "tvm")
+        create_backend(BackendSpec("tvm"), model)
     with pytest.raises(BackendError, match="TensorRT is not installed|needs --engine"):
-        create_backend(tiny_model, "tensorrt")
+        create_backend(BackendSpec("tensorrt"), model)
     messages: list[str] = []
-    chosen = create_backend(tiny_model, "tensorrt", onnx=[exports[(320, 256)].path], fallback=True,
-                            log=messages.append)
+    chosen = create_backend(BackendSpec("tensorrt", onnx=(exports[(320, 256)].path,), fallback=True), model,
+                            fingerprint, log=messages.append)
     assert chosen.name == "onnxruntime"
     assert len(messages) == 1 and "falling back to onnxruntime" in messages[0]
 
@@ -122,10 +119,11 @@ def test_auto_picks_onnxruntime_on_this_cpu_and_says_why(tiny_model, exports, tm
     assert name == "onnxruntime" and "no CUDA device (d.engine)" in why  # an engine alone is not enough
     messages: list[str] = []
     graph = exports[(320, 256)].path
-    chosen = create_backend(tiny_model, "auto", onnx=[graph, engine], engines=[graph, engine], log=messages.append)
+    chosen = create_backend(BackendSpec("auto", onnx=(graph, engine), engines=(graph, engine)), tiny_model.model,
+                            tiny_model.fingerprint, log=messages.append)
     assert chosen.name == "onnxruntime" and chosen.sizes() == [(320, 256)]  # the graph, not the engine file
     assert chosen.choice_reason == messages[0] == why
-    assert create_backend(tiny_model, "torch").choice_reason == "torch (asked for)"
+    assert create_backend(BackendSpec("torch"), tiny_model.model).choice_reason == "torch (asked for)"
 
 
 SIDECAR = {"gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "tensorrt_version": "10.13.0",
@@ -173,17 +171,17 @@ def cli_commands(message: str) -> list[list[str]]:
 ])
 @pytest.mark.processes
 def test_engines_are_strongly_typed_and_errors_name_commands_that_exist(graph, requested, error):
-    from depthvlm_ros.backends.tensorrt_backend import engine_plan
+    from depthvlm_ros.backends.tensorrt_backend import engine_recipe
     from depthvlm_ros.tools.cli import build_parser
 
     if error is None:
-        plan = engine_plan(graph, requested)
-        assert plan.strongly_typed and plan.precision == graph
-        sidecar = dict(SIDECAR, precision=plan.precision)
+        recipe = engine_recipe(graph, requested)
+        assert recipe.strongly_typed and recipe.precision == graph
+        sidecar = dict(SIDECAR, precision=recipe.precision)
         message = check_sidecar_message(sidecar)
     else:
         with pytest.raises(BackendError, match=error) as err:
-            engine_plan(graph, requested)
+            engine_recipe(graph, requested)
         message = str(err.value)
     commands = cli_commands(message)
     assert commands, message
@@ -240,13 +238,13 @@ def test_cli_bench_measures_backends_side_by_side(tiny_checkpoint, exports):
 @pytest.mark.processes
 def test_cli_compiled_path_errors_are_one_line(tmp_path, tiny_checkpoint):
     run = run_cli("build-engine", "--onnx", str(tmp_path / "x.onnx"), "--out", str(tmp_path / "x.engine"))
-    assert run.returncode == 2
+    assert run.returncode == 3  # TensorRT is missing here: this machine cannot, whatever the input
     assert run.stderr.strip().startswith("depthvlm: error:") and len(run.stderr.strip().splitlines()) == 1
     run = run_cli("export", "--model", str(tiny_checkpoint), "--size", "300x256", "--out", str(tmp_path / "y.onnx"))
     assert run.returncode == 2 and "multiple of 32" in run.stderr
     run = run_cli("predict", str(SAMPLE_IMAGE), "--camera-info", str(SAMPLE_CAMERA), "--model", str(tiny_checkpoint),
                   "--backend", "tensorrt", "--out", str(tmp_path / "o"))
-    assert run.returncode == 2 and "depthvlm: error:" in run.stderr
+    assert run.returncode == 3 and "depthvlm: error: tensorrt needs --engine FILE" in run.stderr
 
 
 def test_failed_export_never_lands_where_a_backend_would_use_it(tiny_model, tmp_path, monkeypatch):
@@ -363,7 +361,8 @@ def test_a_graph_altered_after_export_is_refused_and_fallback_serves_pytorch(exp
     with pytest.raises(BackendError, match="has no probe"):
         OnnxRuntimeBackend([no_probe])
     messages: list[str] = []
-    chosen = create_backend(tiny_model, "onnxruntime", onnx=[graph], fallback=True, log=messages.append)
+    chosen = create_backend(BackendSpec("onnxruntime", onnx=(graph,), fallback=True), tiny_model.model,
+                            tiny_model.fingerprint, log=messages.append)
     assert isinstance(chosen, TorchBackend) and "differs from its PyTorch reference" in chosen.fallback_reason
     assert len(messages) == 1 and "falling back to torch" in messages[0]
 
@@ -383,10 +382,10 @@ def test_held_sizes_are_bounded_and_background_sizes_never_block(exports, tiny_m
     fore = OnnxRuntimeBackend(exporter=exporter, max_sizes=1)
     k = Intrinsics.from_fx(320, 240, 1000.0)
     portrait = Intrinsics.from_fx(240, 320, 1000.0)
-    tiny_model.backend = fore
+    model = tiny_model.with_backend(fore)
     try:
-        tiny_model.predict_depth(scene_image(320, 240, 1000.0), k)
-        result = tiny_model.predict_depth(scene_image(240, 320, 1000.0), portrait)
+        model.predict_depth(scene_image(320, 240, 1000.0), k)
+        result = model.predict_depth(scene_image(240, 320, 1000.0), portrait)
         assert result.backend == "onnxruntime" and fore.held_sizes() == [(256, 320)] and made == list(graphs)
 
         release = threading.Event()
@@ -401,16 +400,16 @@ def test_held_sizes_are_bounded_and_background_sizes_never_block(exports, tiny_m
         try:
             with pytest.raises(SizeNotReadyError):
                 back.nearest_size(320, 256)
-            tiny_model.backend = back
-            assert tiny_model.predict_depth(scene_image(320, 240, 1000.0), k).backend == "torch"  # PyTorch stands in
+            model = tiny_model.with_backend(back)
+            assert model.predict_depth(scene_image(320, 240, 1000.0), k).backend == "torch"  # PyTorch stands in
             release.set()
             assert back.wait_for_size((320, 256), timeout_s=60), back.describe()  # the worker made it
             assert back.held_sizes() == [(320, 256)]
-            assert tiny_model.predict_depth(scene_image(320, 240, 1000.0), k).backend == "onnxruntime"
+            assert model.predict_depth(scene_image(320, 240, 1000.0), k).backend == "onnxruntime"
         finally:
             back.close()
     finally:
-        tiny_model.backend = TorchBackend(tiny_model.model)
+        fore.close()
 
 
 def test_export_cache_keeps_the_most_recently_used_graphs(tmp_path, monkeypatch):
@@ -433,3 +432,21 @@ def test_export_cache_keeps_the_most_recently_used_graphs(tmp_path, monkeypatch)
     monkeypatch.setenv("DEPTHVLM_EXPORT_CACHE_MAX_GB", str(2200 / 1e9))  # room for two graphs and their probes
     prune_export_cache(root)
     assert [g.is_file() for g in graphs] == [False, False, False, True, True]
+
+
+def test_loaded_sizes_evicts_the_least_recently_used_and_keeps_sizes_in_use():
+    """The one cache both compiled backends hold their sizes in: at most max_sizes, the least recently used
+    goes first, and a size used within idle_before_replaced_s leaves no room for a background size."""
+    from depthvlm_ros.backends.base import LoadedSizes
+
+    held: LoadedSizes[str] = LoadedSizes(2, idle_before_replaced_s=3600.0)
+    assert held.hold((320, 240), "a") == [] and held.hold((640, 480), "b") == []
+    assert held.get((320, 240)) == "a"  # used: 640x480 is now the least recently used
+    assert not held.has_room()  # both were used within the hour
+    assert held.hold((160, 120), "c") == [(640, 480)]
+    assert held.sizes() == [(160, 120), (320, 240)] and held.get((640, 480)) is None
+    idle: LoadedSizes[str] = LoadedSizes(1, idle_before_replaced_s=0.0)
+    idle.hold((320, 240), "a")
+    assert idle.has_room()  # unused for 0 s is idle enough
+    with pytest.raises(BackendError, match="at least 1"):
+        LoadedSizes(0)

@@ -73,7 +73,7 @@ def test_default_model_is_the_shipped_depthvlm_tiny(tmp_path):
 @pytest.mark.processes
 def test_ask_prints_the_models_answer(tiny_checkpoint, tiny_model):
     from depthvlm_ros.geometry import Intrinsics
-    from depthvlm_ros.tools.cli import NO_TEXT
+    from depthvlm_ros.tools.ask import NO_TEXT
 
     question = "How far is the red ball?"
     run = depthvlm("ask", str(SAMPLE_IMAGE), question, "--camera-info", str(SAMPLE_CAMERA),
@@ -97,17 +97,18 @@ def test_bench_prints_a_table_and_json(tiny_checkpoint):
     assert "median ms" in run.stdout
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["predict", "missing.png", "--fx", "300"], "no such image"),
-    (["predict", "CORRUPT", "--fx", "300"], "cannot read image"),
-    (["predict", str(SAMPLE_IMAGE), "--fx", "0"], "positive"),
-    (["predict", str(SAMPLE_IMAGE), "--fx", "nan"], "finite"),
-    (["predict", str(SAMPLE_IMAGE)], "--fx"),
-    (["predict", str(SAMPLE_IMAGE), "--fx", "300", "--model", "BROKEN"], "missing keys: depth_head.norm.weight"),
-    (["ask", str(SAMPLE_IMAGE), "", "--fx", "300", "--model", "MODEL"], "question is empty"),
+@pytest.mark.parametrize(("args", "message", "code"), [
+    (["predict", "missing.png", "--fx", "300"], "no such image", 2),
+    (["predict", "CORRUPT", "--fx", "300"], "cannot read image", 2),
+    (["predict", str(SAMPLE_IMAGE), "--fx", "0"], "positive", 2),
+    (["predict", str(SAMPLE_IMAGE), "--fx", "nan"], "finite", 2),
+    (["predict", str(SAMPLE_IMAGE)], "--fx", 2),
+    (["predict", str(SAMPLE_IMAGE), "--fx", "300", "--model", "BROKEN"], "missing keys: depth_head.norm.weight", 3),
+    (["ask", str(SAMPLE_IMAGE), "", "--fx", "300", "--model", "MODEL"], "question is empty", 2),
 ])
 @pytest.mark.processes
-def test_bad_input_is_one_line_and_exit_code_2(tmp_path, tiny_checkpoint, args, message):
+def test_bad_input_is_one_line_exit_2_and_a_broken_model_folder_exit_3(tmp_path, tiny_checkpoint, args, message,
+                                                                        code):
     from safetensors.torch import load_file, save_file
 
     corrupt = tmp_path / "corrupt.png"
@@ -123,7 +124,7 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, tiny_checkpoint, args, 
     subst = {"CORRUPT": str(corrupt), "BROKEN": str(broken), "MODEL": str(tiny_checkpoint)}
     run = depthvlm(*[subst.get(a, a) for a in args], "--out", str(tmp_path / "o")) if args[0] == "predict" \
         else depthvlm(*[subst.get(a, a) for a in args])
-    assert run.returncode == 2, run.stderr
+    assert run.returncode == code, run.stderr
     lines = [line for line in run.stderr.splitlines() if line.strip() and not line.startswith("note:")]
     assert len(lines) == 1 and lines[0].startswith("depthvlm: error:"), run.stderr
     assert message in lines[0]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from depthvlm_ros.devices import check_dtype_on_device, cuda_device, exact_fp32
-from depthvlm_ros.errors import InputError
+from depthvlm_ros.errors import InputError, SetupError
 
 
 @pytest.mark.parametrize(("device", "current", "want"), [
@@ -28,7 +28,7 @@ def test_a_device_that_is_no_cuda_device_is_one_clear_error(device):
 
 
 def test_bf16_is_refused_on_a_gpu_without_it_and_the_error_names_what_works():
-    with pytest.raises(InputError, match=r"Xavier \(compute capability 7.2\) has no bf16; use fp16"):
+    with pytest.raises(SetupError, match=r"Xavier \(compute capability 7.2\) has no bf16; use fp16"):
         check_dtype_on_device("bf16", "cuda", (7, 2), "Xavier")
     check_dtype_on_device("bf16", "cuda", (8, 7), "Orin")  # Ampere and newer compute bf16
     check_dtype_on_device("fp16", "cuda", (7, 2), "Xavier")

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from depthvlm_ros.errors import InputError
-from depthvlm_ros.evaluation.bench_data import (
+from depthvlm_ros.evaluation.benchmark_data import (
     align_to_grid,
     find_preset,
     iter_records,
@@ -397,9 +397,9 @@ def test_scaled_predictions_fail_delta1_everywhere(bench, tmp_path, capsys):
 
 
 def test_model_batches_by_canonical_size(bench, monkeypatch):
-    from depthvlm_ros.evaluation.bench_data import parse_dataset_spec
+    from depthvlm_ros.evaluation.benchmark_data import parse_dataset_spec
+    from depthvlm_ros.evaluation.evaluator import DatasetEvaluator, PredictionSource
     from depthvlm_ros.geometry import canonical_size
-    from depthvlm_ros.tools.eval_tool import DatasetEvaluator, PredictionSource
 
     root, data = bench
     calls = []
@@ -415,8 +415,8 @@ def test_model_batches_by_canonical_size(bench, monkeypatch):
 
 
 def test_prediction_of_another_aspect_is_a_skipped_record(bench):
-    from depthvlm_ros.evaluation.bench_data import parse_dataset_spec
-    from depthvlm_ros.tools.eval_tool import DatasetEvaluator, PredictionSource
+    from depthvlm_ros.evaluation.benchmark_data import parse_dataset_spec
+    from depthvlm_ros.evaluation.evaluator import DatasetEvaluator, PredictionSource
 
     root, data = bench
     source = PredictionSource("square", predict=lambda images, ks: [np.ones((32, 32), np.float32)] * len(images))

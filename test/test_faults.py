@@ -39,9 +39,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, depthvlm, ros_environment
-
-sys.path.insert(0, str(REPO / "test"))
-from test_ros_node import TEST_PARAMS, NodeProcess, finish, peer, start_peer  # noqa: E402
+from test_ros_node import PEER, TEST_PARAMS, NodeProcess, finish, peer, start_peer
 
 pytestmark = pytest.mark.faults
 
@@ -105,7 +103,7 @@ def test_fault_megabyte_strings_in_encoding_format_and_camera_names(fault_node, 
     logged = [line for line in fault_node.lines[since:] if line.strip()]
     assert len(logged) <= 36 and max(len(line) for line in logged) <= 1000, logged[:5]
     name = "x" * 1_000_000
-    call = subprocess.run([sys.executable, str(REPO / "test" / "ros_peer.py"), "call", "spatial_query", "-"],
+    call = subprocess.run([sys.executable, PEER, "call", "spatial_query", "-"],
                           input=json.dumps({"question": "How far is it?", "camera": name}), env=fault_env,
                           capture_output=True, text=True, timeout=180)
     assert call.returncode == 0, call.stderr[-2000:]
@@ -179,7 +177,7 @@ def _rogue_repository(root: Path, fingerprint: str, marker: Path) -> Path:
     for mode in ("shape", "nan", "empty", "stall"):
         folder = root / f"rogue_{mode}_320x256"
         (folder / "1").mkdir(parents=True)
-        shutil.copyfile(REPO / "test" / "rogue_triton_model.py", folder / "1" / "model.py")
+        shutil.copyfile(REPO / "test" / "peers" / "rogue_triton_model.py", folder / "1" / "model.py")
         params = {"mode": mode, "marker": str(marker), "stall_s": "15", "depthvlm.model_fingerprint": fingerprint,
                   "depthvlm.vision_patch": "16", "depthvlm.width": "320", "depthvlm.height": "256"}
         (folder / "config.pbtxt").write_text(
@@ -228,17 +226,15 @@ def test_fault_rogue_triton_output_never_becomes_depth(rogue_server, tiny_model)
     url, _ = rogue_server
     k = Intrinsics.from_fx(320, 240, 1000.0)
     fingerprint = model_fingerprint(tiny_model.folder)
-    saved = tiny_model.backend
-    try:
-        for mode, says in (("shape", "[1, 2, 2]"), ("nan", "not finite"), ("empty", "no depth output")):
-            tiny_model.backend = TritonBackend(TritonConnection(url, f"rogue_{mode}", timeout_s=60.0), fingerprint,
-                                               log=lambda _: None)
+    for mode, says in (("shape", "[1, 2, 2]"), ("nan", "not finite"), ("empty", "no depth output")):
+        backend = TritonBackend(TritonConnection(url, f"rogue_{mode}", timeout_s=60.0), fingerprint, log=lambda _: None)
+        model = tiny_model.with_backend(backend)
+        try:
             with pytest.raises(BackendError, match="refused") as err:
-                tiny_model.infer(tiny_model.plan(k), [scene_image(320, 240, 1000.0)])
-            assert says in str(err.value), (mode, err.value)
-            tiny_model.backend.close()
-    finally:
-        tiny_model.backend = saved
+                model.infer(model.plan(k), [scene_image(320, 240, 1000.0)])
+        finally:
+            backend.close()
+        assert says in str(err.value), (mode, err.value)
 
 
 @pytest.mark.slow
@@ -255,14 +251,14 @@ def test_fault_stalled_triton_times_out_and_never_holds_the_model(rogue_server, 
 
     url, marker = rogue_server
     k = Intrinsics.from_fx(320, 240, 1000.0)
-    saved = tiny_model.backend
-    tiny_model.backend = TritonBackend(TritonConnection(url, "rogue_stall", timeout_s=5.0),
-                                       model_fingerprint(tiny_model.folder), log=lambda _: None)
+    backend = TritonBackend(TritonConnection(url, "rogue_stall", timeout_s=5.0), model_fingerprint(tiny_model.folder),
+                            log=lambda _: None)
+    model = tiny_model.with_backend(backend)
     failures: list[BaseException] = []
 
     def frame() -> None:
         try:
-            tiny_model.infer(tiny_model.plan(k), [scene_image(320, 240, 1000.0)])
+            model.infer(model.plan(k), [scene_image(320, 240, 1000.0)])
         except BaseException as exc:  # noqa: BLE001 (the test looks at it)
             failures.append(exc)
 
@@ -272,13 +268,12 @@ def test_fault_stalled_triton_times_out_and_never_holds_the_model(rogue_server, 
         while not marker.exists():  # the server has the request and sits on it
             assert thread.is_alive(), failures
             thread.join(0.05)
-        assert tiny_model.lock.acquire(blocking=False), "the model's lock is held during a network call"
-        tiny_model.lock.release()
+        assert model.lock.acquire(blocking=False), "the model's lock is held during a network call"
+        model.lock.release()
         assert thread.is_alive()  # (it was still waiting when the lock was taken)
         thread.join(120)
     finally:
-        tiny_model.backend.close()
-        tiny_model.backend = saved
+        backend.close()
     assert not thread.is_alive() and len(failures) == 1 and isinstance(failures[0], BackendError), failures
     assert "lost" in str(failures[0]) or "DEADLINE" in str(failures[0]).upper(), failures[0]
 
@@ -404,7 +399,7 @@ def test_fault_record_enospc_keeps_what_was_recorded(tmp_path, ros_env):
     recorder = subprocess.Popen([sys.executable, "-m", "depthvlm_ros", "record", str(bag), "--topics", "image",
                                  "camera_info", "--duration", "300"], env=ros_env, preexec_fn=limited,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    camera = subprocess.Popen([sys.executable, str(REPO / "test" / "ros_peer.py"), "publish", "--until-stdin-closes",
+    camera = subprocess.Popen([sys.executable, PEER, "publish", "--until-stdin-closes",
                                "--count", "6000", "--rate", "50", "--width", "640", "--height", "480", "--reliable"],
                               env=ros_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True)

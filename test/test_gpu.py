@@ -27,7 +27,7 @@ from depthvlm_ros.backends import TorchBackend
 from depthvlm_ros.backends.onnx_export import export_onnx, inputs_for_size
 from depthvlm_ros.backends.probe import TOLERANCE, max_relative_error
 from depthvlm_ros.devices import exact_fp32
-from depthvlm_ros.errors import InputError
+from depthvlm_ros.errors import SetupError
 from depthvlm_ros.geometry import Intrinsics
 
 from conftest import scene_image
@@ -134,13 +134,8 @@ def cpu_depth(tiny_model) -> np.ndarray:
 
 
 def depth_with(model, backend) -> np.ndarray:
-    """Depth on the model grid for the test camera through ``backend`` (the model's own restored after)."""
-    before = model.backend
-    model.backend = backend
-    try:
-        return model.predict_depth(scene_image(320, 240, 1000.0), CAMERA).depth_model
-    finally:
-        model.backend = before
+    """Depth on the model grid for the test camera through ``backend`` (the same model, another pipeline)."""
+    return model.with_backend(backend).predict_depth(scene_image(320, 240, 1000.0), CAMERA).depth_model
 
 
 def torch_cuda_ms(cuda_model, inputs) -> float:
@@ -211,7 +206,7 @@ def test_bf16_on_cuda_follows_the_compute_capability(tiny_checkpoint, tiny_model
 
     capability = torch.cuda.get_device_capability()
     if capability < (8, 0):
-        with pytest.raises(InputError, match="fp16"):
+        with pytest.raises(SetupError, match="fp16"):
             DepthVLM.from_pretrained(tiny_checkpoint, device="cuda", dtype="bf16")
         record("bf16_on_cuda", capability=list(capability), loaded=False, max_rel_error=None)
         return

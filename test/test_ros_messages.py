@@ -240,6 +240,30 @@ def test_shipped_parameter_file_matches_the_declared_parameters():
     assert check_settings({**values, "max_depth_m": 1.0, "min_depth_m": 2.0}) is not None
 
 
+def test_typed_settings_are_generated_from_the_parameter_table():
+    """ros/settings.py is what the table generates (a field per parameter, a frozen group each); a settings
+    object is made from values as a whole, and a misspelt field is an error where it is read."""
+    import dataclasses
+
+    from depthvlm_ros.ros.params import settings_module
+    from depthvlm_ros.ros.settings import Settings
+
+    text = (REPO / "depthvlm_ros" / "ros" / "settings.py").read_text()
+    assert text == settings_module(), \
+        "regenerate: python -m depthvlm_ros.ros.params --settings > depthvlm_ros/ros/settings.py"
+    values = {p.name: p.default for p in PARAMS}
+    settings = Settings.from_values(values)
+    groups = [getattr(settings, group.name) for group in dataclasses.fields(settings)]
+    fields = {f.name for group in groups for f in dataclasses.fields(group)}
+    assert fields == set(values)
+    assert settings.model.backend == values["backend"]
+    assert Settings.from_values(settings.values()) == settings  # a parameter change rebuilds the whole object
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.model.backend = "onnxruntime"
+    with pytest.raises(AttributeError):
+        _ = settings.model.bakend
+
+
 def test_sequence_gaps_count_what_never_arrived():
     from depthvlm_ros.ros.flow import SequenceGaps
 

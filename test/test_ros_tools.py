@@ -24,7 +24,7 @@ from conftest import REPO
 pytest.importorskip("rclpy")
 pytest.importorskip("rosbags")
 
-LISTENER = Path(__file__).resolve().parent / "ros_tools_listener.py"
+LISTENER = Path(__file__).resolve().parent / "peers" / "ros_tools_listener.py"
 WIDTH, HEIGHT = 64, 48
 #: A calibration at twice the images' resolution (proportional: K is scaled by 0.5).
 CAMERA_YAML = """\

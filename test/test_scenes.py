@@ -101,8 +101,8 @@ def test_qa_answers_point_inside_the_named_object(kind):
 
 
 @pytest.mark.processes
-def test_generate_cli_writes_a_bench_dataset(tmp_path):
-    from depthvlm_ros.evaluation.bench_data import BadRecord, iter_records, load_ground_truth
+def test_generate_cli_writes_a_benchmark_dataset(tmp_path):
+    from depthvlm_ros.evaluation.benchmark_data import BadRecord, iter_records, load_ground_truth
 
     out = tmp_path / "gen"
     run = subprocess.run([sys.executable, "-m", "depthvlm_ros", "generate", "--out", str(out), "--n", "6",

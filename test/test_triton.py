@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,9 +16,7 @@ from depthvlm_ros.geometry import Intrinsics
 from depthvlm_ros.tools.serve import free_ports
 
 from conftest import REPO, alter_onnx_weights, ros_environment
-
-sys.path.insert(0, str(REPO / "test"))
-from ros_peer import frame_rgb  # noqa: E402
+from peers.ros_peer import frame_rgb
 from test_ros_node import (  # noqa: E402
     PY,
     TEST_PARAMS,
@@ -80,14 +77,12 @@ def graph(tiny_model, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def local_onnxruntime(tiny_model, graph):
-    """The test's model with the local ONNX Runtime backend on the same graph (restored afterwards)."""
-    from depthvlm_ros.backends import TorchBackend
+    """The test's model with the local ONNX Runtime backend on the same graph."""
     from depthvlm_ros.backends.onnxruntime_backend import OnnxRuntimeBackend
 
-    tiny_model.backend = OnnxRuntimeBackend([graph])
-    yield tiny_model
-    tiny_model.backend.close()
-    tiny_model.backend = TorchBackend(tiny_model.model)
+    model = tiny_model.with_backend(OnnxRuntimeBackend([graph]))
+    yield model
+    model.backend.close()
 
 
 def test_the_batched_graph_computes_each_image_as_the_export_does(graph, tmp_path):
@@ -255,8 +250,8 @@ def test_a_node_reports_a_missing_server_and_streams_once_it_is_back(graph, tiny
 def test_a_tls_client_of_a_plaintext_server_and_missing_certificates_are_one_line_errors(server, tiny_checkpoint,
                                                                                          tmp_path):
     """The client's TLS options reach gRPC: a TLS client of the (plaintext) server does not connect, a missing
-    certificate file is named; each one line, exit 2. (No TLS server runs here: depthvlm serve cannot offer
-    TLS, see its docstring; the standard container can.)"""
+    certificate file is named; each one line, exit 3 (no server) and 2 (a bad option). (No TLS server runs
+    here: depthvlm serve cannot offer TLS, see its docstring; the standard container can.)"""
     from conftest import SAMPLE_IMAGE
 
     cert = tmp_path / "ca.pem"
@@ -267,13 +262,14 @@ def test_a_tls_client_of_a_plaintext_server_and_missing_certificates_are_one_lin
                          timeout=300)
     missing = subprocess.run([*base, "--triton-tls-root-cert", str(tmp_path / "nowhere.pem")], cwd=REPO,
                              capture_output=True, text=True, timeout=300)
-    for run, says in ((tls, "unreachable"), (missing, "nowhere.pem")):
+    for run, says, code in ((tls, "unreachable", 3), (missing, "nowhere.pem", 2)):
         lines = [line for line in run.stderr.splitlines() if line.startswith("depthvlm: error:")]
-        assert run.returncode == 2 and len(lines) == 1 and says in lines[0], run.stderr[-2000:]
+        assert run.returncode == code and len(lines) == 1 and says in lines[0], run.stderr[-2000:]
 
 
-def test_triton_errors_are_one_line_with_exit_code_2(server, tiny_checkpoint, tmp_path):
-    """An unreachable server names its URL; a server serving other weights is refused."""
+def test_triton_errors_are_one_line_with_exit_code_3(server, tiny_checkpoint, tmp_path):
+    """An unreachable server names its URL; a server serving other weights is refused. Neither is bad input:
+    exit code 3."""
     from conftest import SAMPLE_IMAGE
 
     free = free_ports(1)[0]
@@ -282,9 +278,9 @@ def test_triton_errors_are_one_line_with_exit_code_2(server, tiny_checkpoint, tm
     nowhere = subprocess.run([*base, "--model", str(tiny_checkpoint), "--triton-url", f"localhost:{free}"],
                              cwd=REPO, capture_output=True, text=True, timeout=180)
     other = subprocess.run([*base, "--triton-url", server.url], cwd=REPO, capture_output=True, text=True, timeout=180)
-    assert nowhere.returncode == 2 and f"triton server at grpc://localhost:{free} unreachable" in nowhere.stderr
+    assert nowhere.returncode == 3 and f"triton server at grpc://localhost:{free} unreachable" in nowhere.stderr
     assert len(nowhere.stderr.strip().splitlines()) == 1, nowhere.stderr
-    assert other.returncode == 2 and "was exported from other weights" in other.stderr and "refused" in other.stderr
+    assert other.returncode == 3 and "was exported from other weights" in other.stderr and "refused" in other.stderr
 
 
 def test_a_node_without_weights_needs_backend_triton(ros_env, tiny_checkpoint):
@@ -335,12 +331,12 @@ def test_a_batch_above_the_served_size_is_split_and_a_refused_request_is_not_a_l
     k = Intrinsics.from_fx(width, height, fx)
     frames = [frame_rgb(width, height, i) for i in range(9)]
     expected = [r.depth for r in local_onnxruntime.infer(local_onnxruntime.plan(k, exact=False), frames)]
-    weightless = DepthVLM.from_pretrained(tiny_checkpoint, weights=False)
-    assert {p.device.type for p in weightless.model.parameters()} == {"meta"}
+    loaded = DepthVLM.from_pretrained(tiny_checkpoint, weights=False)
+    assert {p.device.type for p in loaded.model.parameters()} == {"meta"}
     backend = TritonBackend(TritonConnection(server.url, token=read_token()),
                             expected_fingerprint=model_fingerprint(tiny_checkpoint), log=lambda _: None)
     try:
-        weightless.backend = backend
+        weightless = loaded.with_backend(backend)
         name = f"depthvlm_depth_{SIZE[0]}x{SIZE[1]}"
         before = statistics(server.url, name)
         got = [r.depth for r in weightless.infer(weightless.plan(k, exact=False), frames)]

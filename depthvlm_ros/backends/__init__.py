@@ -1,21 +1,25 @@
 """Depth backends behind one interface (:class:`DepthBackend`), and choosing one.
 
-``create_backend(vlm, "onnxruntime", ...)`` returns a ready backend or raises
-:class:`BackendError` with the reason; with ``fallback=True`` a refused backend (TensorRT missing,
-an engine built for another GPU, ...) is reported through ``log`` and the next one in
-:data:`BACKENDS` order is tried, ending at ``torch``, which always works.
+A :class:`BackendSpec` says which backend runs the depth path and how; ``create_backend(spec, ...)``
+returns a ready backend or raises :class:`BackendError` with the reason; with ``fallback`` a refused
+backend (TensorRT missing, an engine built for another GPU, ...) is reported through ``log`` and the
+next one in :data:`BACKENDS` order is tried, ending at ``torch``, which always works. A backend gets what
+it needs (the PyTorch model for ``torch``, the model's fingerprint, an exporter), never the pipeline:
+:meth:`DepthVLM.from_pretrained <depthvlm_ros.pipeline.DepthVLM.from_pretrained>` builds them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from depthvlm_ros.backends.base import BACKENDS, TRITON, BackendError, DepthBackend, SizeNotReadyError
 from depthvlm_ros.backends.export_cache import export_cache_path
 
-__all__ = ["AUTO", "BACKENDS", "TRITON", "BackendError", "DepthBackend", "SizeNotReadyError", "TorchBackend",
-           "choose_backend", "create_backend", "export_cache_path"]
+__all__ = ["AUTO", "BACKENDS", "TRITON", "BackendError", "BackendSpec", "DepthBackend", "SizeNotReadyError",
+           "TorchBackend", "choose_backend", "create_backend", "export_cache_path"]
 
 #: The backend name that picks one (:func:`choose_backend`): the default of the node and the tools.
 AUTO = "auto"
@@ -58,79 +62,56 @@ def __getattr__(name: str) -> object:
     raise AttributeError(name)
 
 
-def _onnxruntime(vlm: object, device: str, onnx: Sequence[Path], export_missing: bool, max_sizes: int,
-                 background: bool, idle_s: float, log: Callable[[str], None]) -> DepthBackend:
-    from depthvlm_ros.backends.export_cache import InProcessExporter, SubprocessExporter
-    from depthvlm_ros.backends.onnxruntime_backend import DEFAULT_SESSIONS, OnnxRuntimeBackend
-    from depthvlm_ros.model.checkpoint import model_fingerprint
+@dataclass(frozen=True)
+class BackendSpec:
+    """Which backend runs the depth path, and how.
 
-    exporter = None
-    if export_missing or not onnx:
-        exporter = SubprocessExporter(vlm, log=log) if background else InProcessExporter(vlm, log=log)
-    fingerprint = model_fingerprint(vlm.folder) if vlm.folder is not None else None
-    return OnnxRuntimeBackend(onnx, device=device, expected_fingerprint=fingerprint, exporter=exporter,
-                              max_sizes=max_sizes or DEFAULT_SESSIONS, background=background and exporter is not None,
-                              log=log, idle_before_replaced_s=idle_s)
-
-
-def _tensorrt(vlm: object, engines: Sequence[Path], device: str, max_sizes: int) -> DepthBackend:
-    from depthvlm_ros.backends.tensorrt_backend import TensorRTBackend
-    from depthvlm_ros.model.checkpoint import model_fingerprint
-
-    if not engines:
-        raise BackendError("tensorrt needs --engine FILE (build one with depthvlm build-engine)")
-    fingerprint = model_fingerprint(vlm.folder) if vlm.folder is not None else None
-    from depthvlm_ros.backends.tensorrt_backend import DEFAULT_ENGINES
-
-    return TensorRTBackend(engines, expected_fingerprint=fingerprint, device=device,
-                           max_engines=max_sizes or DEFAULT_ENGINES)
-
-
-def create_backend(
-    vlm: object,
-    name: str,
-    device: str = "cpu",
-    onnx: Sequence[str | Path] = (),
-    engines: Sequence[str | Path] = (),
-    export_missing: bool = False,
-    compile: bool = False,
-    fallback: bool = False,
-    log: Callable[[str], None] = print,
-    max_sizes: int = 0,
-    background: bool = False,
-    idle_before_replaced_s: float = 30.0,
-    triton: object | None = None,
-) -> DepthBackend:
-    """A backend for ``vlm`` (a loaded :class:`DepthVLM`) by name; see the module docstring.
-
-    ``onnx``: exported graphs for onnxruntime; without any, sizes are exported on first use into
-    the cache (``export_missing`` also allows that next to given files): in the caller's thread, or
-    with ``background`` in a separate process while the nearest held size (or PyTorch) serves; a
-    full set of held sizes is changed only by replacing one unused for ``idle_before_replaced_s``.
-    ``engines``: TensorRT engine files with their sidecars. ``name`` ``auto``: :func:`choose_backend`
-    picks one from ``device`` and the files given (its reason is logged and kept in
-    ``choice_reason``). ``max_sizes``: compiled sizes held at once; 0 = the backend's default (4 ONNX
-    Runtime sessions, 1 TensorRT engine: each engine holds all the weights). ``compile``:
-    torch.compile for the torch backend. A backend chosen by fallback carries the reason in
-    ``fallback_reason`` (shown in the node's diagnostics).
-
-    ``triton``: the server a :class:`~depthvlm_ros.backends.triton_backend.TritonConnection` names (address,
-    models ``<prefix>_WxH``, token, timeout, TLS; default: localhost:8001); never part of a fallback.
-    Unreachable: BackendError, or with ``background`` (the node) a backend that says so in ``problem()`` and
-    connects when the server comes.
+    ``name``: ``auto`` (:func:`choose_backend`), ``torch``, ``onnxruntime``, ``tensorrt`` or ``triton``.
+    ``onnx``: exported graphs for ONNX Runtime; without any (or with ``export_missing``) sizes are exported
+    on first use into the cache, in the caller's thread or, with ``background``, in a separate process while
+    the nearest held size (or PyTorch) serves. ``engines``: TensorRT engines with their sidecars.
+    ``max_sizes``: compiled sizes held at once (0: the backend's default, 4 ONNX Runtime sessions or 1
+    TensorRT engine). ``idle_before_replaced_s``: a full set of held sizes changes only by replacing one
+    unused this long. ``compile``: torch.compile for ``torch``. ``fallback``: a refused backend hands over
+    to the next. ``triton``: the server (a :class:`~depthvlm_ros.backends.triton_backend.TritonConnection`);
+    never part of a fallback, and unreachable at start it raises, or with ``background`` says so in
+    ``problem()`` and connects when the server comes.
     """
-    if name == TRITON:
-        from depthvlm_ros.backends.triton_backend import TritonBackend, TritonConnection
-        from depthvlm_ros.model.checkpoint import model_fingerprint
 
-        fingerprint = model_fingerprint(vlm.folder) if vlm.folder is not None else None
-        backend = TritonBackend(triton if isinstance(triton, TritonConnection) else TritonConnection(), fingerprint,
-                                connect_now=not background, log=log)
-        backend.choice_reason = f"{TRITON} (asked for)"
-        return backend
-    choice = ""
+    name: str = "torch"
+    device: str = "cpu"
+    onnx: tuple[Path, ...] = ()
+    engines: tuple[Path, ...] = ()
+    export_missing: bool = False
+    compile: bool = False
+    fallback: bool = False
+    max_sizes: int = 0
+    background: bool = False
+    idle_before_replaced_s: float = 30.0
+    triton: Any = None
+
+    @property
+    def needs_exporter(self) -> bool:
+        """Whether ONNX Runtime would export sizes (it may serve: ``onnxruntime`` or ``auto``, or a fallback)."""
+        return self.export_missing or not self.onnx
+
+
+def create_backend(spec: BackendSpec, model: Any = None, fingerprint: str | None = None,
+                   exporter: Callable[[int, int, bool], Path] | None = None,
+                   log: Callable[[str], None] = print) -> DepthBackend:
+    """The backend ``spec`` names, ready (see :class:`BackendSpec`). ``model``: the PyTorch model (the
+    ``torch`` backend, and a fallback to it); ``fingerprint``: the weights' (compiled artefacts and servers
+    of other weights are refused); ``exporter``: makes a missing ONNX size (``exporter(w, h, replace)``)."""
+    if spec.name == TRITON:
+        from depthvlm_ros.backends.triton_backend import TritonBackend, TritonConnection
+
+        connection = spec.triton if isinstance(spec.triton, TritonConnection) else TritonConnection()
+        remote = TritonBackend(connection, fingerprint, connect_now=not spec.background, log=log)
+        remote.choice_reason = f"{TRITON} (asked for)"
+        return remote
+    name, choice, onnx, engines, fallback = spec.name, "", list(spec.onnx), list(spec.engines), spec.fallback
     if name == AUTO:
-        name, choice = choose_backend(device, [*onnx, *engines])
+        name, choice = choose_backend(spec.device, [*onnx, *engines])
         log(choice)
         fallback = True  # auto always lands on a backend that runs
         onnx = [p for p in onnx if Path(p).suffix not in ENGINE_SUFFIXES]  # graphs for onnxruntime,
@@ -145,12 +126,13 @@ def create_backend(
             if candidate == "torch":
                 from depthvlm_ros.backends.torch_backend import TorchBackend
 
-                backend: DepthBackend = TorchBackend(vlm.model, compile=compile)
+                if model is None:
+                    raise BackendError("the torch backend needs the model's weights")
+                backend: DepthBackend = TorchBackend(model, compile=spec.compile)
             elif candidate == "onnxruntime":
-                backend = _onnxruntime(vlm, device, [Path(p) for p in onnx], export_missing, max_sizes, background,
-                                       idle_before_replaced_s, log)
+                backend = _onnxruntime(spec, [Path(p) for p in onnx], fingerprint, exporter, log)
             else:
-                backend = _tensorrt(vlm, [Path(p) for p in engines], device, max_sizes)
+                backend = _tensorrt(spec, [Path(p) for p in engines], fingerprint)
             backend.fallback_reason = reason
             backend.choice_reason = choice or f"{name} (asked for)"
             return backend
@@ -160,3 +142,23 @@ def create_backend(
             reason = f"{candidate} refused: {exc}"
             log(f"backend {candidate} unavailable ({exc}); falling back to {order[order.index(candidate) + 1]}")
     raise AssertionError("unreachable")
+
+
+def _onnxruntime(spec: BackendSpec, onnx: Sequence[Path], fingerprint: str | None,
+                 exporter: Callable[[int, int, bool], Path] | None, log: Callable[[str], None]) -> DepthBackend:
+    from depthvlm_ros.backends.onnxruntime_backend import DEFAULT_SESSIONS, OnnxRuntimeBackend
+
+    exporter = exporter if (spec.export_missing or not onnx) else None
+    return OnnxRuntimeBackend(onnx, device=spec.device, expected_fingerprint=fingerprint, exporter=exporter,
+                              max_sizes=spec.max_sizes or DEFAULT_SESSIONS,
+                              background=spec.background and exporter is not None, log=log,
+                              idle_before_replaced_s=spec.idle_before_replaced_s)
+
+
+def _tensorrt(spec: BackendSpec, engines: Sequence[Path], fingerprint: str | None) -> DepthBackend:
+    from depthvlm_ros.backends.tensorrt_backend import DEFAULT_ENGINES, TensorRTBackend
+
+    if not engines:
+        raise BackendError("tensorrt needs --engine FILE (build one with depthvlm build-engine)")
+    return TensorRTBackend(engines, expected_fingerprint=fingerprint, device=spec.device,
+                           max_engines=spec.max_sizes or DEFAULT_ENGINES)

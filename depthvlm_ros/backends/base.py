@@ -6,7 +6,8 @@ image processor) and postprocessing (back to the camera grid) are shared, in
 :mod:`depthvlm_ros.pipeline` (a camera's plan). Answers (``ask``) always run on PyTorch.
 
 Implementations: ``torch`` (reference; any size), ``onnxruntime`` and ``tensorrt`` (compiled for
-fixed sizes; a bounded set of sessions/engines keyed by size, each proven by its probe when loaded:
+fixed sizes; one bounded cache of sessions/engines keyed by size, :class:`LoadedSizes`, each proven by
+its probe when loaded:
 :mod:`depthvlm_ros.backends.probe`), and ``triton`` (the sizes a Triton Inference Server serves,
 over gRPC: :mod:`depthvlm_ros.backends.triton_backend`).
 """
@@ -14,13 +15,17 @@ over gRPC: :mod:`depthvlm_ros.backends.triton_backend`).
 from __future__ import annotations
 
 import abc
+import collections
 import contextlib
+import math
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
+from typing import Generic, TypeVar
 
 import numpy as np
 
-from depthvlm_ros.errors import InputError
+from depthvlm_ros.errors import SetupError
 
 #: The depth graph's input and output names (ONNX exports, TensorRT engines, served Triton models).
 INPUT_NAME, OUTPUT_NAME = "pixel_values", "depth"
@@ -31,9 +36,12 @@ BACKENDS = ("tensorrt", "onnxruntime", "torch")
 TRITON = "triton"
 
 Stage = Callable[[str], AbstractContextManager[None]]
+#: A model-grid size: (width, height) pixels.
+Size = tuple[int, int]
+Loaded = TypeVar("Loaded")
 
 
-class BackendError(InputError):
+class BackendError(SetupError):
     """A backend that cannot run here or refuses its artefact (the message says how to fix it)."""
 
 
@@ -48,6 +56,73 @@ def nearest(sizes: list[tuple[int, int]], width: int, height: int) -> tuple[int,
         return width, height
     aspect, area = width / height, width * height
     return min(sizes, key=lambda s: (round(abs(np.log((s[0] / s[1]) / aspect)), 3), abs(s[0] * s[1] - area)))
+
+
+class LoadedSizes(Generic[Loaded]):
+    """What a compiled backend holds, keyed by model-grid size (ONNX Runtime sessions, TensorRT engines): at
+    most ``max_sizes``, the least recently used first to go. A size used within ``idle_before_replaced_s``
+    is never replaced by a size made in the background (:meth:`has_room`).
+
+    Not thread-safe: the owning backend calls it with its own lock held (the TensorRT backend is used
+    from one thread).
+    """
+
+    def __init__(self, max_sizes: int, idle_before_replaced_s: float = math.inf) -> None:
+        if max_sizes < 1:
+            raise BackendError(f"max_sizes must be at least 1, got {max_sizes}")
+        self.max_sizes = max_sizes
+        self.idle_before_replaced_s = idle_before_replaced_s
+        self._held: collections.OrderedDict[Size, Loaded] = collections.OrderedDict()  # least recently used first
+        self._used: dict[Size, float] = {}  # size -> time.monotonic() of its last use
+
+    def __contains__(self, size: object) -> bool:
+        return size in self._held
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def sizes(self) -> list[Size]:
+        """The held sizes, sorted."""
+        return sorted(self._held)
+
+    def values(self) -> list[Loaded]:
+        """What is held, least recently used first."""
+        return list(self._held.values())
+
+    def get(self, size: Size) -> Loaded | None:
+        """What is held for ``size`` (marked as just used), or None."""
+        if size not in self._held:
+            return None
+        self.touch(size)
+        return self._held[size]
+
+    def touch(self, size: Size) -> None:
+        """Mark a held size as just used: the last to be evicted."""
+        self._held.move_to_end(size)
+        self._used[size] = time.monotonic()
+
+    def has_room(self) -> bool:
+        """A free place, or a held size unused for ``idle_before_replaced_s``."""
+        if len(self._held) < self.max_sizes:
+            return True
+        oldest = next(iter(self._held))
+        return time.monotonic() - self._used.get(oldest, 0.0) >= self.idle_before_replaced_s
+
+    def hold(self, size: Size, loaded: Loaded) -> list[Size]:
+        """Hold ``loaded`` for ``size`` (as just used); returns the sizes evicted to make room."""
+        self._held[size] = loaded
+        self.touch(size)
+        evicted = []
+        while len(self._held) > self.max_sizes:
+            old, _ = self._held.popitem(last=False)
+            self._used.pop(old, None)
+            evicted.append(old)
+        return evicted
+
+    def clear(self) -> None:
+        """Drop everything held."""
+        self._held.clear()
+        self._used.clear()
 
 
 @contextlib.contextmanager

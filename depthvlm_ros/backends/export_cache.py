@@ -44,13 +44,12 @@ CANCEL_GRACE_S = 10.0
 _COMPANIONS = (".json", ".data", PROBE_SUFFIX)
 
 
-def export_cache_path(vlm: object, width: int, height: int, dtype: str = "fp32") -> Path:
-    """Where an on-demand ONNX export of ``vlm`` at one size is kept (per model fingerprint)."""
-    from depthvlm_ros.model.checkpoint import model_fingerprint
+def export_cache_path(model_name: str, fingerprint: str | None, width: int, height: int, dtype: str = "fp32") -> Path:
+    """Where an on-demand ONNX export of a model (its name and weights' fingerprint) at one size is kept."""
     from depthvlm_ros.model.default import cache_dir
 
-    tag = model_fingerprint(vlm.folder) if vlm.folder is not None else vlm.name
-    return cache_dir() / "exports" / f"{vlm.name}-{tag}" / f"depth_{width}x{height}_{dtype}.onnx"
+    folder = cache_dir() / "exports" / f"{model_name}-{fingerprint or model_name}"
+    return folder / f"depth_{width}x{height}_{dtype}.onnx"
 
 
 def _graph_files(graph: Path) -> list[Path]:
@@ -116,32 +115,37 @@ def _from_cache(path: Path, replace: bool) -> Path | None:
     return path
 
 
-class InProcessExporter:
-    """Exports ``vlm`` into the cache in this process, on the caller's thread (the tools)."""
+#: ``where(width, height) -> Path``: the cache path of a size (``export_cache_path`` of one model).
+CachePath = Callable[[int, int], Path]
 
-    def __init__(self, vlm: object, log: Callable[[str], None] = print) -> None:
-        self.vlm = vlm
-        self.log = log
+
+class InProcessExporter:
+    """Exports into the cache in this process, on the caller's thread (the tools): ``export(width, height,
+    path, progress)`` writes a checked graph (the pipeline's :func:`~depthvlm_ros.backends.onnx_export.export_onnx`)."""
+
+    def __init__(self, where: CachePath, export: Callable[[int, int, Path, Callable[[str], None]], None],
+                 log: Callable[[str], None] = print) -> None:
+        self.where, self.export, self.log = where, export, log
 
     def __call__(self, width: int, height: int, replace: bool = False) -> Path:
-        from depthvlm_ros.backends.onnx_export import export_onnx
-
-        path = export_cache_path(self.vlm, width, height)
+        path = self.where(width, height)
         if _from_cache(path, replace) is not None:
             return path
         self.log(f"exporting the depth path at {width}x{height} for ONNX Runtime (once) -> {path}")
-        export_onnx(self.vlm, width, height, path, check_images=1, progress=self.log)
+        self.export(width, height, path, self.log)
         prune_export_cache(path.parent.parent, keep=path)
         return path
 
 
 class SubprocessExporter:
-    """Exports into the cache with the export worker in its own process (the node's background sizes)."""
+    """Exports into the cache with the export worker in its own process (the node's background sizes): the
+    worker loads the model folder itself, so neither the node's frame path nor its memory carries an export."""
 
-    def __init__(self, vlm: object, log: Callable[[str], None] = print, timeout_s: float = EXPORT_TIMEOUT_S) -> None:
-        if getattr(vlm, "folder", None) is None:
+    def __init__(self, where: CachePath, model_folder: Path | None, log: Callable[[str], None] = print,
+                 timeout_s: float = EXPORT_TIMEOUT_S) -> None:
+        if model_folder is None:
             raise BackendError("exports in the background need a model loaded from a folder")
-        self.vlm = vlm
+        self.where, self.model_folder = where, Path(model_folder)
         self.log = log
         self.timeout_s = timeout_s
         self._proc: subprocess.Popen | None = None
@@ -149,11 +153,11 @@ class SubprocessExporter:
         self._cancelled = False
 
     def __call__(self, width: int, height: int, replace: bool = False) -> Path:
-        path = export_cache_path(self.vlm, width, height)
+        path = self.where(width, height)
         if _from_cache(path, replace) is not None:
             return path
         self.log(f"exporting the depth path at {width}x{height} for ONNX Runtime in the background -> {path}")
-        command = [sys.executable, "-m", "depthvlm_ros.backends.onnx_export", str(self.vlm.folder),
+        command = [sys.executable, "-m", "depthvlm_ros.backends.onnx_export", str(self.model_folder),
                    f"{width}x{height}", str(path), "--parent", str(os.getpid())]
         with self._lock:
             if self._cancelled:

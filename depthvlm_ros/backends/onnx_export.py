@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, cast
 
 import numpy as np
 import torch
@@ -37,8 +38,11 @@ from depthvlm_ros import __version__
 from depthvlm_ros.backends.base import INPUT_NAME, OUTPUT_NAME, BackendError
 from depthvlm_ros.backends.probe import max_relative_error, write_probe
 from depthvlm_ros.devices import exact_fp32
-from depthvlm_ros.errors import InputError
+from depthvlm_ros.errors import DepthVLMError, InputError
 from depthvlm_ros.model.processing import DEPTH_PROMPT, ImageTextProcessor, ModelInputs
+
+if TYPE_CHECKING:
+    from depthvlm_ros.model.modeling import DepthVLMForConditionalGeneration
 
 __all__ = ["ExportError", "ExportReport", "export_onnx", "inputs_for_size", "max_relative_error", "read_metadata"]
 
@@ -53,13 +57,29 @@ class ExportError(BackendError):
     """The export did not produce a graph that matches PyTorch."""
 
 
+class ExportSource(Protocol):
+    """What an export reads of a ``DepthVLM`` or a ``LoadedModel``."""
+
+    @property
+    def model(self) -> DepthVLMForConditionalGeneration: ...
+
+    @property
+    def processor(self) -> ImageTextProcessor: ...
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def folder(self) -> Path | None: ...
+
+
 def inputs_for_size(
     processor: ImageTextProcessor, width: int, height: int, image: np.ndarray | None = None
 ) -> ModelInputs:
     """Model inputs for a ``width`` x ``height`` model grid (multiples of the 32 px patch)."""
     step = processor.patch_size * processor.merge_size
     if width % step or height % step:
-        raise BackendError(f"export size {width}x{height} must be a multiple of {step} px on both sides")
+        raise InputError(f"export size {width}x{height} must be a multiple of {step} px on both sides")
     if processor.processed_size(width, height) != (width, height):
         raise BackendError(
             f"the image processor does not keep {width}x{height} (outside its min/max pixels); "
@@ -77,7 +97,7 @@ class DepthExportModule(nn.Module):
     they follow the module's device and trace as constants; the forward is the model's.
     """
 
-    def __init__(self, model: nn.Module, inputs: ModelInputs) -> None:
+    def __init__(self, model: DepthVLMForConditionalGeneration, inputs: ModelInputs) -> None:
         super().__init__()
         self.model = model
         try:
@@ -95,6 +115,10 @@ class DepthExportModule(nn.Module):
 
 @dataclass
 class ExportReport:
+    """What an ONNX export wrote: the file, its model-grid [width, height] (pixels) and dtype, the largest relative
+    error against PyTorch on ``checked_images`` random images, the export time (seconds), whether the weights are
+    stored as external data, and the model fingerprint."""
+
     path: str
     size: list[int]
     dtype: str
@@ -127,7 +151,7 @@ def export_size(meta: dict[str, str], path: str | Path) -> tuple[int, int]:
     return width, height
 
 
-def _export_copy(vlm: object, torch_dtype: torch.dtype) -> nn.Module:
+def _export_copy(vlm: ExportSource, torch_dtype: torch.dtype) -> DepthVLMForConditionalGeneration:
     """The model to trace: on CPU in the export dtype, never the caller's live model changed.
 
     The live model is used as is when it already is a CPU model of that dtype; otherwise a copy is
@@ -151,11 +175,12 @@ def _export_copy(vlm: object, torch_dtype: torch.dtype) -> nn.Module:
         finally:
             hf_logging.enable_progress_bar()
         return copy_.eval()
-    return copy.deepcopy(live).to(device="cpu", dtype=torch_dtype).eval()
+    copied: nn.Module = copy.deepcopy(live)  # a Module to mypy: transformers' @wraps(Module.to) hides its signature
+    return cast("DepthVLMForConditionalGeneration", copied.to(device="cpu", dtype=torch_dtype).eval())
 
 
 def export_onnx(
-    vlm: object,
+    vlm: ExportSource,
     width: int,
     height: int,
     out_path: str | Path,
@@ -180,7 +205,7 @@ def export_onnx(
     from depthvlm_ros.model.checkpoint import model_fingerprint
 
     if dtype not in PARITY_LIMITS:
-        raise ExportError(f"export dtype must be one of {sorted(PARITY_LIMITS)}, got {dtype}")
+        raise InputError(f"export dtype must be one of {sorted(PARITY_LIMITS)}, got {dtype}")
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
@@ -203,6 +228,7 @@ def export_onnx(
                 output_names=[OUTPUT_NAME], opset_version=OPSET, dynamo=True, external_data=external,
                 verbose=False,
             )
+        assert program is not None  # dynamo=True: torch.onnx.export returns the ONNXProgram
         program.save(str(staged), external_data=external)
         export_s = time.perf_counter() - start
         del program, wrapper
@@ -298,9 +324,9 @@ def main(argv: list[str] | None = None) -> int:
         vlm = load_depthvlm(args.model)
         report = export_onnx(vlm, width, height, args.out, check_images=1,
                              progress=lambda line: print(line, flush=True))
-    except (InputError, ValueError) as exc:
+    except (DepthVLMError, ValueError) as exc:
         print(f"export failed: {exc}", file=sys.stderr, flush=True)
-        return 2
+        return exc.exit_code if isinstance(exc, DepthVLMError) else 2
     print(json.dumps(asdict(report)), flush=True)
     return 0
 

@@ -9,10 +9,19 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
-from depthvlm_ros.backends.base import BackendError, DepthBackend, SizeNotReadyError, Stage, _no_stage, nearest
+from depthvlm_ros.backends.base import (
+    BackendError,
+    DepthBackend,
+    LoadedSizes,
+    SizeNotReadyError,
+    Stage,
+    _no_stage,
+    nearest,
+)
 from depthvlm_ros.backends.onnx_export import INPUT_NAME, export_size, read_metadata
 from depthvlm_ros.backends.probe import prove_artifact
 
@@ -39,6 +48,24 @@ Size = tuple[int, int]
 #: ``exporter(width, height, replace) -> path``: an exported graph of that model-grid size (from a cache,
 #: or made now); ``replace=True`` makes it again even when a cached file exists.
 Exporter = Callable[[int, int, bool], Path]
+
+
+class OrtInput(Protocol):
+    """One input of an ONNX Runtime session (an ``onnxruntime.NodeArg``), as read here."""
+
+    @property
+    def shape(self) -> list[Any]: ...
+
+    @property
+    def type(self) -> str: ...
+
+
+class OrtSession(Protocol):
+    """An ``onnxruntime.InferenceSession`` (an optional dependency), as used here."""
+
+    def get_inputs(self) -> list[OrtInput]: ...
+
+    def run(self, output_names: list[str] | None, input_feed: dict[str, np.ndarray]) -> list[Any]: ...
 
 
 class OnnxRuntimeBackend(DepthBackend):
@@ -89,8 +116,6 @@ class OnnxRuntimeBackend(DepthBackend):
         if requested[0] not in available:
             have = ", ".join(sorted(available))
             raise BackendError(f"onnxruntime has no {requested[0]} here (available: {have})")
-        if max_sizes < 1:
-            raise BackendError(f"max_sizes must be at least 1, got {max_sizes}")
         if len(onnx_paths) > max_sizes:
             raise BackendError(f"{len(onnx_paths)} ONNX graphs given; at most {max_sizes} are held "
                                "(raise max_compiled_sizes)")
@@ -110,8 +135,7 @@ class OnnxRuntimeBackend(DepthBackend):
         self.vision_patch = 16  # pixels per vision patch (Qwen3-VL); read from each export's metadata
         self._given: dict[Size, Path] = {}
         self._dtypes = {"fp32"} if exporter is not None else set()  # on-demand exports are fp32
-        self._sessions: collections.OrderedDict[Size, object] = collections.OrderedDict()  # least recently used first
-        self._used: dict[Size, float] = {}  # held size -> time.monotonic() of its last use
+        self._sessions: LoadedSizes[OrtSession] = LoadedSizes(max_sizes, idle_before_replaced_s)
         self._failed: collections.OrderedDict[Size, float] = collections.OrderedDict()  # -> time.monotonic()
         self._lock = threading.Condition()
         self._wanted: Size | None = None
@@ -124,7 +148,7 @@ class OnnxRuntimeBackend(DepthBackend):
 
     # -- loading ------------------------------------------------------------------------------
 
-    def load(self, path: str | Path) -> tuple[Size, object]:
+    def load(self, path: str | Path) -> tuple[Size, OrtSession]:
         """Open an exported graph: check its metadata and model, make its session, run its probe."""
         path = Path(path)
         if not path.is_file():
@@ -154,7 +178,7 @@ class OnnxRuntimeBackend(DepthBackend):
         self._hold(size, session)
         return size
 
-    def _new_session(self, path: Path) -> object:
+    def _new_session(self, path: Path) -> OrtSession:
         options = self._ort.SessionOptions()
         options.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = self.threads
@@ -172,31 +196,19 @@ class OnnxRuntimeBackend(DepthBackend):
             raise BackendError(f"{path}: ONNX Runtime cannot load it ({exc.__class__.__name__}); "
                                "re-export it") from None
 
-    def _hold(self, size: Size, session: object, only_replacing_idle: bool = False) -> None:
+    def _hold(self, size: Size, session: OrtSession, only_replacing_idle: bool = False) -> None:
         """Hold a session (evicting the least recently used beyond max_sizes). ``only_replacing_idle``
         (the background worker): when full, hold it only if a held size has been idle long enough."""
         with self._lock:
             if self._closed:
                 return
-            refused = only_replacing_idle and size not in self._sessions and not self._room()
-            evicted = False
-            if not refused:
-                self._sessions[size] = session
-                self._touch(size)
-                while len(self._sessions) > self.max_sizes:
-                    old, _ = self._sessions.popitem(last=False)
-                    self._used.pop(old, None)
-                    evicted = True
+            refused = only_replacing_idle and size not in self._sessions and not self._sessions.has_room()
+            evicted = [] if refused else self._sessions.hold(size, session)
             self._lock.notify_all()
         if refused:
             self.log(f"onnxruntime: size {size[0]}x{size[1]} made but not held: every held size is in use")
         if evicted:
             _return_freed_memory()
-
-    def _touch(self, size: Size) -> None:
-        """Mark a held size as just used (called with the lock held)."""
-        self._sessions.move_to_end(size)
-        self._used[size] = time.monotonic()
 
     def wait_for_size(self, size: Size, timeout_s: float) -> bool:
         """Until ``size`` is held (True), or it failed, or ``timeout_s`` passed (False)."""
@@ -204,7 +216,7 @@ class OnnxRuntimeBackend(DepthBackend):
             return self._lock.wait_for(lambda: size in self._sessions or size in self._failed, timeout_s) and \
                 size in self._sessions
 
-    def _make(self, size: Size) -> object:
+    def _make(self, size: Size) -> OrtSession:
         """A session for ``size``: a given graph, else the exporter's (made again once if refused)."""
         if size in self._given:
             return self.load(self._given[size])[1]
@@ -226,7 +238,9 @@ class OnnxRuntimeBackend(DepthBackend):
                 self._lock.wait_for(lambda: self._wanted is not None or self._closed)
                 if self._closed:
                     return
-                size, self._wanted, self._making = self._wanted, None, self._wanted
+                size = self._wanted
+                assert size is not None  # the wait ends on a wanted size, or closed (returned above)
+                self._wanted, self._making = None, size
             try:
                 session = self._make(size)
             except Exception as exc:  # a failed export or a refused graph: that size stays unavailable a while
@@ -244,13 +258,6 @@ class OnnxRuntimeBackend(DepthBackend):
                 with self._lock:
                     self._making = None
 
-    def _room(self) -> bool:
-        """A free place, or a held size unused for idle_before_replaced_s; called with the lock held."""
-        if len(self._sessions) < self.max_sizes:
-            return True
-        oldest = next(iter(self._sessions))  # least recently used
-        return time.monotonic() - self._used.get(oldest, 0.0) >= self.idle_before_replaced_s
-
     def _request(self, size: Size) -> None:
         """Ask the worker for ``size`` (latest wins) if there is room for it; called with the lock held."""
         if size == self._making or self._closed:
@@ -258,7 +265,7 @@ class OnnxRuntimeBackend(DepthBackend):
         failed = self._failed.get(size)
         if failed is not None and time.monotonic() - failed < FAILED_RETRY_S:
             return
-        if not self._room():
+        if not self._sessions.has_room():
             return  # every held size is in use: the nearest one serves
         self._wanted = size
         self._lock.notify_all()
@@ -290,7 +297,7 @@ class OnnxRuntimeBackend(DepthBackend):
 
     def held_sizes(self) -> list[Size]:
         with self._lock:
-            return sorted(self._sessions)
+            return self._sessions.sizes()
 
     def nearest_size(self, width: int, height: int) -> Size:
         if not self.background:
@@ -301,28 +308,28 @@ class OnnxRuntimeBackend(DepthBackend):
                 self._request((width, height))
             if not self._sessions:
                 raise SizeNotReadyError(f"onnxruntime: no size held yet ({width}x{height} is being made)")
-            size = nearest(list(self._sessions), width, height)
-            self._touch(size)  # in use: the last to be replaced
+            size = nearest(self._sessions.sizes(), width, height)
+            self._sessions.touch(size)  # in use: the last to be replaced
             return size
 
     def describe(self) -> str:
         with self._lock:
-            sizes = ", ".join(f"{w}x{h}" for w, h in sorted(self._sessions)) or "none yet"
+            sizes = ", ".join(f"{w}x{h}" for w, h in self._sessions.sizes()) or "none yet"
             making = f"; making {self._making[0]}x{self._making[1]}" if self._making else ""
         return f"onnxruntime ({self.providers[0]}, sizes {sizes}{making})"
 
-    def _session(self, size: Size) -> object:
+    def _session(self, size: Size) -> OrtSession:
         with self._lock:
-            if size in self._sessions:
-                self._touch(size)
-                return self._sessions[size]
+            session = self._sessions.get(size)
+            if session is not None:
+                return session
         if self.background:  # evicted since nearest_size chose it: the caller runs PyTorch this time
             raise SizeNotReadyError(f"onnxruntime: {size[0]}x{size[1]} is not held")
         session = self._make(size)
         self._hold(size, session)
         return session
 
-    def _run(self, session: object, pixels: np.ndarray, per_image: list[int]) -> np.ndarray:
+    def _run(self, session: OrtSession, pixels: np.ndarray, per_image: list[int]) -> np.ndarray:
         dtype = np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32
         outputs, start = [], 0
         for n in per_image:

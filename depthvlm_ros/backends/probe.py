@@ -30,12 +30,15 @@ TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2, "bf16": 6e-2}
 
 @dataclass
 class Probe:
+    """An artifact's probe: the processed pixels of one image and the PyTorch fp32 reference depth (metres) for them."""
+
     pixel_values: np.ndarray  # (patches, C*T*P*P) float32: the processed pixels of one image
     depth: np.ndarray  # (1, H, W) float32 metres: the PyTorch fp32 reference for them
     size: str  # "WxH" model grid
 
 
 def probe_path(artifact: str | Path) -> Path:
+    """Where ``artifact``'s probe is stored: beside it, as ``ARTIFACT.probe.safetensors``."""
     return Path(str(artifact) + PROBE_SUFFIX)
 
 

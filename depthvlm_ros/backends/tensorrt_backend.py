@@ -19,7 +19,6 @@ beyond the engine precision's tolerance refuses the engine (:mod:`depthvlm_ros.b
 
 from __future__ import annotations
 
-import collections
 import datetime
 import json
 import mmap
@@ -35,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from depthvlm_ros import __version__
-from depthvlm_ros.backends.base import BackendError, DepthBackend, Stage, _no_stage
+from depthvlm_ros.backends.base import BackendError, DepthBackend, LoadedSizes, Stage, _no_stage
 from depthvlm_ros.backends.onnx_export import INPUT_NAME, OUTPUT_NAME, export_size, read_metadata
 from depthvlm_ros.backends.probe import probe_path, prove_artifact
 from depthvlm_ros.devices import cuda_device
@@ -48,6 +47,7 @@ DEFAULT_ENGINES = 1
 
 
 def import_tensorrt() -> Any:
+    """The ``tensorrt`` module; BackendError, saying how to install it, when it is not installed."""
     try:
         import tensorrt as trt
     except ImportError:
@@ -71,7 +71,7 @@ def trt_logger() -> Any:
 
 
 @dataclass(frozen=True)
-class EnginePlan:
+class EngineRecipe:
     """How an engine is built from a graph: always strongly typed (the graph's own types, Casts kept),
     so the precision is the graph's: the fp16 export keeps RMSNorm's fp32 Casts, which a weakly typed
     fp16 build of the fp32 graph would drop (TensorRT 11 has no weak typing at all)."""
@@ -80,7 +80,7 @@ class EnginePlan:
     strongly_typed: bool
 
 
-def engine_plan(onnx_dtype: str, requested: str | None, strongly_typed_available: bool = True) -> EnginePlan:
+def engine_recipe(onnx_dtype: str, requested: str | None, strongly_typed_available: bool = True) -> EngineRecipe:
     """The build of a ``onnx_dtype`` graph (fp32/fp16) when ``requested`` (None: the graph's precision)
     is asked for; BackendError, naming the export that makes the right graph, when they differ."""
     if onnx_dtype not in ("fp32", "fp16"):
@@ -103,10 +103,11 @@ def engine_plan(onnx_dtype: str, requested: str | None, strongly_typed_available
         )
     if not strongly_typed_available:
         raise BackendError("this TensorRT has no strongly typed networks (TensorRT 10 or newer is needed)")
-    return EnginePlan(precision, True)
+    return EngineRecipe(precision, True)
 
 
 def sidecar_path(engine_path: str | Path) -> Path:
+    """The JSON sidecar beside an engine (``ENGINE.json``): what the engine was built for and from."""
     return Path(str(engine_path) + ".json")
 
 
@@ -135,7 +136,7 @@ def check_sidecar(
     """
     onnx_hint = sidecar.get("onnx", "model.onnx")
     rebuild = rebuild_command(sidecar, engine_path)
-    checks = [
+    checks: list[tuple[str, object, object]] = [
         ("GPU", sidecar.get("gpu_name"), gpu_name),
         ("compute capability", sidecar.get("compute_capability"), compute_capability),
         ("TensorRT version", sidecar.get("tensorrt_version"), tensorrt_version),
@@ -187,6 +188,7 @@ def rebuild_command(sidecar: dict[str, Any], engine_path: str | Path) -> str:
 
 
 def read_sidecar(engine_path: str | Path) -> dict[str, Any]:
+    """An engine's sidecar as a dict; BackendError when it is missing or not valid JSON."""
     path = sidecar_path(engine_path)
     try:
         return json.loads(path.read_text())
@@ -205,14 +207,14 @@ def build_engine(
 ) -> dict[str, Any]:
     """Parse an exported ONNX, build a serialized engine for this GPU, write it and its sidecar.
 
-    The engine is strongly typed: it computes in the graph's dtype (:func:`engine_plan`);
+    The engine is strongly typed: it computes in the graph's dtype (:func:`engine_recipe`);
     ``precision``, when given, must match it. fp32 engines are built with TF32 off.
     """
     trt = import_tensorrt()
     onnx_path, out_path = Path(onnx_path), Path(out_path)
     meta = read_metadata(onnx_path)
     size = export_size(meta, onnx_path)
-    plan = engine_plan(meta.get("depthvlm.dtype", "fp32"), precision,
+    recipe = engine_recipe(meta.get("depthvlm.dtype", "fp32"), precision,
                        hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"))
     if not probe_path(onnx_path).is_file():
         raise BackendError(f"{onnx_path} has no probe ({probe_path(onnx_path).name}) for the engine to prove its "
@@ -228,10 +230,12 @@ def build_engine(
         raise BackendError(f"TensorRT could not parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    if plan.precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+    if recipe.precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
         config.clear_flag(trt.BuilderFlag.TF32)  # on by default since Ampere; fp32 means fp32 (probe tolerance)
 
-    class Monitor(trt.IProgressMonitor):
+    monitor_base: Any = trt.IProgressMonitor  # a base class from a module imported at run time (Any to mypy)
+
+    class Monitor(monitor_base):
         """Prints TensorRT's build phases (the build takes minutes on a Jetson)."""
 
         def __init__(self) -> None:
@@ -247,7 +251,7 @@ def build_engine(
             pass
 
     config.progress_monitor = Monitor()
-    progress(f"building a {plan.precision} engine for {gpu['gpu_name']} (sm {gpu['compute_capability']})")
+    progress(f"building a {recipe.precision} engine for {gpu['gpu_name']} (sm {gpu['compute_capability']})")
     start = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -273,8 +277,8 @@ def build_engine(
         "size": list(size),
         "vision_patch": int(meta.get("depthvlm.vision_patch", 16)),
         "onnx_dtype": meta.get("depthvlm.dtype", "fp32"),
-        "precision": plan.precision,  # what the engine computes in
-        "strongly_typed": plan.strongly_typed,
+        "precision": recipe.precision,  # what the engine computes in
+        "strongly_typed": recipe.strongly_typed,
         "tensorrt_version": trt.__version__,
         **gpu,
         "build_s": round(build_s, 1),
@@ -308,7 +312,7 @@ class TensorRTBackend(DepthBackend):
         self.max_engines = max_engines
         self._runtime = self._trt.Runtime(trt_logger())
         self._stream = torch.cuda.Stream(device=self.device)
-        self._engines: collections.OrderedDict[tuple[int, int], dict[str, Any]] = collections.OrderedDict()
+        self._engines: LoadedSizes[dict[str, Any]] = LoadedSizes(max_engines)
         self.vision_patch = 16
         if len(engine_paths) > max_engines:
             raise BackendError(f"{len(engine_paths)} engines given; at most {max_engines} are kept loaded")
@@ -362,12 +366,10 @@ class TensorRTBackend(DepthBackend):
         rebuild = rebuild_command(sidecar, engine_path)
         prove_artifact(engine_path, tuple(buffers[INPUT_NAME].shape),
                        lambda pixels: self._execute(slot, torch.from_numpy(pixels)), slot["precision"], rebuild)
-        self._engines[size] = slot
-        while len(self._engines) > self.max_engines:
-            self._engines.popitem(last=False)
+        self._engines.hold(size, slot)
 
     def sizes(self) -> list[tuple[int, int]]:
-        return sorted(self._engines)
+        return self._engines.sizes()
 
     def describe(self) -> str:
         sizes = ", ".join(f"{w}x{h}" for w, h in self.sizes())
@@ -376,10 +378,9 @@ class TensorRTBackend(DepthBackend):
     def depth(self, inputs, stage: Stage = _no_stage) -> np.ndarray:
         _, gh, gw = (int(v) for v in inputs.image_grid_thw[0])
         size = (gw * self.vision_patch, gh * self.vision_patch)
-        if size not in self._engines:
+        slot = self._engines.get(size)
+        if slot is None:
             raise BackendError(f"no engine for {size[0]}x{size[1]} (have {self.sizes()})")
-        self._engines.move_to_end(size)
-        slot = self._engines[size]
         pixels = inputs.pixel_values
         n_images = inputs.image_grid_thw.shape[0]
         per_image = pixels.shape[0] // n_images

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from depthvlm_ros.backends.base import DepthBackend, Stage, _no_stage
+
+if TYPE_CHECKING:
+    from depthvlm_ros.model.modeling import DepthVLMForConditionalGeneration
 
 #: Static prompts kept (one per model-grid size and batch size; a few MB each for the 4B model).
 MAX_PROMPTS = 8
@@ -60,9 +63,11 @@ class TorchBackend(DepthBackend):
 
     name = "torch"
 
-    def __init__(self, model: torch.nn.Module, compile: bool = False, compile_mode: str | None = None) -> None:
+    def __init__(self, model: DepthVLMForConditionalGeneration, compile: bool = False,
+                 compile_mode: str | None = None) -> None:
         self.model = model
-        self._forward = model.forward
+        #: The model's forward, or its ``torch.compile`` wrapper.
+        self._forward: Callable[..., Any] = model.forward
         if compile:
             self._forward = torch.compile(model.forward, dynamic=False, mode=compile_mode)
         self.compiled = compile

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -46,6 +47,24 @@ TOKEN_HEADER = "triton-grpc-protocol-triton-access-token"
 #: Where a token is found when none is named: this variable, then the file ``depthvlm serve`` writes.
 TOKEN_ENV = "DEPTHVLM_TRITON_TOKEN"
 TOKEN_FILE_NAME = "triton_token"
+
+
+class TritonClient(Protocol):
+    """A ``tritonclient.grpc.InferenceServerClient`` (an optional dependency), as used here."""
+
+    def is_server_live(self, *, headers: dict[str, str] | None = None, client_timeout: float | None = None) -> bool:
+        ...
+
+    def get_model_repository_index(self, *, headers: dict[str, str] | None = None, as_json: bool = False,
+                                   client_timeout: float | None = None) -> Any: ...
+
+    def get_model_config(self, model_name: str, *, headers: dict[str, str] | None = None, as_json: bool = False,
+                         client_timeout: float | None = None) -> Any: ...
+
+    def infer(self, model_name: str, inputs: list[Any], *, headers: dict[str, str] | None = None,
+              client_timeout: float | None = None) -> Any: ...
+
+    def close(self) -> None: ...
 
 
 def default_token_file() -> Path:
@@ -158,7 +177,7 @@ class TritonBackend(DepthBackend):
         self.expected_fingerprint = expected_fingerprint
         self.retry_s, self.timeout_s, self.log = retry_s, connection.timeout_s, log
         self._lock = threading.Lock()
-        self._client = None
+        self._client: TritonClient | None = None
         self._models: dict[Size, dict] = {}  # served size -> {"name", "dtype", "max_batch"}
         self._problem = "not connected yet"
         self._connected_once = self._connecting = self._closed = False
@@ -174,7 +193,7 @@ class TritonBackend(DepthBackend):
 
     # -- connection ---------------------------------------------------------------------------
 
-    def _discover(self, client: object) -> tuple[dict[Size, dict], int]:
+    def _discover(self, client: TritonClient) -> tuple[dict[Size, dict], int]:
         """The served sizes of ``client``'s server, their fingerprints checked; BackendError if none."""
         try:
             client.is_server_live(headers=self._headers, client_timeout=CONTROL_TIMEOUT_S)
@@ -252,7 +271,7 @@ class TritonBackend(DepthBackend):
         if again:
             self.log(f"triton: connected to grpc://{self.url} again")
 
-    def _client_for(self) -> object:
+    def _client_for(self) -> TritonClient:
         """A new gRPC client (channel) for the server, over TLS when the connection names certificates."""
         c = self.connection
         if not c.root_certificates:

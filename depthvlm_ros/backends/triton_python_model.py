@@ -27,6 +27,9 @@ INPUT_NAME, OUTPUT_NAME = "pixel_values", "depth"
 
 
 class TritonPythonModel:
+    """The Python-backend model of one served size: the batched ONNX graph of its version folder on ONNX Runtime
+    (CPU), run once per execution on the requests Triton batched together."""
+
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
         self.name = config["name"]

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from depthvlm_ros.backends.base import INPUT_NAME, OUTPUT_NAME, BackendError
-from depthvlm_ros.errors import shown
+from depthvlm_ros.errors import InputError, shown
 from depthvlm_ros.files import write_text_atomic
 from depthvlm_ros.geometry import CANONICAL_FX
 
@@ -134,11 +134,11 @@ def bare_file_name(location: str, graph: Path) -> str:
 def check_serving(backend: str, max_batch: int, queue_delay_us: int) -> None:
     """BackendError (exit code 2 in the tools) for settings no repository can have."""
     if backend not in TRITON_BACKENDS:
-        raise BackendError(f"unknown Triton backend {backend!r} (choose from {', '.join(TRITON_BACKENDS)})")
+        raise InputError(f"unknown Triton backend {backend!r} (choose from {', '.join(TRITON_BACKENDS)})")
     if not 1 <= max_batch <= 256:
-        raise BackendError(f"max batch must be in 1..256, got {max_batch}")
+        raise InputError(f"max batch must be in 1..256, got {max_batch}")
     if not 0 <= queue_delay_us <= 10_000_000:
-        raise BackendError(f"queue delay must be in 0..10000000 us, got {queue_delay_us}")
+        raise InputError(f"queue delay must be in 0..10000000 us, got {queue_delay_us}")
 
 
 def prove_batched(single: Path, batched: Path) -> float:
@@ -189,22 +189,6 @@ def model_config(name: str, backend: str, graph: Path, max_batch: int, queue_del
             f"{params}\n")
 
 
-def graphs_for_sizes(vlm: object, sizes: Sequence[tuple[int, int]], dtype: str = "fp32",
-                     progress: Callable[[str], None] = print) -> list[Path]:
-    """Checked single-image exports of ``vlm`` at ``sizes``: from the export cache, made once when absent."""
-    from depthvlm_ros.backends.export_cache import export_cache_path
-    from depthvlm_ros.backends.onnx_export import export_onnx
-
-    graphs = []
-    for width, height in sizes:
-        path = export_cache_path(vlm, width, height, dtype)
-        if not path.is_file():
-            progress(f"exporting the depth path at {width}x{height} ({dtype}, once) -> {path}")
-            export_onnx(vlm, width, height, path, dtype=dtype, check_images=1, progress=progress)
-        graphs.append(path)
-    return graphs
-
-
 def write_triton_repo(graphs: Sequence[Path], repo: Path, prefix: str = DEFAULT_PREFIX, backend: str = "onnxruntime",
                       max_batch: int = DEFAULT_MAX_BATCH, queue_delay_us: int = DEFAULT_QUEUE_DELAY_US,
                       progress: Callable[[str], None] = print) -> list[str]:
@@ -215,16 +199,16 @@ def write_triton_repo(graphs: Sequence[Path], repo: Path, prefix: str = DEFAULT_
 
     check_serving(backend, max_batch, queue_delay_us)
     if not graphs:
-        raise BackendError("no sizes to serve: give at least one --size (or --onnx graph)")
+        raise InputError("no sizes to serve: give at least one --size (or --onnx graph)")
     if _NAME.match(served_name(prefix, 32, 32)) is None:
-        raise BackendError(f"model name prefix {prefix!r} may hold only letters, digits, '_', '.', '-'")
+        raise InputError(f"model name prefix {prefix!r} may hold only letters, digits, '_', '.', '-'")
     names = []
     for graph in graphs:
         graph = Path(graph)
         size = export_size(read_metadata(graph), graph)
         name = served_name(prefix, *size)
         if name in names:
-            raise BackendError(f"two graphs of size {size[0]}x{size[1]} given")
+            raise InputError(f"two graphs of size {size[0]}x{size[1]} given")
         folder = repo / name
         shutil.rmtree(folder, ignore_errors=True)
         batched_graph(graph, folder / "1" / "model.onnx")

@@ -119,6 +119,7 @@ def evaluate_qa(vlm: Any, data: Any, limit: int | None = None, max_new_tokens: i
     from tqdm import tqdm
 
     from depthvlm_ros.errors import InputError
+    from depthvlm_ros.pipeline.plan import RouteSettings
     from depthvlm_ros.training.data import load_sample, read_qa_samples
 
     path = Path(data) / "qa.jsonl"
@@ -131,7 +132,8 @@ def evaluate_qa(vlm: Any, data: Any, limit: int | None = None, max_new_tokens: i
     scores, rows = [], []
     for record, ref in tqdm(list(zip(records, refs)), unit="question", file=sys.stderr, disable=not progress or None):
         rgb, _, k = load_sample(ref)
-        answer = vlm.ask(rgb, k, ref.question, max_new_tokens=max_new_tokens, max_tokens=max_tokens)
+        answer = vlm.ask(rgb, k, ref.question, max_new_tokens=max_new_tokens,
+                         route=RouteSettings(max_tokens=max_tokens))
         score = score_answer(record, answer.text, answer.depth.depth, answer.depth.intrinsics)
         scores.append(score)
         rows.append({"question": ref.question, "answer": answer.text, "expected": ref.answer, **vars(score)})

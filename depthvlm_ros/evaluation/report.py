@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from depthvlm_ros.evaluation.bench_data import GROUPS, BadRecord, DatasetSpec
+from depthvlm_ros.evaluation.benchmark_data import GROUPS, BadRecord, DatasetSpec
 from depthvlm_ros.evaluation.metrics import DEPTH_BIN_EDGES_M, HIGHER_IS_BETTER, METRIC_KEYS, mean_metrics
 
 #: At most this many skipped records are listed per dataset in the JSON (all are counted).

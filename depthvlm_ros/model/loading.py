@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from depthvlm_ros.devices import check_dtype_on_device
-from depthvlm_ros.errors import CheckpointError, InputError
+from depthvlm_ros.errors import CheckpointError, InputError, SetupError
 from depthvlm_ros.model.checkpoint import (
     REQUIRED_FILES,
     checkpoint_shapes,
@@ -26,6 +26,8 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """The torch dtype a name means (fp32/float32, fp16/float16, bf16/bfloat16; a torch.dtype as is); InputError
+    for any other name."""
     if isinstance(dtype, torch.dtype):
         return dtype
     try:
@@ -76,7 +78,7 @@ def load_depthvlm(
     torch_dtype = resolve_dtype(dtype)
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("device cuda requested but this torch has no CUDA device")
+        raise SetupError("device cuda requested but this torch has no CUDA device")
     if device.type == "cuda":
         check_dtype_on_device("bf16" if torch_dtype == torch.bfloat16 else "fp32 or fp16", "cuda",
                               torch.cuda.get_device_capability(device), torch.cuda.get_device_name(device))

@@ -14,15 +14,16 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 
+from depthvlm_ros.backends import BackendSpec, create_backend
 from depthvlm_ros.backends.base import DepthBackend, SizeNotReadyError
 from depthvlm_ros.backends.torch_backend import TorchBackend
 from depthvlm_ros.errors import InputError
-from depthvlm_ros.geometry import CANONICAL_FX, Intrinsics, resize_depth
+from depthvlm_ros.geometry import Intrinsics, resize_depth
 from depthvlm_ros.model.loading import load_depthvlm
 from depthvlm_ros.model.modeling import DepthVLMForConditionalGeneration
 from depthvlm_ros.model.processing import ImageTextProcessor, check_question
@@ -88,19 +89,83 @@ class DepthVLM:
         processor: ImageTextProcessor,
         name: str = "depthvlm",
         folder: Path | None = None,
+        backend: DepthBackend | BackendSpec | None = None,
+        log: Callable[[str], None] = print,
     ) -> None:
+        """``backend``: what runs the depth path, a ready :class:`DepthBackend` or a :class:`BackendSpec` to
+        build (default PyTorch on the model); ``log`` gets the backend's notes (auto's choice, a fallback)."""
         self.model = model.eval()
         self.processor = processor
         self.name = name
         self.folder = folder
-        #: What runs the depth path (``predict_depth``); ``ask`` always uses ``self.model``.
-        self.backend: DepthBackend = TorchBackend(self.model)
         #: One forward at a time: ``ask`` hooks the shared model and the stock model keeps
         #: per-call state (rope deltas), so threads (a ROS executor) take turns.
         self.lock = threading.RLock()
         self._reference: TorchBackend | None = None
         self._wanted: OrderedDict[tuple, tuple[int, int]] = OrderedDict()
         self._plans: OrderedDict[tuple, CameraPlan] = OrderedDict()
+        self._fingerprint: str | None = None
+        if isinstance(backend, BackendSpec):
+            compiled = backend.name != "torch"  # (PyTorch needs no fingerprint: reading one writes the cache)
+            backend = create_backend(backend, model=self.model, fingerprint=self.fingerprint if compiled else None,
+                                     exporter=self.exporter(backend.background, log)
+                                     if compiled and backend.needs_exporter else None, log=log)
+        self._backend: DepthBackend = backend if backend is not None else TorchBackend(self.model)
+
+    @property
+    def backend(self) -> DepthBackend:
+        """What runs the depth path (``predict_depth``, ``infer``); ``ask`` always uses ``self.model``."""
+        return self._backend
+
+    def with_backend(self, backend: DepthBackend | BackendSpec, log: Callable[[str], None] = print) -> DepthVLM:
+        """The same model and processor (shared, not copied) with another backend: a new pipeline."""
+        return DepthVLM(self.model, self.processor, self.name, self.folder, backend, log)
+
+    @property
+    def fingerprint(self) -> str | None:
+        """The weights' fingerprint (compiled artefacts and served models of other weights are refused);
+        None for a model that was not loaded from a folder."""
+        if self._fingerprint is None and self.folder is not None:
+            from depthvlm_ros.model.checkpoint import model_fingerprint
+
+            self._fingerprint = model_fingerprint(self.folder)
+        return self._fingerprint
+
+    def export_path(self, width: int, height: int, dtype: str = "fp32") -> Path:
+        """Where this model's on-demand ONNX export of one size is cached."""
+        from depthvlm_ros.backends.export_cache import export_cache_path
+
+        return export_cache_path(self.name, self.fingerprint, width, height, dtype)
+
+    def exporter(self, background: bool, log: Callable[[str], None] = print) -> Callable[[int, int, bool], Path]:
+        """What makes a missing ONNX size for a backend: in this process (the tools), or with ``background`` a
+        worker process that loads the folder itself (the node)."""
+        from depthvlm_ros.backends.export_cache import InProcessExporter, SubprocessExporter
+
+        if background:
+            return SubprocessExporter(self.export_path, self.folder, log=log)
+
+        def export(width: int, height: int, path: Path, progress: Callable[[str], None]) -> None:
+            from depthvlm_ros.backends.onnx_export import export_onnx
+
+            export_onnx(self, width, height, path, check_images=1, progress=progress)
+
+        return InProcessExporter(self.export_path, export, log=log)
+
+    def exported_graphs(self, sizes: Sequence[tuple[int, int]], dtype: str = "fp32",
+                        progress: Callable[[str], None] = print) -> list[Path]:
+        """Checked single-image exports of this model at ``sizes``: from the export cache, made once when absent
+        (what a Triton repository is written from)."""
+        from depthvlm_ros.backends.onnx_export import export_onnx
+
+        graphs = []
+        for width, height in sizes:
+            path = self.export_path(width, height, dtype)
+            if not path.is_file():
+                progress(f"exporting the depth path at {width}x{height} ({dtype}, once) -> {path}")
+                export_onnx(self, width, height, path, dtype=dtype, check_images=1, progress=progress)
+            graphs.append(path)
+        return graphs
 
     @property
     def has_weights(self) -> bool:
@@ -135,29 +200,30 @@ class DepthVLM:
     @classmethod
     def from_pretrained(
         cls, folder: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
-        weights: bool = True,
+        weights: bool = True, backend: BackendSpec | None = None, log: Callable[[str], None] = print,
     ) -> "DepthVLM":
-        """Load a DepthVLM folder strictly, by key name, safetensors only (:func:`load_depthvlm`;
-        ``weights=False``: config, processor and key checks only, for a remote depth path)."""
+        """The finished model: a DepthVLM folder loaded strictly, by key name, safetensors only
+        (:func:`load_depthvlm`; ``weights=False``: config, processor and key checks only, for a remote depth
+        path), with the depth path ``backend`` describes (default PyTorch) built and ready."""
         loaded = load_depthvlm(folder, device, dtype, weights)
-        return cls(loaded.model, loaded.processor, name=loaded.name, folder=loaded.folder)
+        return cls(loaded.model, loaded.processor, name=loaded.name, folder=loaded.folder, backend=backend, log=log)
 
     # -- depth ----------------------------------------------------------------------------------
 
-    def plan(self, intrinsics: Intrinsics, settings: RouteSettings = DEFAULT_ROUTE, exact: bool = True) -> CameraPlan:
+    def plan(self, intrinsics: Intrinsics, route: RouteSettings = DEFAULT_ROUTE, exact: bool = True) -> CameraPlan:
         """This camera's plan with the backend that serves it now (cached; see :mod:`~depthvlm_ros.pipeline.plan`).
 
         The configured backend at its nearest size; PyTorch at the wanted size while a compiled
         backend is still making its first size in the background (:class:`SizeNotReadyError`).
-        A new plan is made only when the camera, the settings or the backend's size change.
+        A new plan is made only when the camera, the route or the backend's size change.
         ``exact``: PIL's resize (True: the stock processor's pixels, bit for bit; the library,
         ``predict``, ``eval``) or torch's (False: the node's per-frame path, within 2 grey levels;
         :mod:`~depthvlm_ros.model.preprocess`).
         """
-        key = (intrinsics, settings)
+        key = (intrinsics, route)
         wanted = self._wanted.get(key)
         if wanted is None:
-            wanted = model_input_size(self.processor, intrinsics, settings)
+            wanted = model_input_size(self.processor, intrinsics, route)
             self._remember(self._wanted, key, wanted)
         try:
             backend, size = self.backend, self.backend.nearest_size(*wanted)
@@ -165,10 +231,10 @@ class DepthVLM:
             backend, size = self._torch, wanted
         if isinstance(backend, TorchBackend):
             self.require_weights("PyTorch depth")
-        plan_key = (intrinsics, settings, id(backend), size, exact)
+        plan_key = (intrinsics, route, id(backend), size, exact)
         plan = self._plans.get(plan_key)
         if plan is None:
-            image = image_plan(self.processor, intrinsics, size, settings)
+            image = image_plan(self.processor, intrinsics, size, route)
             plan = CameraPlan(image, self.processor, backend, torch.device(backend.input_device()), exact)
             self._remember(self._plans, plan_key, plan)
         return plan
@@ -181,30 +247,20 @@ class DepthVLM:
 
     @torch.inference_mode()
     def predict_depth_batch(
-        self,
-        images: Sequence[np.ndarray],
-        intrinsics: Sequence[Intrinsics],
-        canonical_fx: float = CANONICAL_FX,
-        match_fy: bool = False,
-        max_side: int = 0,
-        max_tokens: int = 0,
+        self, images: Sequence[np.ndarray], intrinsics: Sequence[Intrinsics], route: RouteSettings = DEFAULT_ROUTE,
     ) -> list[DepthResult]:
-        """Depth for several images of one camera (one forward for all).
-
-        ``max_side``/``max_tokens`` cap the model input size (0 = the protocol's size).
-        """
+        """Depth for several RGB uint8 images (one forward for all): each image's camera is planned with
+        ``route`` (canonical focal, size caps; default the released protocol) and run through :meth:`infer`."""
         if len(images) != len(intrinsics) or not images:
             raise InputError("need one intrinsics per image, and at least one image")
-        settings = RouteSettings(canonical_fx, match_fy, max_side, max_tokens)
         with self.lock:
-            return self.infer([self.plan(k, settings) for k in intrinsics], images)
+            return self.infer([self.plan(k, route) for k in intrinsics], images)
 
     def predict_depth(
-        self, rgb: np.ndarray, intrinsics: Intrinsics, canonical_fx: float = CANONICAL_FX, match_fy: bool = False,
-        max_side: int = 0, max_tokens: int = 0,
+        self, rgb: np.ndarray, intrinsics: Intrinsics, route: RouteSettings = DEFAULT_ROUTE,
     ) -> DepthResult:
-        """Metric depth of one RGB uint8 image (H, W, 3) taken with ``intrinsics``."""
-        return self.predict_depth_batch([rgb], [intrinsics], canonical_fx, match_fy, max_side, max_tokens)[0]
+        """Metric depth of one RGB uint8 image (H, W, 3) taken with ``intrinsics`` (:meth:`predict_depth_batch`)."""
+        return self.predict_depth_batch([rgb], [intrinsics], route)[0]
 
     @torch.inference_mode()
     def infer(self, plan: CameraPlan | Sequence[CameraPlan], images: Sequence[np.ndarray]) -> list[DepthResult]:
@@ -244,9 +300,7 @@ class DepthVLM:
         intrinsics: Intrinsics,
         question: str,
         max_new_tokens: int = 64,
-        canonical_fx: float = CANONICAL_FX,
-        max_side: int = 0,
-        max_tokens: int = 0,
+        route: RouteSettings = DEFAULT_ROUTE,
         should_stop: Callable[[], bool] | None = None,
         on_text: Callable[[str, int], None] | None = None,
     ) -> Answer:
@@ -263,12 +317,10 @@ class DepthVLM:
         if not 1 <= int(max_new_tokens) <= 4096:
             raise InputError(f"max_new_tokens must be in 1..4096, got {max_new_tokens}")
         with self.lock:
-            return self._ask(rgb, intrinsics, question, int(max_new_tokens), canonical_fx, max_side, max_tokens,
-                             should_stop, on_text)
+            return self._ask(rgb, intrinsics, question, int(max_new_tokens), route, should_stop, on_text)
 
     def _ask(self, rgb: np.ndarray, intrinsics: Intrinsics, question: str, max_new_tokens: int,
-             canonical_fx: float, max_side: int = 0, max_tokens: int = 0,
-             should_stop: Callable[[], bool] | None = None,
+             route: RouteSettings, should_stop: Callable[[], bool] | None = None,
              on_text: Callable[[str, int], None] | None = None) -> Answer:
         from transformers import StoppingCriteria, StoppingCriteriaList
         from transformers.generation.streamers import BaseStreamer
@@ -280,12 +332,14 @@ class DepthVLM:
         class StopWhenAsked(StoppingCriteria):
             def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
                 stopped[0] = stopped[0] or bool(should_stop is not None and should_stop())
-                return torch.full((input_ids.shape[0],), stopped[0], dtype=torch.bool, device=input_ids.device)
+                return cast("torch.BoolTensor", torch.full((input_ids.shape[0],), stopped[0], dtype=torch.bool,
+                                                          device=input_ids.device))
 
         class TextSoFar(BaseStreamer):
             """``generate`` hands it the prompt, then each new token: ``on_text`` gets the answer so far."""
 
-            def __init__(self) -> None:
+            def __init__(self, on_text: Callable[[str, int], None]) -> None:
+                self.on_text = on_text
                 self.prompt_seen = False
                 self.ids: list[int] = []
 
@@ -294,16 +348,14 @@ class DepthVLM:
                     self.prompt_seen = True
                     return
                 self.ids += [int(t) for t in value.reshape(-1).tolist()]
-                on_text(tokenizer.decode(self.ids, skip_special_tokens=True).strip(), len(self.ids))
+                self.on_text(tokenizer.decode(self.ids, skip_special_tokens=True).strip(), len(self.ids))
 
             def end(self) -> None:
                 pass
 
         clock = _StageClock(self.device)
         with clock.stage("preprocess"):
-            settings = RouteSettings(canonical_fx, False, max_side, max_tokens)
-            image = image_plan(self.processor, intrinsics, model_input_size(self.processor, intrinsics, settings),
-                               settings)
+            image = image_plan(self.processor, intrinsics, model_input_size(self.processor, intrinsics, route), route)
             pixels = image.pixel_values(rgb, self.device, exact=True)  # not per frame: the stock pixels
             inputs = prompt_inputs(self.processor, image, question, pixels, self.device)
         captured: dict[str, Any] = {}
@@ -321,7 +373,7 @@ class DepthVLM:
                     do_sample=False,
                     pad_token_id=tokenizer.pad_token_id,
                     stopping_criteria=StoppingCriteriaList([StopWhenAsked()]) if should_stop else None,
-                    streamer=TextSoFar() if on_text is not None else None,
+                    streamer=TextSoFar(on_text) if on_text is not None else None,
                 )
         finally:
             hook.remove()

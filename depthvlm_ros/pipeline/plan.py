@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -33,6 +34,9 @@ from depthvlm_ros.geometry import (
 )
 from depthvlm_ros.model.preprocess import PixelLayout, preprocess_image
 from depthvlm_ros.model.processing import DEPTH_PROMPT, ImageTextProcessor, ModelInputs
+
+if TYPE_CHECKING:
+    from depthvlm_ros.backends.base import DepthBackend
 
 
 @dataclass(frozen=True)
@@ -139,7 +143,7 @@ def image_plan(
         return ImagePlan(camera, (canon, natural), camera.resized(*natural), 1.0, layout)
     final = processor.processed_size(*size)  # the processor's own limits have the last word
     k = camera.resized(*final)
-    return ImagePlan(camera, (tuple(size), final), k, k.fx / settings.canonical_fx, layout)
+    return ImagePlan(camera, (cast("tuple[int, int]", tuple(size)), final), k, k.fx / settings.canonical_fx, layout)
 
 
 def prompt_inputs(processor: ImageTextProcessor, image: ImagePlan, user_text: str, pixel_values: torch.Tensor,
@@ -159,7 +163,7 @@ class CameraPlan:
     the camera until its camera_info, the settings or the backend's size change.
     """
 
-    def __init__(self, image: ImagePlan, processor: ImageTextProcessor, backend: object, device: torch.device,
+    def __init__(self, image: ImagePlan, processor: ImageTextProcessor, backend: DepthBackend, device: torch.device,
                  exact: bool = True) -> None:
         self.image = image
         self.exact = exact

@@ -23,6 +23,8 @@ RECENT_ERROR_S = 10.0
 
 
 def status_name(node_name: str, camera: str) -> str:
+    """A camera's diagnostic status name: ``<node>: <camera>: depth``, or ``<node>: depth`` for the camera on the
+    plain topic names (``camera`` "")."""
     return f"{node_name}: {camera}: depth" if camera else f"{node_name}: depth"
 
 
@@ -88,6 +90,7 @@ def camera_status(node_name: str, camera: Camera, model: Any, questions: Questio
         "query_errors": str(q.query_errors),
         "queries_busy": str(q.queries_busy),
         "queries_canceled": str(q.canceled),
+        "goals_rejected": str(q.goals_rejected),
         "query_active": str(questions.gate.active).lower(),
         "queries_waiting": str(questions.gate.waiting),
         "questions_waited_for_depth": str(questions.gate.depth_turns),  # a frame went before the next question

@@ -190,10 +190,9 @@ class QuestionGate:
         with self._cond:
             if self._closed:
                 return "busy: the node is shutting down"
-            busy = self._active or self._depth_owed or bool(self._queue)
-            if busy and len(self._queue) >= self.max_waiting:
-                ahead = int(self._active) + len(self._queue)
-                return f"busy: {ahead} question(s) ahead and at most {self.max_waiting} may wait; ask again later"
+            refused = self._busy()
+            if refused is not None:
+                return refused
             self._tickets += 1
             ticket = self._tickets
             self._queue.append(ticket)
@@ -217,6 +216,22 @@ class QuestionGate:
                 return f"busy: no turn within {timeout_s:g} s (another question is being answered)"
             self._active = True
             return None
+
+    def would_refuse(self) -> str | None:
+        """Why :meth:`enter` would refuse a question now ("busy: ..."), or None (an action goal is rejected
+        with it before it is accepted; the answer itself still goes through :meth:`enter`)."""
+        with self._cond:
+            if self._closed:
+                return "busy: the node is shutting down"
+            return self._busy()
+
+    def _busy(self) -> str | None:
+        """Why a new question would be refused now (called with the lock held)."""
+        busy = self._active or self._depth_owed or bool(self._queue)
+        if busy and len(self._queue) >= self.max_waiting:
+            ahead = int(self._active) + len(self._queue)
+            return f"busy: {ahead} question(s) ahead and at most {self.max_waiting} may wait; ask again later"
+        return None
 
     def leave(self) -> None:
         """The admitted question is done; depth gets a frame first if one is waiting."""
@@ -340,7 +355,9 @@ class KindThrottle:
         with self._lock:
             last = self._last.pop(kind, None)
             allowed = last is None or now - last >= self.period_s
-            self._last[kind] = now if allowed else last  # re-inserted: most recently seen last
+            if allowed or last is None:
+                last = now
+            self._last[kind] = last  # re-inserted: most recently seen last
             while len(self._last) > self.max_kinds:
                 self._last.pop(next(iter(self._last)))
             return allowed
@@ -372,6 +389,9 @@ class RateMeter:
 
 @dataclass
 class Percentiles:
+    """A :class:`LatencyWindow`'s summary: the number of samples, their 50th, 90th and 99th percentiles and their
+    maximum (milliseconds; NaN when there are no samples)."""
+
     n: int
     p50: float
     p90: float

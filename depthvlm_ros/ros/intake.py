@@ -12,9 +12,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
@@ -25,6 +23,7 @@ from std_msgs.msg import Header
 from depthvlm_ros.errors import InputError
 from depthvlm_ros.geometry import Intrinsics
 from depthvlm_ros.ros import messages
+from depthvlm_ros.ros.context import NodeContext
 from depthvlm_ros.ros.flow import (
     MAX_ERROR_CHARS,
     LatencyWindow,
@@ -50,6 +49,7 @@ def qos(reliability: str, depth: int) -> QoSProfile:
 
 
 def stamp_ns(header: Header) -> int:
+    """A header's stamp in nanoseconds."""
     return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
 
 
@@ -90,6 +90,9 @@ def decode(frame: Frame, fallback_fx: float) -> Decoded:
 
 @dataclass
 class CameraCounters:
+    """What became of one camera's frames (counts since the start) and its latest error (text, and its
+    time.monotonic() time); diagnostics report a snapshot."""
+
     frames_in: int = 0
     processed: int = 0
     dropped: int = 0  # replaced in the slot before the worker took them
@@ -107,16 +110,16 @@ class CameraCounters:
 class CameraIntake:
     """One camera's inputs: subscriptions, pairing, counters and meters (see the module docstring)."""
 
-    def __init__(self, node: Any, index: int, name: str, setting: Callable[[str], Any],
-                 slots: LatestSlots[Frame], is_active: Callable[[], bool],
-                 log: Callable[[str, str, str, LogBudget | None], None]) -> None:
-        """``setting(name)``: a parameter's current value (read per frame where it may change at run time)."""
-        s = {k: setting(k) for k in ("sync_tolerance_s", "input_reliability", "input_depth", "use_compressed")}
+    def __init__(self, ctx: NodeContext, index: int, name: str, slots: LatestSlots[Frame]) -> None:
+        """Camera ``index`` of the node (``name``: its namespace, "" for the plain names); its frames go to
+        ``slots``. Settings that change at run time (``fallback_fx``) are read per frame."""
+        s = ctx.settings().intake
+        node = ctx.node
         self.index, self.name = index, name
-        self._setting, self._slots, self._is_active, self._log = setting, slots, is_active, log
+        self._ctx, self._slots, self._is_active, self._log = ctx, slots, ctx.is_active, ctx.log
         self.counters = CameraCounters()
         self.lock = threading.Lock()
-        self._sync: StampSync[Image | CompressedImage, CameraInfo] = StampSync(int(s["sync_tolerance_s"] * 1e9))
+        self._sync: StampSync[Image | CompressedImage, CameraInfo] = StampSync(int(s.sync_tolerance_s * 1e9))
         self._sync_lock = threading.Lock()
         self._gaps = SequenceGaps()
         self.last_info_time = -math.inf
@@ -129,12 +132,12 @@ class CameraIntake:
         self.forward = LatencyWindow()  # the model forward (vision + LLM + head, or a compiled graph), ms
         self.last_inference = -math.inf
         self.log_budget = LogBudget()  # this camera's share of the log, whatever its inputs
-        qos_in = qos(s["input_reliability"], s["input_depth"])
+        qos_in = qos(s.input_reliability, s.input_depth)
         # Images and camera_infos in groups of their own: a camera_info that arrives while an image's
         # callback runs is taken at once, instead of leaving the executor looping over a ready entity
         # it may not run (the pairing state is under _sync_lock).
         images, infos = MutuallyExclusiveCallbackGroup(), MutuallyExclusiveCallbackGroup()
-        if s["use_compressed"]:
+        if s.use_compressed:
             self.image_topic = topic(name, "image/compressed")
             image_sub = node.create_subscription(CompressedImage, self.image_topic, self._on_image, qos_in,
                                                  callback_group=images)
@@ -206,7 +209,7 @@ class CameraIntake:
                 self.first_image_time = now
             self.count("frames_in")
             messages.check_image(msg)  # what it declares, before it is kept anywhere (an image may be huge)
-            if self._setting("fallback_fx") > 0 and now - self.last_info_time > NO_INFO_AFTER_S:
+            if self._ctx.settings().intake.fallback_fx > 0 and now - self.last_info_time > NO_INFO_AFTER_S:
                 self._hand_over([(msg, None)])
                 return
             with self._sync_lock:
@@ -220,7 +223,7 @@ class CameraIntake:
     def _hand_over(self, decided: list[tuple[Image | CompressedImage, CameraInfo | None]]) -> None:
         now = time.monotonic()
         for image, info in decided:
-            if info is None and not self._setting("fallback_fx") > 0:
+            if info is None and not self._ctx.settings().intake.fallback_fx > 0:
                 self.count("unmatched")
                 self._log("warning", "frames without matching camera_info are skipped (same stamp expected, or "
                           "within sync_tolerance_s; set fallback_fx to process them anyway)",

@@ -171,6 +171,8 @@ def sros2_policy(cameras: list[str] | tuple[str, ...] = (), use_compressed: bool
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m depthvlm_ros.ros.interfaces``: the node's SROS2 policy (enclaves node, robot, operator) for
+    ``--cameras``, ``--compressed`` and ``--namespace``, written to stdout (exit code 0)."""
     parser = argparse.ArgumentParser(prog="python -m depthvlm_ros.ros.interfaces",
                                      description="Write the node's SROS2 policy (enclaves node, robot, operator).")
     parser.add_argument("--cameras", default="", help="comma list, as the cameras parameter (default: one camera)")

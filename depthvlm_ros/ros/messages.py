@@ -11,6 +11,7 @@ from __future__ import annotations
 import array
 import io
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from geometry_msgs.msg import Point
@@ -175,7 +176,7 @@ def image_to_depth(msg: Image) -> np.ndarray:
     """A REP 118 depth image (32FC1 metres or 16UC1 millimetres) as float32 metres, NaN invalid."""
     from depthvlm_ros.geometry import depth_from_16uc1
 
-    kinds = {"32FC1": np.dtype(np.float32), "16UC1": np.dtype(np.uint16)}
+    kinds: dict[str, np.dtype[Any]] = {"32FC1": np.dtype(np.float32), "16UC1": np.dtype(np.uint16)}
     if msg.encoding not in kinds:
         raise InputError(f"depth image: unsupported encoding {shown(msg.encoding)} (use 32FC1 or 16UC1)",
                          "depth.encoding")
@@ -237,9 +238,11 @@ def cloud_to_msg(cloud: np.ndarray, header: Header, buffer: MessageBuffer | None
     A cloud built in ``buffer`` (``organized_cloud(..., out=buffer.array(...))``) is wrapped without
     a copy; any other is copied once.
     """
+    names, by_name = cloud.dtype.names, cloud.dtype.fields
+    assert names is not None and by_name is not None, "cloud_to_msg: a structured array (organized_cloud)"
     fields = [
-        PointField(name=name, offset=int(cloud.dtype.fields[name][1]), datatype=PointField.FLOAT32, count=1)
-        for name in cloud.dtype.names
+        PointField(name=name, offset=int(by_name[name][1]), datatype=PointField.FLOAT32, count=1)
+        for name in names
     ]
     rows, cols = cloud.shape
     raw = np.ascontiguousarray(cloud).view(np.uint8).reshape(rows, cols * cloud.dtype.itemsize)

@@ -14,13 +14,13 @@ lifecycle:
 - ``ros/questions.py``: ``~/spatial_query`` (service), ``~/ask`` (action: the answer streams as feedback,
   cancel stops it), ``~/depth_at`` (service), ``~/answer_markers`` (MarkerArray);
 - ``ros/diagnostics.py``: ``/diagnostics``, one status per camera;
-- ``ros/params.py``: the parameters, grouped by these rooms.
+- ``ros/params.py``: the parameters, grouped by these parts.
 
 Topics are relative, so namespaces and remaps work as for any camera driver; with ``cameras: [front,
 left]`` each camera's topics live under its namespace (``front/image`` ... ``front/points``). The
 model is loaded once for all cameras.
 
-Lifecycle (``~/change_state``, ``~/get_state``): configure loads the model and creates the rooms
+Lifecycle (``~/change_state``, ``~/get_state``): configure loads the model and creates the parts
 (exports for compiled sizes start in the background); activate starts publishing and processing;
 deactivate stops both (frames are counted and dropped in their callback, an answer being generated
 stops within one token); cleanup frees the model (its memory returns to the system); shutdown works
@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import gc
 import threading
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, cast
 
 import rclpy
 from rcl_interfaces.msg import (
@@ -51,15 +53,19 @@ from rclpy.exceptions import ParameterUninitializedException
 from rclpy.impl.implementation_singleton import rclpy_implementation
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
+from rclpy.publisher import Publisher
 from rclpy.task import Future
+from rclpy.timer import Timer
 
 from depthvlm_ros.errors import InputError
+from depthvlm_ros.ros.context import DepthModel, NodeContext
 from depthvlm_ros.ros.diagnostics import diagnostic_array
 from depthvlm_ros.ros.flow import MAX_ERROR_CHARS, KindThrottle, LatestSlots, LogBudget, QuestionGate, error_kind
 from depthvlm_ros.ros.intake import CameraIntake, Frame, topic
 from depthvlm_ros.ros.outputs import DepthOutputs
 from depthvlm_ros.ros.params import BY_NAME, PARAMS, Param, check_cameras, check_settings, check_value
 from depthvlm_ros.ros.questions import QuestionInterface
+from depthvlm_ros.ros.settings import ModelSettings, Settings
 from depthvlm_ros.ros.worker import Camera, InferenceWorker
 
 NODE_NAME = "depthvlm"
@@ -78,7 +84,9 @@ def executor_threads(cameras: int = 1) -> int:
     """Threads the node's executor needs: two per camera (images and camera_infos), the questions that
     may wait for their turn (each holds one: reentrant service or action), the one answered, and
     BASE_THREADS for everything else."""
-    return BASE_THREADS + 2 * cameras + 1 + int(BY_NAME["max_pending_queries"].range[1])
+    pending = BY_NAME["max_pending_queries"].range
+    assert pending is not None  # declared with a range (params.PARAMS)
+    return BASE_THREADS + 2 * cameras + 1 + int(pending[1])
 
 
 def release_memory() -> None:
@@ -124,26 +132,29 @@ class DepthVLMNode(LifecycleNode):
             default = Parameter.Type.STRING_ARRAY if param.default == [] else param.default
             self.declare_parameter(param.name, default, _descriptor(param))
         self._settings_lock = threading.Lock()
-        self._settings = {p.name: self._param_value(p.name) for p in PARAMS}
+        self._settings = Settings.from_values({p.name: self._param_value(p.name) for p in PARAMS})
         self.add_on_set_parameters_callback(self._validate_parameters)
         self.add_post_set_parameters_callback(self._apply_parameters)
         try:
-            self.camera_names = check_cameras(list(self._settings["cameras"]))
+            self.camera_names = check_cameras(list(self._settings.intake.cameras))
         except ValueError as exc:
             raise InputError(str(exc)) from None
         self._given_model = model
         self._log_throttle = KindThrottle(LOG_PERIOD_S)
-        self._state = "unconfigured"  # unconfigured, inactive, active or finalized
+        self._stopping = False  # SIGINT/SIGTERM: nothing more is processed (the lifecycle state is rclpy's)
+        self.ctx = NodeContext(node=self, settings=self.settings, is_active=self.is_active, log=self._log,
+                               ok=self.context.ok)
         #: Done when the node reached its final state (shutdown): ``main`` then exits 0.
-        self.finalized = Future()
-        #: Why the last configure failed (``main`` raises it under autostart: exit 2 with one line).
+        self.finalized: Future[bool] = Future()
+        #: Why the last configure failed (``main`` raises it under autostart: exit 3 with one line).
         self.configure_error: Exception | None = None
         self.model: Any | None = None
         self.cameras: list[Camera] = []
         self.worker: InferenceWorker | None = None
         self.questions: QuestionInterface | None = None
-        self._diagnostics_pub = self._diagnostics_timer = None
-        if self._settings["autostart"]:
+        self._diagnostics_pub: Publisher | None = None
+        self._diagnostics_timer: Timer | None = None
+        if self._settings.lifecycle.autostart:
             if self.trigger_configure() != TransitionCallbackReturn.SUCCESS:
                 raise self.configure_error or RuntimeError("configure failed")
             self.trigger_activate()
@@ -161,7 +172,7 @@ class DepthVLMNode(LifecycleNode):
 
     def _validate_parameters(self, params: list[Parameter]) -> SetParametersResult:
         with self._settings_lock:
-            values = dict(self._settings)
+            values = self._settings.values()
         for p in params:
             spec = BY_NAME.get(p.name)
             if spec is None:
@@ -175,33 +186,30 @@ class DepthVLMNode(LifecycleNode):
         return SetParametersResult(successful=problem is None, reason=problem or "")
 
     def _apply_parameters(self, params: list[Parameter]) -> None:
+        """A new Settings with the changed values (already validated as a whole by the on-set callback)."""
         with self._settings_lock:
-            for p in params:
-                if p.name in BY_NAME:
-                    self._settings[p.name] = self._param_value(p.name)
-            tolerance, max_waiting = self._settings["sync_tolerance_s"], self._settings["max_pending_queries"]
+            self._settings = self._settings.with_values(
+                {p.name: self._param_value(p.name) for p in params if p.name in BY_NAME})
+            current = self._settings
         if self.questions is not None:
-            self.questions.gate.max_waiting = max_waiting
+            self.questions.gate.max_waiting = current.questions.max_pending_queries
         for camera in self.cameras:
-            camera.intake.set_tolerance(tolerance)
+            camera.intake.set_tolerance(current.intake.sync_tolerance_s)
 
-    def settings(self) -> dict[str, Any]:
-        """A consistent snapshot of the parameters (read once per frame or request)."""
+    def settings(self) -> Settings:
+        """The current settings (immutable: read once per frame or request)."""
         with self._settings_lock:
-            return dict(self._settings)
-
-    def setting(self, name: str) -> Any:
-        """One parameter's current value (no copy of the others: callbacks read it per frame)."""
-        with self._settings_lock:
-            return self._settings[name]
+            return self._settings
 
     def is_active(self) -> bool:
-        return self._state == "active"
+        """Frames are processed and outputs published: rclpy's lifecycle state is ``active``."""
+        return not self._stopping and self.state == "active"
 
     @property
     def state(self) -> str:
-        """The lifecycle state: unconfigured, inactive, active or finalized."""
-        return self._state
+        """The lifecycle state's label, as rclpy's state machine has it (``unconfigured``, ``inactive``,
+        ``active``, ``finalized``, or a transition's: ``configuring``, ``deactivating``, ...)."""
+        return str(self._state_machine.current_state[1])
 
     def _log(self, level: str, message: str, kind: str | None = None, budget: LogBudget | None = None) -> None:
         """Log ``message`` unless its kind (a fixed code; or :func:`error_kind`) was logged less than
@@ -232,45 +240,43 @@ class DepthVLMNode(LifecycleNode):
         self.configure_error = None
         try:
             s = self.settings()
-            self.model = self._given_model if self._given_model is not None else self._load_model(s)
+            self.model = self._given_model if self._given_model is not None else self._load_model(s.model)
             slots: LatestSlots[Frame] = LatestSlots(len(self.camera_names))
             for index, name in enumerate(self.camera_names):
-                intake = CameraIntake(self, index, name, self.setting, slots, self.is_active, self._log)
-                self.cameras.append(Camera(name, intake, DepthOutputs(self, name, s)))
-            gate = QuestionGate(s["max_pending_queries"], slots.pending)
-            self.worker = InferenceWorker(self.model, self.cameras, slots, gate, self.settings, self.is_active,
-                                          self.context.ok)
-            self.questions = QuestionInterface(self, self.model, self.cameras, self.worker, gate, self.settings,
-                                               self.is_active, self._log)
+                intake = CameraIntake(self.ctx, index, name, slots)
+                self.cameras.append(Camera(name, intake, DepthOutputs(self.ctx, name)))
+            gate = QuestionGate(s.questions.max_pending_queries, slots.pending)
+            self.worker = InferenceWorker(self.ctx, self.model, self.cameras, slots, gate)
+            self.questions = QuestionInterface(self.ctx, self.model, self.cameras, self.worker, gate)
             from diagnostic_msgs.msg import DiagnosticArray
 
             self._diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-            self._diagnostics_timer = self.create_timer(s["diagnostics_period_s"], self.publish_diagnostics,
+            self._diagnostics_timer = self.create_timer(s.diagnostics.diagnostics_period_s, self.publish_diagnostics,
                                                         callback_group=MutuallyExclusiveCallbackGroup())
         except Exception as exc:  # rclpy would swallow it: keep it, say it once, stay unconfigured
             import traceback
 
             traceback.clear_frames(exc.__traceback__)  # its frames would keep a half-loaded model alive
             self.configure_error = exc.with_traceback(None)
-            if not self._settings["autostart"]:  # under autostart main raises it (the CLI's one line, exit 2)
+            if not s.lifecycle.autostart:  # under autostart main raises it (the CLI's one line, exit 3)
                 self.get_logger().error(f"configure failed: {exc.__class__.__name__}: {exc}")
             self._release()
             return TransitionCallbackReturn.FAILURE
-        self._state = "inactive"
         weights = "" if self.model.has_weights else " (no weights loaded: answers off)"
         self.get_logger().info(f"configured: model {self.model.name}{weights}, backend {self.model.backend.describe()}")
         return super().on_configure(state)
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         result = super().on_activate(state)  # the lifecycle publishers publish from now on
-        self._state = "active"
         inputs = ", ".join(f"{c.intake.image_topic} + {topic(c.name, 'camera_info')}" for c in self.cameras)
-        self.get_logger().info(f"ready: model {self.model.name}, backend {self.model.backend.describe()}, "
+        model = self.model
+        assert model is not None  # activate follows a successful configure (the lifecycle's inactive state)
+        self.get_logger().info(f"ready: model {model.name}, backend {model.backend.describe()}, "
                                f"input {inputs}")
         return result
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._state = "inactive"
+        # (the state is "deactivating" from here: callbacks and the worker stop taking frames)
         self._wait_for_work()  # questions waiting for their turn or a frame see the state within 0.1 s
         for camera in self.cameras:
             camera.intake.forget_pending()
@@ -279,13 +285,11 @@ class DepthVLMNode(LifecycleNode):
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._release()
-        self._state = "unconfigured"
         self.get_logger().info("unconfigured: the model is freed")
         return super().on_cleanup(state)
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._release()
-        self._state = "finalized"
         if not self.finalized.done():
             self.finalized.set_result(True)
         return super().on_shutdown(state)
@@ -293,44 +297,39 @@ class DepthVLMNode(LifecycleNode):
     def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.get_logger().error(f"error in a transition from {state.label}: freeing everything (unconfigured)")
         self._release()
-        self._state = "unconfigured"
         return TransitionCallbackReturn.SUCCESS
 
-    def _load_model(self, s: dict[str, Any]) -> Any:
-        from depthvlm_ros.backends import create_backend
+    def _load_model(self, m: ModelSettings) -> DepthModel:
+        """The model ``m`` names, with its backend built (the one factory: ``DepthVLM.from_pretrained``)."""
+        from depthvlm_ros.backends import BackendSpec
         from depthvlm_ros.model.default import resolve_model
         from depthvlm_ros.pipeline import DepthVLM
 
-        folder, note = resolve_model(s["model_path"])
+        folder, note = resolve_model(m.model_path)
         if note:
             self.get_logger().warning(note)
-        if not s["answers"] and s["backend"] != "triton":
+        if not m.answers and m.backend != "triton":
             raise InputError(f"answers: false needs backend triton (the depth path on a server); backend is "
-                             f"{s['backend']!r}")
-        model = DepthVLM.from_pretrained(folder, device=s["answer_device"] or s["device"], dtype=s["precision"],
-                                         weights=s["answers"])
-        if s["backend"] != "torch":  # auto: TensorRT with an engine and CUDA, else ONNX Runtime, else PyTorch
-            paths = [p for p in s["engine_paths"] if p]
-            # Missing ONNX sizes are exported by a separate process while the nearest held size (or
-            # PyTorch, before the first) serves: an export never runs on the frame path.
-            model.backend = create_backend(
-                model, s["backend"], device=s["device"],
-                onnx=paths if s["backend"] in ("onnxruntime", "auto") else (),
-                engines=paths if s["backend"] in ("tensorrt", "auto") else (),
-                fallback=s["backend_fallback"], log=self.get_logger().warning,
-                max_sizes=s["max_compiled_sizes"], background=True,
-                idle_before_replaced_s=s["compiled_size_idle_s"],
-                triton=self._triton_connection(s) if s["backend"] == "triton" else None,
-            )
-        return model
+                             f"{m.backend!r}")
+        paths = tuple(Path(p) for p in m.engine_paths if p)
+        # auto: TensorRT with an engine and CUDA, else ONNX Runtime, else PyTorch. Missing ONNX sizes are
+        # exported by a separate process while the nearest held size (or PyTorch, before the first) serves: an
+        # export never runs on the frame path.
+        spec = BackendSpec(
+            name=m.backend, device=m.device, onnx=paths if m.backend in ("onnxruntime", "auto") else (),
+            engines=paths if m.backend in ("tensorrt", "auto") else (), fallback=m.backend_fallback,
+            max_sizes=m.max_compiled_sizes, background=True, idle_before_replaced_s=m.compiled_size_idle_s,
+            triton=self._triton_connection(m) if m.backend == "triton" else None)
+        return DepthVLM.from_pretrained(folder, device=m.answer_device or m.device, dtype=m.precision,
+                                        weights=m.answers, backend=spec,  # (the logger's bool result is unused)
+                                        log=cast("Callable[[str], None]", self.get_logger().warning))
 
     @staticmethod
-    def _triton_connection(s: dict[str, Any]) -> Any:
+    def _triton_connection(m: ModelSettings) -> Any:
         from depthvlm_ros.backends.triton_backend import TritonConnection
 
-        return TritonConnection.from_settings(s["triton_url"], s["triton_model"], s["triton_token_file"],
-                                              s["triton_timeout_s"], s["triton_tls_root_cert"], s["triton_tls_cert"],
-                                              s["triton_tls_key"])
+        return TritonConnection.from_settings(m.triton_url, m.triton_model, m.triton_token_file, m.triton_timeout_s,
+                                              m.triton_tls_root_cert, m.triton_tls_cert, m.triton_tls_key)
 
     def _wait_for_work(self) -> None:
         """Until the frame in the worker and the questions in flight are done (both stop early once the
@@ -341,9 +340,8 @@ class DepthVLMNode(LifecycleNode):
             self.get_logger().warning(f"a question did not finish within {DEACTIVATE_WAIT_S:.0f} s")
 
     def _release(self) -> None:
-        """Stop and destroy the rooms (after the work in flight is done); free the model unless it is the
+        """Stop and destroy the parts (after the work in flight is done); free the model unless it is the
         caller's (its memory returns)."""
-        self._state = "unconfigured"  # (the transition that called this sets the final label)
         questions, worker, cameras = self.questions, self.worker, self.cameras
         timer, pub, model = self._diagnostics_timer, self._diagnostics_pub, self.model
         # Detach first: a diagnostics callback running now sees None and does nothing.
@@ -376,8 +374,8 @@ class DepthVLMNode(LifecycleNode):
         if model is None or questions is None or pub is None:
             return  # cleaned up meanwhile
         try:
-            pub.publish(diagnostic_array(self.get_name(), cameras, model, questions, self._state,
-                                         self.setting("fallback_fx"), self.get_clock().now().to_msg()))
+            pub.publish(diagnostic_array(self.get_name(), cameras, model, questions, self.state,
+                                         self.settings().intake.fallback_fx, self.get_clock().now().to_msg()))
         except Exception as exc:  # an exception here would end the executor's spin
             if self._diagnostics_pub is pub:  # (else a cleanup destroyed the publisher meanwhile)
                 self._log("error", f"diagnostics: {exc.__class__.__name__}: {exc}")
@@ -385,7 +383,7 @@ class DepthVLMNode(LifecycleNode):
     def stop(self) -> None:
         """Stop work (SIGINT/SIGTERM): an answer being generated stops within one token, questions waiting
         for their turn or a frame are refused at once, the worker ends, exports are cancelled."""
-        self._state = "finalized"
+        self._stopping = True
         if self.questions is not None:
             self.questions.stop()
         if self.worker is not None:
@@ -404,7 +402,7 @@ def main(args: list[str] | None = None) -> int:
 
     On SIGINT/SIGTERM an answer being generated stops within one token and the process exits 0
     within seconds. Under autostart a model folder that cannot be loaded raises :class:`CheckpointError`
-    (the CLI prints one line and exits 2); without it, configure fails and the node stays unconfigured.
+    (the CLI prints one line and exits 3); without it, configure fails and the node stays unconfigured.
     """
     from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 

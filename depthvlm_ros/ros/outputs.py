@@ -20,7 +20,9 @@ from std_msgs.msg import Header
 from depthvlm_ros.geometry import Intrinsics, depth_from_16uc1, depth_to_16uc1, resize_rgb
 from depthvlm_ros.pointcloud import organized_cloud
 from depthvlm_ros.ros import messages
+from depthvlm_ros.ros.context import NodeContext
 from depthvlm_ros.ros.intake import Decoded, qos, topic
+from depthvlm_ros.ros.settings import OutputSettings
 from depthvlm_ros.visualize import colorize_depth
 
 
@@ -37,8 +39,9 @@ class LatestDepth:
 class DepthOutputs:
     """One camera's publishers and its latest published depth."""
 
-    def __init__(self, node: Any, camera: str, settings: dict[str, Any]) -> None:
-        qos_out = qos(settings["output_reliability"], settings["output_depth"])
+    def __init__(self, ctx: NodeContext, camera: str) -> None:
+        node, o = ctx.node, ctx.settings().outputs
+        qos_out = qos(o.output_reliability, o.output_depth)
         self._node = node
         self.depth = node.create_lifecycle_publisher(Image, topic(camera, "depth/image"), qos_out)
         self.depth_info = node.create_lifecycle_publisher(CameraInfo, topic(camera, "depth/camera_info"), qos_out)
@@ -59,30 +62,30 @@ class DepthOutputs:
         with self._lock:
             return self._latest
 
-    def publish(self, decoded: Decoded, depth: np.ndarray, k: Intrinsics, s: dict[str, Any]) -> None:
+    def publish(self, decoded: Decoded, depth: np.ndarray, k: Intrinsics, s: OutputSettings) -> None:
         """Publish depth (metres on the grid ``k`` describes), its camera_info, the coloured view and the cloud."""
         header = decoded.header
         depth = np.asarray(depth, dtype=np.float32)
-        if s["min_depth_m"] > 0 or s["max_depth_m"] > 0:
-            far = s["max_depth_m"] if s["max_depth_m"] > 0 else np.inf
-            depth = np.where((depth >= s["min_depth_m"]) & (depth <= far), depth, np.float32(np.nan))
-        if s["depth_encoding"] == "16UC1":  # the cloud and ~/depth_at use exactly the published millimetres
+        if s.min_depth_m > 0 or s.max_depth_m > 0:
+            far = s.max_depth_m if s.max_depth_m > 0 else np.inf
+            depth = np.where((depth >= s.min_depth_m) & (depth <= far), depth, np.float32(np.nan))
+        if s.depth_encoding == "16UC1":  # the cloud and ~/depth_at use exactly the published millimetres
             depth = depth_from_16uc1(depth_to_16uc1(depth))
-        self.depth.publish(messages.depth_to_image(depth, header, s["depth_encoding"], self._depth_buffer))
+        self.depth.publish(messages.depth_to_image(depth, header, s.depth_encoding, self._depth_buffer))
         self.depth_info.publish(messages.intrinsics_to_camera_info(k, header))
         with self._lock:
             self._latest = LatestDepth(header, depth, k, (decoded.intrinsics.width, decoded.intrinsics.height))
         if self.colored.get_subscription_count() > 0:
-            auto = s["colormap_min_m"] == 0 and s["colormap_max_m"] == 0
-            color = colorize_depth(depth, None if auto else s["colormap_min_m"], None if auto else s["colormap_max_m"])
+            auto = s.colormap_min_m == 0 and s.colormap_max_m == 0
+            color = colorize_depth(depth, None if auto else s.colormap_min_m, None if auto else s.colormap_max_m)
             self.colored.publish(messages.rgb_to_image(color, header, self._colored_buffer))
-        if s["publish_pointcloud"] and self.points.get_subscription_count() > 0:
+        if s.publish_pointcloud and self.points.get_subscription_count() > 0:
             rgb = None
-            if s["pointcloud_color"]:
+            if s.pointcloud_color:
                 rgb = decoded.rgb if k.size == decoded.intrinsics.size else resize_rgb(decoded.rgb, *k.size)
-            stride = s["pointcloud_stride"]
+            stride = s.pointcloud_stride
             shape = (-(-k.height // stride), -(-k.width // stride), 4 if rgb is not None else 3)
-            cloud = organized_cloud(depth, k, rgb, stride, s["max_range_m"] if s["max_range_m"] > 0 else math.inf,
+            cloud = organized_cloud(depth, k, rgb, stride, s.max_range_m if s.max_range_m > 0 else math.inf,
                                     out=self._cloud_buffer.array(np.float32, shape))
             self.points.publish(messages.cloud_to_msg(cloud, header, self._cloud_buffer))
 

@@ -30,9 +30,10 @@ from std_msgs.msg import Header
 from visualization_msgs.msg import Marker, MarkerArray
 
 from depthvlm_ros import spatial
-from depthvlm_ros.errors import InputError, shown
+from depthvlm_ros.errors import DepthVLMError, InputError, shown
 from depthvlm_ros.model.processing import check_question
 from depthvlm_ros.ros import messages
+from depthvlm_ros.ros.context import DepthModel, NodeContext, model_route
 from depthvlm_ros.ros.flow import MAX_ERROR_CHARS, LogBudget, QuestionGate, error_kind
 from depthvlm_ros.ros.worker import Camera, InferenceWorker
 
@@ -44,10 +45,14 @@ MAX_LABEL_CHARS = 60
 
 @dataclass
 class QuestionCounters:
+    """What the question interface counts (questions, errors, busy refusals, cancels, rejected goals) and its
+    latest error (text, and its time.monotonic() time); diagnostics report a snapshot."""
+
     queries: int = 0
     query_errors: int = 0
     queries_busy: int = 0  # refused at once: too many questions waiting
     canceled: int = 0  # actions canceled by their client
+    goals_rejected: int = 0  # ~/ask goals rejected before they started (inactive, too many tokens, busy)
     last_error: str = ""
     last_error_time: float = field(default=-math.inf)
 
@@ -104,11 +109,11 @@ def answer_markers(outcome: Outcome, lifetime_s: float) -> MarkerArray:
 class QuestionInterface:
     """The node's services, action and markers for questions (see the module docstring)."""
 
-    def __init__(self, node: Any, model: Any, cameras: list[Camera], worker: InferenceWorker, gate: QuestionGate,
-                 settings: Callable[[], dict[str, Any]], is_active: Callable[[], bool],
-                 log: Callable[[str, str, str, LogBudget | None], None]) -> None:
+    def __init__(self, ctx: NodeContext, model: DepthModel, cameras: list[Camera], worker: InferenceWorker,
+                 gate: QuestionGate) -> None:
+        node = ctx.node
         self._node, self.model, self.cameras, self.worker, self.gate = node, model, cameras, worker, gate
-        self._settings, self._is_active, self._log = settings, is_active, log
+        self._settings, self._is_active, self._log = ctx.settings, ctx.is_active, ctx.log
         self.log_budget = LogBudget()  # the questions' share of the log, however many arrive
         self.counters = QuestionCounters()
         self._lock = threading.Lock()
@@ -123,7 +128,7 @@ class QuestionInterface:
                                 callback_group=MutuallyExclusiveCallbackGroup()),
         ]
         self.action = ActionServer(node, Ask, "~/ask", execute_callback=self._execute_ask,
-                                   goal_callback=lambda _goal: GoalResponse.ACCEPT,
+                                   goal_callback=self._admit_goal,
                                    cancel_callback=lambda _goal: CancelResponse.ACCEPT, callback_group=questions)
         self.markers = node.create_lifecycle_publisher(MarkerArray, "~/answer_markers", 10)
 
@@ -164,16 +169,16 @@ class QuestionInterface:
         try:
             if not self._is_active():
                 raise InputError("the node is not active: activate it (~/change_state) first")
-            question = check_question(question, s["max_question_chars"])
+            question = check_question(question, s.questions.max_question_chars)
             self.model.require_weights("answering a question")
             camera = self.camera(camera_name)
-            tokens = int(max_new_tokens) or s["max_answer_tokens"]
-            if tokens > s["max_answer_tokens"]:
+            tokens = int(max_new_tokens) or s.questions.max_answer_tokens
+            if tokens > s.questions.max_answer_tokens:
                 raise InputError(f"max_new_tokens {tokens} is more than the node's max_answer_tokens "
-                                 f"{s['max_answer_tokens']}")
-        except InputError as exc:
+                                 f"{s.questions.max_answer_tokens}", "question.tokens")
+        except DepthVLMError as exc:  # bad input, or what this machine cannot do: the message says which
             return self._failed(str(exc), exc.kind)
-        refused = self.gate.enter(s["query_timeout_s"], stop)
+        refused = self.gate.enter(s.questions.query_timeout_s, stop)
         if refused is not None and stop():
             return Outcome(message=f"stopped before answering: {self._why_stopped(should_stop)}")
         if refused is not None:  # load shedding, not an error of the input: counted, not logged
@@ -181,15 +186,16 @@ class QuestionInterface:
                 self.counters.queries_busy += 1
             return Outcome(message=refused)
         try:
-            frame = self.worker.wait_for_frame(camera, s["query_wait_s"], stop)
+            frame = self.worker.wait_for_frame(camera, s.questions.query_wait_s, stop)
             if stop():
                 raise InputError(f"stopped before answering: {self._why_stopped(should_stop)}")
             if frame is None:
-                raise InputError(f"no camera frame received within query_wait_s={s['query_wait_s']} s")
+                raise InputError(f"no camera frame received within query_wait_s={s.questions.query_wait_s} s",
+                                 "question.no_frame")
             self._node.get_logger().info(f"{via}: answering {shown(question, 80)} (at most {tokens} tokens)")
-            answer = self.model.ask(frame.rgb, frame.intrinsics, question, tokens, s["canonical_fx"],
-                                    s["max_side_px"], s["max_image_tokens"], should_stop=stop, on_text=on_text)
-        except InputError as exc:
+            answer = self.model.ask(frame.rgb, frame.intrinsics, question, max_new_tokens=tokens,
+                                    route=model_route(s.model), should_stop=stop, on_text=on_text)
+        except DepthVLMError as exc:  # bad input, or what this machine cannot do: the message says which
             return self._failed(str(exc), exc.kind)
         except Exception as exc:
             return self._failed(f"{exc.__class__.__name__}: {exc}", exc.__class__.__name__)
@@ -210,11 +216,12 @@ class QuestionInterface:
             return outcome
         outcome.message = found.message
         outcome.distance_m = float(found.measurement.distance_m)
-        outcome.point = tuple(float(v) for v in found.measurement.point)
+        px, py, pz = found.measurement.point
+        outcome.point = (float(px), float(py), float(pz))
         outcome.region_px = [float(v) for v in found.measurement.region_px]
         outcome.label = found.grounding.label or question
         if math.isfinite(outcome.distance_m):
-            self.markers.publish(answer_markers(outcome, s["marker_lifetime_s"]))
+            self.markers.publish(answer_markers(outcome, s.questions.marker_lifetime_s))
         return outcome
 
     def _why_stopped(self, should_stop: Callable[[], bool]) -> str:
@@ -241,7 +248,27 @@ class QuestionInterface:
 
     def _on_spatial_query(self, request: SpatialQuery.Request, response: SpatialQuery.Response):
         s = self._settings()
-        return self.answer(request.question, request.camera, s["max_answer_tokens"]).fill(response)
+        return self.answer(request.question, request.camera, s.questions.max_answer_tokens).fill(response)
+
+    def _admit_goal(self, goal: Ask.Goal) -> GoalResponse:
+        """A goal the node cannot take now is rejected here (its client sees REJECTED at once): the node is not
+        active, the goal asks for more tokens than ``max_answer_tokens``, or questions are already waiting.
+        A goal that passes may still be stopped later (deactivation, shutdown); its result then says why."""
+        s = self._settings().questions
+        reason = None
+        if not self._is_active():
+            reason = "the node is not active"
+        elif int(goal.max_new_tokens) > s.max_answer_tokens:
+            reason = f"max_new_tokens {int(goal.max_new_tokens)} is more than max_answer_tokens {s.max_answer_tokens}"
+        else:
+            reason = self.gate.would_refuse()
+        if reason is None:
+            return GoalResponse.ACCEPT
+        with self._lock:
+            self.counters.queries_busy += int(reason.startswith("busy"))
+            self.counters.goals_rejected += 1
+        self._log("warning", f"~/ask goal rejected: {reason}", "question:goal_rejected", self.log_budget)
+        return GoalResponse.REJECT
 
     def _execute_ask(self, goal_handle: Any) -> Ask.Result:
         goal = goal_handle.request
@@ -268,7 +295,8 @@ class QuestionInterface:
             if latest is None:
                 raise InputError("no depth published yet")
             depth_m, points = spatial.depth_at_pixels(latest.depth, latest.intrinsics, list(request.u),
-                                                      list(request.v), latest.image_size, s["max_query_pixels"])
+                                                      list(request.v), latest.image_size,
+                                                      s.questions.max_query_pixels)
         except InputError as exc:
             response.success = False
             response.message = str(exc)

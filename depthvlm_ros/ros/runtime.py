@@ -3,7 +3,19 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from depthvlm_ros.errors import InputError
+
+if TYPE_CHECKING:
+    from diagnostic_msgs.msg import DiagnosticArray
+    from rclpy.node import Node
 
 #: The shipped Fast DDS profile (64 MiB shared-memory segment; see the file's comment).
 FASTDDS_PROFILE = "fastdds_large_data.xml"
@@ -115,7 +127,7 @@ class NodeProcess:
 class NodeStatus:
     """The latest ``depthvlm: depth`` diagnostics of a node, as a dict of strings (updated on arrival)."""
 
-    def __init__(self, node: object, name: str = "depthvlm: depth") -> None:
+    def __init__(self, node: Node, name: str = "depthvlm: depth") -> None:
         import threading
 
         from diagnostic_msgs.msg import DiagnosticArray
@@ -126,7 +138,7 @@ class NodeStatus:
         self._lock = threading.Lock()
         self.sub = node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, 10)
 
-    def _on_diagnostics(self, msg: object) -> None:
+    def _on_diagnostics(self, msg: DiagnosticArray) -> None:
         for status in msg.status:
             if status.name == self.name:
                 with self._lock:
@@ -143,3 +155,59 @@ class NodeStatus:
             return float(self.get()[1].get(key, default))
         except ValueError:
             return default
+
+
+# -- a ROS process of the tools (play, record, demo) ------------------------------------------------
+
+@contextmanager
+def ros_node(name: str, ros_args: list[str] | None = None) -> Iterator[tuple[Any, threading.Event]]:
+    """A node in its own rclpy context, and an event set by SIGINT/SIGTERM.
+
+    Uses the shipped Fast DDS profile (:func:`use_large_data_profile`, before ``rclpy.init``) and
+    our own signal handlers (rclpy's are disabled), so a loop that checks the event ends cleanly and
+    the process exits 0. ``ros_args`` (``--ros-args -r image:=/cam/image ...``) go to ``rclpy.init``.
+    """
+    use_large_data_profile()
+    import rclpy
+    from rclpy.signals import SignalHandlerOptions
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    context = rclpy.Context()
+    node = None
+    try:
+        argv = [name, *(ros_args or [])]
+        if len(argv) > 1 and argv[1] != "--ros-args":
+            argv.insert(1, "--ros-args")
+        try:
+            rclpy.init(args=argv, context=context, signal_handler_options=SignalHandlerOptions.NO)
+        except Exception as exc:  # rclpy's RCLError: bad --ros-args
+            raise InputError(f"ROS arguments {' '.join(argv[1:])}: {exc}") from None
+        node = rclpy.create_node(name, context=context)
+        yield node, stop
+    finally:
+        if node is not None:
+            node.destroy_node()
+        if context.ok():
+            rclpy.shutdown(context=context)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class StatusLine:
+    """At most one line per ``period`` seconds on stderr."""
+
+    def __init__(self, period: float = 1.0) -> None:
+        self.period = period
+        self.last = time.monotonic()
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if now - self.last < self.period:
+            return False
+        self.last = now
+        return True

@@ -13,14 +13,14 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from depthvlm_ros.backends.base import BackendError
 from depthvlm_ros.errors import InputError
-from depthvlm_ros.pipeline.plan import RouteSettings
+from depthvlm_ros.ros.context import DepthModel, NodeContext, model_route
 from depthvlm_ros.ros.flow import LatestSlots, QuestionGate
 from depthvlm_ros.ros.intake import CameraIntake, Decoded, Frame, decode
 from depthvlm_ros.ros.outputs import DepthOutputs
+from depthvlm_ros.ros.settings import Settings
 
 #: Model stages that are the model's forward (the rest of a frame's time is the node's overhead).
 FORWARD_STAGES = ("vision", "llm", "head", "model")
@@ -39,11 +39,10 @@ class Camera:
 class InferenceWorker:
     """The thread that turns frames into published depth (see the module docstring)."""
 
-    def __init__(self, model: Any, cameras: list[Camera], slots: LatestSlots[Frame], gate: QuestionGate,
-                 settings: Callable[[], dict[str, Any]], is_active: Callable[[], bool],
-                 context_ok: Callable[[], bool]) -> None:
+    def __init__(self, ctx: NodeContext, model: DepthModel, cameras: list[Camera], slots: LatestSlots[Frame],
+                 gate: QuestionGate) -> None:
         self.model, self.cameras, self.slots, self.gate = model, cameras, slots, gate
-        self._settings, self._is_active, self._context_ok = settings, is_active, context_ok
+        self._settings, self._is_active, self._context_ok = ctx.settings, ctx.is_active, ctx.ok
         #: Set when a new frame was decoded (questions wait on it for their first frame).
         self.frame_ready = threading.Condition()
         self._running = True
@@ -70,7 +69,8 @@ class InferenceWorker:
             if not self._running or not self._is_active() or not self._context_ok():
                 return  # deactivated or shutting down: nothing may be published
             s = self._settings()
-            if s["max_rate_hz"] > 0 and time.monotonic() - camera.intake.last_inference < 1.0 / s["max_rate_hz"]:
+            rate = s.worker.max_rate_hz
+            if rate > 0 and time.monotonic() - camera.intake.last_inference < 1.0 / rate:
                 camera.intake.count("skipped_rate")
                 return
             self.process(camera, frame, s)
@@ -86,23 +86,23 @@ class InferenceWorker:
             self.slots.done()
             self.gate.depth_served()
 
-    def process(self, camera: Camera, frame: Frame, s: dict[str, Any]) -> None:
+    def process(self, camera: Camera, frame: Frame, s: Settings) -> None:
         """One frame's way: decode, the camera's plan (made once), infer, publish."""
         start = time.perf_counter()
         intake = camera.intake
         intake.last_inference = time.monotonic()
-        decoded = decode(frame, s["fallback_fx"])
+        decoded = decode(frame, s.intake.fallback_fx)
         with self.frame_ready:
             camera.latest = decoded
             self.frame_ready.notify_all()
-        route = RouteSettings(s["canonical_fx"], s["match_fy"], s["max_side_px"], s["max_image_tokens"])
-        plan = self.model.plan(decoded.intrinsics, route, exact=False)  # torch's resize: model/preprocess.py
+        # exact=False: torch's resize, within 2 grey levels of PIL's (model/preprocess.py)
+        plan = self.model.plan(decoded.intrinsics, model_route(s.model), exact=False)
         result = self.model.infer(plan, [decoded.rgb])[0]
-        if s["output_grid"] == "camera":
+        if s.outputs.output_grid == "camera":
             depth, k = result.depth, result.intrinsics
         else:
             depth, k = result.depth_model, result.intrinsics_model
-        camera.outputs.publish(decoded, depth, k, s)
+        camera.outputs.publish(decoded, depth, k, s.outputs)
         end = time.perf_counter()
         forward = sum(ms for name, ms in result.timings_ms.items() if name in FORWARD_STAGES)
         total = (end - start) * 1000.0

@@ -22,14 +22,16 @@ from depthvlm_ros.tools.common import (
     add_backend_args,
     add_input_size_args,
     add_model_args,
+    backend_spec,
     check_max_image_tokens,
     load_model,
-    make_backend,
+    note,
     parse_size,
 )
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    """The ``depthvlm bench`` subcommand's options."""
     p = sub.add_parser("bench", help="time the depth path stage by stage")
     p.add_argument("--size", type=parse_size, default=(640, 480), help="input image WxH (default 640x480)")
     p.add_argument("--fx", type=float, default=None,
@@ -53,6 +55,7 @@ def synthetic_image(width: int, height: int, seed: int = 0) -> np.ndarray:
 
 
 def summarize(samples: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """Each stage's median and 90th percentile (milliseconds) and number of samples."""
     return {
         name: {"median_ms": float(np.median(v)), "p90_ms": float(np.percentile(v, 90)), "n": len(v)}
         for name, v in samples.items()
@@ -60,10 +63,13 @@ def summarize(samples: dict[str, list[float]]) -> dict[str, dict[str, float]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``depthvlm bench``: the depth path timed stage by stage on a synthetic image for each of --backends (runs
+    interleaved), printed as a table and JSON, also to --json (exit code 0, 2 bad input, 3 setup)."""
     import torch
 
     from depthvlm_ros.backends import BACKENDS
     from depthvlm_ros.errors import InputError
+    from depthvlm_ros.pipeline.plan import RouteSettings
 
     names = [n.strip() for n in args.backends.split(",") if n.strip()]
     unknown = [n for n in names if n not in BACKENDS]
@@ -71,22 +77,20 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--backends takes a comma-separated list of {', '.join(BACKENDS)}; got {args.backends!r}")
     width, height = args.size
     max_tokens = check_max_image_tokens(args)
-    args.backend = "torch"
     args.backend_fallback = False  # measure exactly the backends named: a fallback would mislabel them
-    model = load_model(args)
-    backends = {name: make_backend(model, args, name) for name in names}
+    model = load_model(args, backend="torch")
+    # one pipeline per backend, sharing the loaded model (nothing is reloaded or patched)
+    pipelines = {name: model.with_backend(backend_spec(args, name), log=note) for name in names}
     k = Intrinsics.from_fx(width, height, args.fx if args.fx is not None else 1000.0)
     rgb = synthetic_image(width, height)
-    for backend in backends.values():
-        model.backend = backend
+    for pipeline in pipelines.values():
         for _ in range(max(0, args.warmup)):
-            model.predict_depth(rgb, k, max_tokens=max_tokens)
-    samples: dict[str, dict[str, list[float]]] = {name: {} for name in backends}
+            pipeline.predict_depth(rgb, k, RouteSettings(max_tokens=max_tokens))
+    samples: dict[str, dict[str, list[float]]] = {name: {} for name in pipelines}
     for _ in range(max(1, args.runs)):
-        for name, backend in backends.items():
-            model.backend = backend
+        for name, pipeline in pipelines.items():
             start = time.perf_counter()
-            result = model.predict_depth(rgb, k, max_tokens=max_tokens)
+            result = pipeline.predict_depth(rgb, k, RouteSettings(max_tokens=max_tokens))
             total = (time.perf_counter() - start) * 1e3
             for stage, ms in {**result.timings_ms, "total": total}.items():
                 samples[name].setdefault(stage, []).append(ms)
@@ -103,8 +107,8 @@ def run(args: argparse.Namespace) -> int:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
-        "backends": {name: {"describe": backends[name].describe(), "stages": stats[name],
-                            "frames_per_s": 1000.0 / stats[name]["total"]["median_ms"]} for name in backends},
+        "backends": {name: {"describe": pipelines[name].backend.describe(), "stages": stats[name],
+                            "frames_per_s": 1000.0 / stats[name]["total"]["median_ms"]} for name in pipelines},
         # Peak resident memory of this process (all backends loaded at once), MiB; Linux reports KiB.
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
     }

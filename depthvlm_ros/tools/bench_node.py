@@ -55,6 +55,8 @@ def steady(diagnostics: list[dict[str, str]]) -> bool:
 
 
 def run_bench(args: argparse.Namespace) -> dict:
+    """The node measured in its own process: a synthetic camera streamed to it for --seconds (or --soak frames);
+    the report of latency (ms), throughput (Hz), frames without output, the node's own times and its RSS (MiB)."""
     import threading
 
     import rclpy
@@ -202,6 +204,8 @@ def run_bench(args: argparse.Namespace) -> dict:
 
 
 def cmd_bench_node(args: argparse.Namespace) -> int:
+    """Run ``depthvlm bench-node``: :func:`run_bench`'s report printed as text and JSON, also to --json (exit
+    code 0, 2 bad input or a node that does not start or stops answering)."""
     if args.soak < 0 or not (args.rate > 0 and args.seconds > 0 and args.warmup >= 0):
         raise InputError("--soak must be >= 0, --rate and --seconds > 0, --warmup >= 0")
     report = run_bench(args)
@@ -227,6 +231,7 @@ def cmd_bench_node(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    """The ``depthvlm bench-node`` subcommand's options."""
     from depthvlm_ros.tools.common import parse_size
 
     p = sub.add_parser("bench-node", help="latency, throughput and overhead of the ROS node over Fast DDS",

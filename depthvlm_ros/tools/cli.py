@@ -1,7 +1,9 @@
 """The ``depthvlm`` command (also ``python -m depthvlm_ros``): one subcommand per job.
 
-Bad input (a missing or corrupt image, non-positive or NaN intrinsics, a broken model folder)
-prints one line, ``depthvlm: error: ...``, and exits with code 2.
+Exit codes: 0 done; 2 bad input (a missing or corrupt image, non-positive or NaN intrinsics, a bad option);
+3 this machine or a model folder cannot do it (a runtime or device that is missing, a broken model folder, an
+engine built elsewhere); 1 a bug (with a traceback); 130 interrupted. 2 and 3 print one line,
+``depthvlm: error: ...`` (depthvlm_ros/errors.py).
 """
 
 from __future__ import annotations
@@ -9,37 +11,22 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
-from depthvlm_ros.errors import InputError
-
-#: What ``ask`` prints when the model generated only special tokens (an untrained model can).
-NO_TEXT = "(the model generated no text)"
-
-
-def cmd_ask(args: argparse.Namespace) -> int:
-    from depthvlm_ros.tools.common import check_max_image_tokens, intrinsics_from_args, load_model, read_rgb
-
-    rgb = read_rgb(args.image)
-    k = intrinsics_from_args(args, rgb.shape[1], rgb.shape[0])
-    max_tokens = check_max_image_tokens(args)
-    model = load_model(args)
-    answer = model.ask(rgb, k, args.question, max_new_tokens=args.max_new_tokens, max_tokens=max_tokens)
-    print(answer.text if answer.text else NO_TEXT)
-    print(f"({answer.num_tokens} tokens, {sum(answer.timings_ms.values()):.0f} ms)", file=sys.stderr)
-    return 0
+from depthvlm_ros.errors import DepthVLMError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``depthvlm`` argument parser, with every subcommand's options."""
+    from depthvlm_ros.ros import main as node_main
     from depthvlm_ros.tools import (
+        ask,
         bench,
         bench_node,
-        compile,
         demo,
         eval_qa,
         eval_tool,
+        export_tool,
         generate,
-        node_tool,
         play,
         predict,
         query,
@@ -47,24 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
         serve,
         train_tool,
     )
-    from depthvlm_ros.tools.common import add_input_size_args, add_intrinsics_args, add_model_args
 
     parser = argparse.ArgumentParser(prog="depthvlm", description="DepthVLM metric depth tools")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     predict.add_parser(sub)
-    ask = sub.add_parser("ask", help="answer a spatial question about an image")
-    ask.add_argument("image", type=Path)
-    ask.add_argument("question")
-    ask.add_argument("--max-new-tokens", type=int, default=64)
-    add_intrinsics_args(ask)
-    add_input_size_args(ask)
-    add_model_args(ask)
-    ask.set_defaults(func=cmd_ask)
+    ask.add_parser(sub)
     bench.add_parser(sub)
     eval_tool.add_parser(sub)
-    compile.add_parsers(sub)
+    export_tool.add_parsers(sub)
     serve.add_parser(sub)
-    node_tool.add_parser(sub)
+    node_main.add_parser(sub)
     bench_node.add_parser(sub)
     query.add_parser(sub)
     play.add_parser(sub)
@@ -77,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``depthvlm`` command on ``argv`` (default: sys.argv; what follows ``--ros-args`` passes through
+    untouched); its exit code: 0 done, a DepthVLMError's (2 bad input, 3 setup) printed in one line, 130 interrupted."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -88,9 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     args.ros_args = ros_args
     try:
         return int(args.func(args) or 0)
-    except InputError as exc:
+    except DepthVLMError as exc:  # 2: bad input, 3: this machine or a model folder cannot do it (errors.py)
         print(f"depthvlm: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
         return 130
 

@@ -13,6 +13,7 @@ from depthvlm_ros.geometry import DEFAULT_MAX_IMAGE_TOKENS, MAX_IMAGE_SIDE, Intr
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """``--model``, ``--device`` and ``--dtype``: which model folder, on which device, in which weights dtype."""
     parser.add_argument("--model", type=Path, help="DepthVLM folder (default: the built-in model)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weights dtype")
@@ -34,6 +35,8 @@ def check_max_image_tokens(args: argparse.Namespace) -> int:
 
 
 def add_backend_args(parser: argparse.ArgumentParser) -> None:
+    """The "depth backend" options: ``--backend`` and its settings (the Triton server, ONNX graphs, TensorRT
+    engines, fallback, torch.compile)."""
     from depthvlm_ros.backends.base import BACKENDS, TRITON
     from depthvlm_ros.backends.triton_backend import DEFAULT_URL, REQUEST_TIMEOUT_S
     from depthvlm_ros.backends.triton_repo import DEFAULT_PREFIX
@@ -74,6 +77,8 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def add_intrinsics_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """The intrinsics options (pixels): ``--fx``/``--fy``/``--cx``/``--cy`` or ``--camera-info``;
+    ``required`` is kept as the parser's ``_intrinsics_required`` default."""
     group = parser.add_argument_group("intrinsics (pixels; --fx or --camera-info)")
     group.add_argument("--fx", type=float, help="focal length x in pixels")
     group.add_argument("--fy", type=float, help="focal length y (default: fx)")
@@ -103,22 +108,24 @@ def announce_model(folder: Path | None) -> Path:
     return folder
 
 
-def load_model(args: argparse.Namespace):
-    """Load --model (or the built-in default, telling the user which) on --device/--dtype."""
+def note(line: str) -> None:
+    """A tool's note on stderr (the model it serves, the backend's choice, a fallback)."""
+    print(f"note: {line}", file=sys.stderr, flush=True)
+
+
+def load_model(args: argparse.Namespace, backend: str | None = None):
+    """The finished model: --model (or the built-in default, telling the user which) on --device/--dtype, with
+    the depth backend the backend arguments name (``backend`` overrides --backend)."""
     from depthvlm_ros.pipeline import DepthVLM
 
-    model = DepthVLM.from_pretrained(announce_model(args.model), device=args.device, dtype=args.dtype)
-    if getattr(args, "backend", "torch") != "torch" or getattr(args, "compile", False):
-        model.backend = make_backend(model, args, args.backend)
-    return model
+    spec = backend_spec(args, backend or getattr(args, "backend", "torch"))
+    return DepthVLM.from_pretrained(announce_model(args.model), device=args.device, dtype=args.dtype, backend=spec,
+                                    log=note)
 
 
-def make_backend(model, args: argparse.Namespace, name: str):
-    """The depth backend ``name`` for a loaded model, from the backend arguments."""
-    from depthvlm_ros.backends import create_backend
-
-    def log(line: str) -> None:
-        print(f"note: {line}", file=sys.stderr, flush=True)
+def backend_spec(args: argparse.Namespace, name: str):
+    """The :class:`~depthvlm_ros.backends.BackendSpec` of the backend arguments (``name``: which backend)."""
+    from depthvlm_ros.backends import BackendSpec
 
     triton = None
     if name == "triton":
@@ -131,9 +138,10 @@ def make_backend(model, args: argparse.Namespace, name: str):
                                                 args.triton_tls_key)
     # Every graph or engine given is held (the tools have no max_compiled_sizes); without any, the
     # backend's default: sizes exported on demand share 4 places, least recently used first.
-    return create_backend(model, name, device=args.device, onnx=args.onnx, engines=args.engine,
-                          compile=args.compile, fallback=args.backend_fallback, log=log,
-                          max_sizes=max(len(args.onnx), len(args.engine)), triton=triton)
+    onnx, engines = tuple(getattr(args, "onnx", ())), tuple(getattr(args, "engine", ()))
+    return BackendSpec(name=name, device=args.device, onnx=onnx, engines=engines,
+                       compile=getattr(args, "compile", False), fallback=getattr(args, "backend_fallback", False),
+                       max_sizes=max(len(onnx), len(engines)), triton=triton)
 
 
 def image_size(path: Path) -> tuple[int, int]:
@@ -152,3 +160,12 @@ def read_rgb(path: Path) -> np.ndarray:
     return read(path, str(path))
 
 
+def add_batching_args(p: argparse.ArgumentParser) -> None:
+    """Triton's dynamic batching options: --max-batch (images per execution) and --queue-delay-us
+    (microseconds the batcher waits to fill a batch)."""
+    from depthvlm_ros.backends.triton_repo import DEFAULT_MAX_BATCH, DEFAULT_QUEUE_DELAY_US
+
+    p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
+                   help=f"largest batch of one execution (default {DEFAULT_MAX_BATCH})")
+    p.add_argument("--queue-delay-us", type=int, default=DEFAULT_QUEUE_DELAY_US,
+                   help=f"how long the dynamic batcher waits to fill a batch (default {DEFAULT_QUEUE_DELAY_US} us)")

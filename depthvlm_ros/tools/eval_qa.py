@@ -10,6 +10,7 @@ from depthvlm_ros.files import write_text_atomic
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    """The ``depthvlm eval-qa`` subcommand's options."""
     from depthvlm_ros.tools.common import add_input_size_args, add_model_args
 
     p = sub.add_parser("eval-qa", help="score spatial answers on a generated set (grounding, distance)",
@@ -26,6 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``depthvlm eval-qa``: the questions of --data/qa.jsonl asked and scored (grounding, distance, label),
+    printed, and with the per-answer rows written to --json (exit code 0, 2 bad input, 3 setup)."""
     from depthvlm_ros.evaluation.qa import DISTANCE_TOLERANCE, evaluate_qa
     from depthvlm_ros.tools.common import check_max_image_tokens, load_model
 

@@ -10,6 +10,7 @@ from depthvlm_ros.tools.common import parse_size
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    """The ``depthvlm generate`` subcommand's options."""
     p = sub.add_parser("generate", help="write generated scenes: RGB, 16-bit depth, Bench JSONL, QA JSONL",
                        description="Ray-cast random rooms or streets with exact z-depth and object labels. "
                                    "Frame i of seed S is the same on every machine and for any --workers.")
@@ -30,6 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``depthvlm generate``: --n generated frames (RGB, 16-bit depth, Bench JSONL, QA JSONL) written to --out
+    (exit code 0, 2 bad input)."""
     from tqdm import tqdm
 
     from depthvlm_ros.errors import InputError

@@ -23,20 +23,19 @@ from __future__ import annotations
 
 import argparse
 import math
-import signal
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from depthvlm_ros.errors import InputError
+from depthvlm_ros.errors import InputError, SetupError
 from depthvlm_ros.geometry import Intrinsics, check_rgb, intrinsics_for_image
+from depthvlm_ros.ros.runtime import StatusLine, ros_node
 
 #: Still-image files a folder source may hold (matched case-insensitively).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -52,6 +51,7 @@ DEFAULT_FRAME_ID = "camera_optical_frame"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    """The ``depthvlm play`` subcommand's options."""
     p = sub.add_parser(
         "play", help="publish images / a video / a rosbag2 as image + camera_info topics",
         description="Publish a folder of images, an image, a video (PyAV) or a rosbag2 (folder or .mcap) "
@@ -83,83 +83,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-# -- shared ROS process set-up (also used by `depthvlm record`) --------------------------------------------
-
-@contextmanager
-def ros_node(name: str, ros_args: list[str] | None = None) -> Iterator[tuple[Any, threading.Event]]:
-    """A node in its own rclpy context, and an event set by SIGINT/SIGTERM.
-
-    Uses the shipped Fast DDS profile (:func:`use_large_data_profile`, before ``rclpy.init``) and
-    our own signal handlers (rclpy's are disabled), so a loop that checks the event ends cleanly and
-    the process exits 0. ``ros_args`` (``--ros-args -r image:=/cam/image ...``) go to ``rclpy.init``.
-    """
-    from depthvlm_ros.ros.runtime import use_large_data_profile
-
-    use_large_data_profile()
-    import rclpy
-    from rclpy.signals import SignalHandlerOptions
-
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: object) -> None:
-        stop.set()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    context = rclpy.Context()
-    node = None
-    try:
-        argv = [name, *(ros_args or [])]
-        if len(argv) > 1 and argv[1] != "--ros-args":
-            argv.insert(1, "--ros-args")
-        try:
-            rclpy.init(args=argv, context=context, signal_handler_options=SignalHandlerOptions.NO)
-        except Exception as exc:  # rclpy's RCLError: bad --ros-args
-            raise InputError(f"ROS arguments {' '.join(argv[1:])}: {exc}") from None
-        node = rclpy.create_node(name, context=context)
-        yield node, stop
-    finally:
-        if node is not None:
-            node.destroy_node()
-        if context.ok():
-            rclpy.shutdown(context=context)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def qos_profile(best_effort: bool, depth: int):
-    from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
-
-    return QoSProfile(
-        history=HistoryPolicy.KEEP_LAST, depth=depth, durability=DurabilityPolicy.VOLATILE,
-        reliability=ReliabilityPolicy.BEST_EFFORT if best_effort else ReliabilityPolicy.RELIABLE,
-    )
-
-
-class StatusLine:
-    """At most one line per ``period`` seconds on stderr."""
-
-    def __init__(self, period: float = 1.0) -> None:
-        self.period = period
-        self.last = time.monotonic()
-
-    def due(self) -> bool:
-        now = time.monotonic()
-        if now - self.last < self.period:
-            return False
-        self.last = now
-        return True
-
-
-def topic_name(prefix: str, name: str) -> str:
-    prefix = prefix.strip()
-    return f"{prefix.rstrip('/')}/{name}" if prefix.strip("/") else name
-
-
 # -- sources -------------------------------------------------------------------------------------------
 
 @dataclass
-class Frame:
-    """One frame to publish: RGB pixels, and from a bag its CameraInfo and header."""
+class SourceImage:
+    """One image a source yields to publish: RGB pixels, and from a bag its CameraInfo and header."""
 
     rgb: np.ndarray
     info: Any = None        # sensor_msgs/CameraInfo from a bag
@@ -175,11 +103,13 @@ class Source:
     first_size: tuple[int, int] | None = None
     has_camera_info = False
 
-    def frames(self) -> Iterator[Frame]:
+    def frames(self) -> Iterator[SourceImage]:
         raise NotImplementedError
 
 
 class ImageFiles(Source):
+    """A source of image files (a folder's, sorted by name, or one); a single image is decoded once."""
+
     def __init__(self, paths: list[Path], description: str) -> None:
         from depthvlm_ros.tools.common import image_size
 
@@ -188,7 +118,7 @@ class ImageFiles(Source):
         self.first_size = image_size(paths[0])
         self._cache: tuple[Path, np.ndarray] | None = None
 
-    def frames(self) -> Iterator[Frame]:
+    def frames(self) -> Iterator[SourceImage]:
         from depthvlm_ros.tools.common import read_rgb
 
         for path in self.paths:
@@ -198,10 +128,12 @@ class ImageFiles(Source):
                 rgb = check_rgb(read_rgb(path))
                 if len(self.paths) == 1:
                     self._cache = (path, rgb)  # a single image replayed: decode it once
-            yield Frame(rgb)
+            yield SourceImage(rgb)
 
 
 class VideoFile(Source):
+    """A source of a video file's frames as RGB, read with PyAV (its first video stream)."""
+
     def __init__(self, path: Path) -> None:
         self.av = import_av()
         self.path = path
@@ -220,11 +152,11 @@ class VideoFile(Source):
             raise InputError(f"{self.path}: no video stream")
         return container
 
-    def frames(self) -> Iterator[Frame]:
+    def frames(self) -> Iterator[SourceImage]:
         with self._open() as container:
             try:
                 for frame in container.decode(video=0):
-                    yield Frame(check_rgb(frame.to_ndarray(format="rgb24")))
+                    yield SourceImage(check_rgb(frame.to_ndarray(format="rgb24")))
             except InputError:
                 raise
             except Exception as exc:
@@ -232,10 +164,11 @@ class VideoFile(Source):
 
 
 def import_av():
+    """The ``av`` module (PyAV); SetupError when it is not installed."""
     try:
         import av
     except ImportError:
-        raise InputError("reading a video needs PyAV, which is not installed: pip install av") from None
+        raise SetupError("reading a video needs PyAV, which is not installed: pip install av") from None
     return av
 
 
@@ -329,7 +262,7 @@ class BagFile(Source):
         except Exception as exc:
             raise InputError(f"{self.path}: cannot read message ({exc.__class__.__name__}: {exc})") from None
 
-    def frames(self) -> Iterator[Frame]:
+    def frames(self) -> Iterator[SourceImage]:
         from depthvlm_ros.ros.messages import image_to_rgb
 
         info = self.first_info
@@ -338,10 +271,12 @@ class BagFile(Source):
             if topic == self.info_topic:
                 info = msg
                 continue
-            yield Frame(image_to_rgb(msg), info=info, stamp=msg.header.stamp, frame_id=msg.header.frame_id)
+            yield SourceImage(image_to_rgb(msg), info=info, stamp=msg.header.stamp, frame_id=msg.header.frame_id)
 
 
 def open_source(args: argparse.Namespace) -> Source:
+    """The source ``args.source`` names (images, a video or a rosbag2); InputError when it is missing or of an
+    unknown type, or when bag options are given for another source."""
     path: Path = args.source
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
@@ -374,6 +309,7 @@ def _open_source(args: argparse.Namespace, path: Path) -> Source:
 
 
 def user_intrinsics(args: argparse.Namespace) -> bool:
+    """Whether the user gave intrinsics (``--camera-info`` or ``--fx``)."""
     return args.camera_info is not None or args.fx is not None
 
 
@@ -399,6 +335,7 @@ class IntrinsicsFor:
 
 
 def check_args(args: argparse.Namespace) -> None:
+    """Check the rate, count, duration, wait and QoS-depth options; InputError (exit code 2) for one out of range."""
     if not (math.isfinite(args.rate) and 0 < args.rate <= 1000):
         raise InputError(f"--rate must be in (0, 1000] frames per second, got {args.rate}")
     if args.count is not None and args.count < 1:
@@ -411,7 +348,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise InputError(f"--qos-depth must be in 1..1000, got {args.qos_depth}")
 
 
-def frame_stream(source: Source, repeat: bool) -> Iterator[Frame]:
+def frame_stream(source: Source, repeat: bool) -> Iterator[SourceImage]:
+    """The source's frames, one pass or (``repeat``) pass after pass; ends after a pass that yields none."""
     while True:
         sent = False
         for frame in source.frames():
@@ -424,6 +362,8 @@ def frame_stream(source: Source, repeat: bool) -> Iterator[Frame]:
 # -- the command ---------------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``depthvlm play``: options, source and intrinsics checked before ROS starts, then the source published as
+    a camera (exit code 0, 2 bad input, 3 a video without PyAV)."""
     check_args(args)
     source = open_source(args)
     intrinsics_for: Callable[[int, int], Intrinsics] | None = None
@@ -449,11 +389,15 @@ def subscribers(pubs: list[Any]) -> int:
 
 def publish(node, stop: threading.Event, args: argparse.Namespace, source: Source,
             intrinsics_for: Callable[[int, int], Intrinsics] | None) -> int:
+    """Publish ``source``'s frames as image (and/or image/compressed) + camera_info at --rate Hz until the source,
+    --count or --duration ends or ``stop`` is set; the exit code (0)."""
     from rclpy.duration import Duration
     from rclpy.executors import ExternalShutdownException
     from sensor_msgs.msg import CameraInfo, CompressedImage, Image
     from std_msgs.msg import Header
 
+    from depthvlm_ros.ros.intake import qos as intake_qos
+    from depthvlm_ros.ros.intake import topic
     from depthvlm_ros.ros.messages import (
         camera_info_to_intrinsics,
         intrinsics_to_camera_info,
@@ -461,11 +405,12 @@ def publish(node, stop: threading.Event, args: argparse.Namespace, source: Sourc
         rgb_to_image,
     )
 
-    qos = qos_profile(args.best_effort, args.qos_depth)
-    image_pub = (node.create_publisher(Image, topic_name(args.topic_prefix, "image"), qos)
+    prefix = args.topic_prefix.strip().rstrip("/")  # the node's topic names under it (none: the plain names)
+    qos = intake_qos("best_effort" if args.best_effort else "reliable", args.qos_depth)
+    image_pub = (node.create_publisher(Image, topic(prefix, "image"), qos)
                  if not args.compressed_only else None)
-    info_pub = node.create_publisher(CameraInfo, topic_name(args.topic_prefix, "camera_info"), qos)
-    jpeg_pub = (node.create_publisher(CompressedImage, topic_name(args.topic_prefix, "image/compressed"), qos)
+    info_pub = node.create_publisher(CameraInfo, topic(prefix, "camera_info"), qos)
+    jpeg_pub = (node.create_publisher(CompressedImage, topic(prefix, "image/compressed"), qos)
                 if args.compressed or args.compressed_only else None)
     pubs = [p for p in (image_pub, info_pub, jpeg_pub) if p is not None]
     log = node.get_logger()

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    """The ``depthvlm predict`` subcommand's options."""
     p = sub.add_parser("predict", help="metric depth + point cloud for image files")
     p.add_argument("images", nargs="+", type=Path, help="image files (PNG, JPEG, ...)")
     p.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: outputs)")
@@ -41,6 +42,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def depth_stats(depth: np.ndarray) -> dict[str, float | int]:
+    """The number of finite pixels of a depth map and their min, median, mean and max (metres); only the
+    number when there are none."""
     valid = depth[np.isfinite(depth)]
     if valid.size == 0:
         return {"valid_pixels": 0}
@@ -96,7 +99,11 @@ def write_outputs(
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``depthvlm predict``: per image, depth (.npy, 16-bit PNG in mm, coloured PNG), a PLY cloud and a JSON
+    summary in --out; every input is checked before the model loads (exit code 0, 2 bad input, 3 setup)."""
     from tqdm import tqdm
+
+    from depthvlm_ros.pipeline.plan import RouteSettings
 
     # Every input is checked (header only: memory stays one image) before the model loads.
     intrinsics = [intrinsics_from_args(args, *image_size(path)) for path in args.images]
@@ -106,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     for path, k in tqdm(list(zip(args.images, intrinsics)), desc="predict", unit="img",
                         disable=len(args.images) < 2 or None, file=sys.stderr):
         rgb = read_rgb(path)
-        result = model.predict_depth(rgb, k, max_tokens=max_tokens)
+        result = model.predict_depth(rgb, k, RouteSettings(max_tokens=max_tokens))
         written = write_outputs(args.out, path.stem, rgb, result, model.name, model.backend.describe())
         stats = depth_stats(result.depth)
         print(f"{path}: depth {stats.get('min_m', float('nan')):.2f}-{stats.get('max_m', float('nan')):.2f} m, "

@@ -80,8 +80,11 @@ def ask(node, name: str, goal, timeout_s: float) -> tuple[object, bool]:
 
         sys.stdout.write("answer: ")
         sent = client.send_goal_async(goal, feedback_callback=on_feedback)
-        if not spin_until(sent.done) or not sent.result().accepted:
-            raise InputError(f"action {name} did not accept the question within {timeout_s} s")
+        if not spin_until(sent.done):
+            raise InputError(f"action {name} did not answer the goal request within {timeout_s} s")
+        if not sent.result().accepted:  # the node's log and diagnostics (goals_rejected) say why
+            raise InputError(f"action {name} rejected the question (node not active, max_new_tokens above its "
+                             "max_answer_tokens, or questions already waiting; its log says which)")
         handle = sent.result()
         result = handle.get_result_async()
         canceled = False
@@ -101,6 +104,8 @@ def ask(node, name: str, goal, timeout_s: float) -> tuple[object, bool]:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
+    """Run ``depthvlm query``: a question through the node's ``~/ask`` (the answer streamed, then its distance
+    and point), or --at pixels through ``~/depth_at`` (exit code 0, 2 bad input or no answer, 130 canceled)."""
     import rclpy
     from depthvlm_msgs.action import Ask
     from depthvlm_msgs.srv import DepthAt
@@ -144,6 +149,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    """The ``depthvlm query`` subcommand's options."""
     p = sub.add_parser("query", help="ask the running node a spatial question (streamed), or depth at pixels",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("question", nargs="?", help="the question (omit with --at)")

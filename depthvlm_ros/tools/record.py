@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from depthvlm_ros.errors import InputError
-from depthvlm_ros.tools.play import StatusLine, qos_profile, ros_node
+from depthvlm_ros.ros.intake import qos
+from depthvlm_ros.ros.runtime import StatusLine, ros_node
 
 #: Types of the node's topics (names as the node uses them, relative to the namespace).
 TOPIC_TYPES: dict[str, str] = {
@@ -66,6 +67,7 @@ DISCOVERY_TIMEOUT_S = 5.0
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    """The ``depthvlm record`` subcommand's options."""
     p = sub.add_parser(
         "record", help="record the node's topics to an MCAP rosbag2",
         description="Record topics (serialized, as they arrive) to OUT.mcap (one MCAP file) or to a rosbag2 "
@@ -83,6 +85,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def kilted_typestore():
+    """rosbags' ROS 2 Kilted typestore: the message definitions and type hashes the bag is written with."""
     from rosbags.typesys import Stores, get_typestore
 
     return get_typestore(Stores.ROS2_KILTED)
@@ -186,7 +189,7 @@ class Recorder:
 
         self.subs[topic] = self.node.create_subscription(
             message_class(self.types[topic]), topic, lambda data, topic=topic: self.on_message(topic, data),
-            qos_profile(best_effort, self.args.qos_depth), raw=True,
+            qos("best_effort" if best_effort else "reliable", self.args.qos_depth), raw=True,
             event_callbacks=SubscriptionEventCallbacks(incompatible_qos=on_incompatible),
         )
 
@@ -240,6 +243,7 @@ def resolve_types(node, stop, topics: list[tuple[str, str | None]]) -> list[tupl
 
 
 def check_args(args: argparse.Namespace) -> None:
+    """Check ``--duration``, ``--count`` and ``--qos-depth``; InputError (exit code 2) for one out of range."""
     if args.duration is not None and not (math.isfinite(args.duration) and args.duration > 0):
         raise InputError(f"--duration must be a positive number of seconds, got {args.duration}")
     if args.count is not None and args.count < 1:
@@ -249,6 +253,8 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``depthvlm record``: options and topic types checked, then the topics recorded until --duration, --count
+    or SIGINT/SIGTERM (exit code 0, 2 bad input or a recording that failed)."""
     check_args(args)
     topics = parse_topics(args.topics)
     for _, type_name in topics:
@@ -262,6 +268,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def record(node, stop, args: argparse.Namespace, topics: list[tuple[str, str]]) -> int:
+    """Record ``topics`` ([(name, type)]) to ``args.out`` until ``stop``, --duration or --count, then print the
+    count per topic; the exit code (0). After an error what was written is kept, and InputError says where."""
     from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
     from rosbags.rosbag2 import StoragePlugin, Writer
 

@@ -43,9 +43,9 @@ import tempfile
 import threading
 from pathlib import Path
 
-from depthvlm_ros.backends.triton_repo import DEFAULT_MAX_BATCH, DEFAULT_PREFIX, DEFAULT_QUEUE_DELAY_US
-from depthvlm_ros.errors import InputError
-from depthvlm_ros.tools.common import add_model_args, parse_size
+from depthvlm_ros.backends.triton_repo import DEFAULT_PREFIX
+from depthvlm_ros.errors import InputError, SetupError
+from depthvlm_ros.tools.common import add_batching_args, add_model_args, parse_size
 
 #: Endpoints that need the access token: model control and the repository index, statistics, shared
 #: memory, tracing, logging (PyTriton's default list). Inference, health and model configs stay open.
@@ -68,6 +68,7 @@ def free_ports(n: int) -> list[int]:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    """The ``depthvlm serve`` subcommand's options."""
     p = sub.add_parser("serve", help="serve the depth path from a local Triton Inference Server (PyTriton's)")
     p.add_argument("--size", type=parse_size, action="append", default=[],
                    help="model-grid WxH to serve (multiples of 32 px; repeatable); exported once into the cache")
@@ -84,10 +85,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--token-file", type=Path, metavar="FILE",
                    help="access token for model control and statistics (first line; mode 600); default "
                         "$DEPTHVLM_TRITON_TOKEN, else a new one written to the cache for local clients")
-    p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
-                   help=f"largest batch of one execution (default {DEFAULT_MAX_BATCH})")
-    p.add_argument("--queue-delay-us", type=int, default=DEFAULT_QUEUE_DELAY_US,
-                   help=f"how long the dynamic batcher waits to fill a batch (default {DEFAULT_QUEUE_DELAY_US} us)")
+    add_batching_args(p)
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads per model (default: its own)")
     p.add_argument("--repo", type=Path, help="write the repository here and keep it (default: a temporary folder)")
     add_model_args(p)
@@ -106,10 +104,9 @@ def _graphs(args: argparse.Namespace) -> list[Path]:
         raise InputError("nothing to serve: give --size WxH (and --model DIR) or --onnx FILE")
     graphs = list(args.onnx)
     if args.size:
-        from depthvlm_ros.backends.triton_repo import graphs_for_sizes
         from depthvlm_ros.tools.common import load_model
 
-        graphs += graphs_for_sizes(load_model(args), args.size, progress=_log)
+        graphs += load_model(args).exported_graphs(args.size, progress=_log)
     return graphs
 
 
@@ -146,6 +143,8 @@ def server_token(path: Path | None) -> tuple[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``depthvlm serve``: a Python-backend Triton repository of the graphs written and served by PyTriton's
+    server until SIGINT/SIGTERM (exit code 0, 2 bad input or a server that does not start, 3 a server that exits)."""
     for port in (args.grpc_port, args.http_port, args.metrics_port):
         if not 1 <= port <= 65535:
             raise InputError(f"port {port} outside 1..65535")
@@ -197,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
               f"(batches of up to {args.max_batch}; repository {repo}); Ctrl-C stops", flush=True)
         while not stop.wait(1.0):
             if not triton.is_alive():
-                raise InputError("the Triton server exited (its log above says why)")
+                raise SetupError("the Triton server exited (its log above says why)")
     finally:
         triton.stop()
         if not keep:

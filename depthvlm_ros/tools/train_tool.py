@@ -7,10 +7,11 @@ import sys
 from pathlib import Path
 
 #: Exit code of a run that an early-stop gate ended (``--gate``): not an error of the input (2).
-EXIT_EARLY_STOP = 3
+EXIT_EARLY_STOP = 4
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    """The ``depthvlm train`` subcommand's options."""
     p = sub.add_parser("train", help="train a stage: 0 (tiny VLM pretraining), 1 (depth head), 2 (LLM + head)",
                        description="Stage 1: depth head only, VLM frozen, SILog (lambda 0.5). Stage 2: LLM + depth "
                                    "head + LM head, vision frozen, LM loss + w * SILog on depth and QA samples. "
@@ -59,7 +60,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--probe-data", metavar="DIR", help="generated folder for the grounding probes")
     o.add_argument("--probe-every", type=int, default=0, metavar="STEPS")
     o.add_argument("--gate", action="append", default=[], metavar="METRIC>=VALUE@STEP",
-                   help="stop early (exit 3, checkpoint saved) unless a probe metric holds at STEP, "
+                   help="stop early (exit 4, checkpoint saved) unless a probe metric holds at STEP, "
                         "e.g. pointer>=0.35@1500 (repeatable)")
     o.add_argument("--eval-qa-data", metavar="DIR", help="generated folder: spatial answers scored during the run")
     o.add_argument("--eval-qa-every", type=int, default=0, metavar="STEPS")
@@ -68,6 +69,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``depthvlm train``: one training stage (``--init-tiny``: from a fresh random depthvlm-tiny in
+    --out/init) (exit code 0, 2 bad input, 4 stopped early by a --gate)."""
     from depthvlm_ros.errors import InputError
     from depthvlm_ros.training.trainer import EarlyStopError, TrainConfig, train
 

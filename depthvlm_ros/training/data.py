@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from depthvlm_ros.errors import InputError
-from depthvlm_ros.evaluation.bench_data import BadRecord, bench_intrinsics, iter_records, read_depth_file
+from depthvlm_ros.evaluation.benchmark_data import BadRecord, bench_intrinsics, iter_records, read_depth_file
 from depthvlm_ros.geometry import Intrinsics, resize_depth
 from depthvlm_ros.model.processing import DEPTH_PROMPT, ImageTextProcessor
 from depthvlm_ros.pipeline.plan import image_plan, model_input_size

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from depthvlm_ros.errors import InputError
+from depthvlm_ros.errors import DepthVLMError, InputError
 from depthvlm_ros.files import write_text_atomic
 
 #: Share of the probe images whose tokens fit the read-outs (the rest score them).
@@ -65,6 +65,10 @@ def _qa_records(data: Path) -> list[dict[str, Any]]:
     return records
 
 
+#: The fields of a collated batch the model's forward takes.
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+
+
 class Probe:
     """The probes of one model (a :class:`~depthvlm_ros.pipeline.DepthVLM`, eval mode) on one generated set."""
 
@@ -93,6 +97,7 @@ class Probe:
         from depthvlm_ros.training.grounding import GroundingTaps, position_targets
 
         model, processor = self.vlm.model, self.vlm.processor
+        device = next(model.parameters()).device  # the model's (the trainer's GPU); results come back to numpy
         n_layers = len(model.model.language_model.layers)
         taps = GroundingTaps(model, input_layers=range(1, n_layers), output_layers=[n_layers - 1], vision=True)
         sites: dict[str, list[np.ndarray]] = {}
@@ -101,13 +106,13 @@ class Probe:
             for number, ref in enumerate(self.frames):
                 rgb, _, k = load_sample(ref)
                 plan = image_plan(processor, k, model_input_size(processor, k))
-                inputs = prompt_inputs(processor, plan, DEPTH_PROMPT, plan.pixel_values(rgb))
+                inputs = prompt_inputs(processor, plan, DEPTH_PROMPT, plan.pixel_values(rgb)).to(device)
                 taps.clear()
                 with torch.no_grad():
                     model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
                           pixel_values=inputs.pixel_values, image_grid_thw=inputs.image_grid_thw,
                           mm_token_type_ids=inputs.mm_token_type_ids, return_logits=False)
-                ids = inputs.input_ids[0]
+                ids = inputs.input_ids[0].cpu()
                 span = (ids == processor.image_token_id).nonzero()[:, 0]
                 start, n = int(span[0]), len(span)
                 _, gh, gw = plan.grid_thw()
@@ -119,7 +124,7 @@ class Probe:
                     found[f"llm_after{layer - 1}"] = taps.inputs[layer][0, start:start + n]
                 found[f"llm_after{n_layers - 1}"] = taps.outputs[n_layers - 1][0, start:start + n]
                 for name, value in found.items():
-                    sites.setdefault(name, []).append(value.reshape(n, -1).float().numpy())
+                    sites.setdefault(name, []).append(value.reshape(n, -1).float().cpu().numpy())
                 targets.append(position_targets(grid_h, grid_w)[:, :2].numpy())
                 image_of += [number] * n
         finally:
@@ -148,6 +153,7 @@ class Probe:
         from depthvlm_ros.training.grounding import GroundingTaps
 
         model, processor = self.vlm.model, self.vlm.processor
+        device = next(model.parameters()).device
         n_layers = len(model.model.language_model.layers)
         n_heads = int(model.config.text_config.num_attention_heads)
         dataset = SampleDataset([ref for _, ref in self.questions], processor, grounding=True)
@@ -163,9 +169,7 @@ class Probe:
                 (batch,) = collate([dataset[index]])
                 taps.clear()
                 with torch.no_grad():
-                    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
-                                mm_token_type_ids=batch.mm_token_type_ids, return_logits=False)
+                    out = model(**{name: getattr(batch, name).to(device) for name in MODEL_INPUTS}, return_logits=False)
                 places = batch.places
                 start = int((batch.input_ids[0] == processor.image_token_id).nonzero()[0, 0])
                 n = places.cells.shape[1]
@@ -173,7 +177,7 @@ class Probe:
                     x_pos = int(places.x_pos[p])
                     cells, words = places.cells[p], places.words[p]
                     for layer in range(n_layers):
-                        row = taps.attention[layer][0, :, x_pos]  # (heads, L)
+                        row = taps.attention[layer][0, :, x_pos].cpu()  # (heads, L)
                         if float(cells.sum()) > 0:
                             image = row[:, start:start + n]
                             pointer[layer] += (cells[image.argmax(dim=1)] > 0).float().numpy()
@@ -185,7 +189,7 @@ class Probe:
                 if record["qa_kind"] == "distance":
                     rgb, _, k = load_sample(ref)
                     plan = image_plan(processor, k, model_input_size(processor, k))
-                    depth = resize_depth(plan.metric(out.depth[0].numpy()), *k.size)
+                    depth = resize_depth(plan.metric(out.depth[0].float().cpu().numpy()), *k.size)
                     found = answer_measurement(record["answer"], depth, k, k.size)
                     measured = found.measurement.distance_m if found is not None else math.nan
                     ceiling.append(distance_error(measured, float(record["truth"]["distance_m"]))[1])
@@ -238,6 +242,8 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m depthvlm_ros.training.probes``: the grounding probes on --data, printed as Markdown and written
+    to --json (exit code 0, or a DepthVLMError's)."""
     from depthvlm_ros.pipeline import DepthVLM
 
     parser = argparse.ArgumentParser(prog="python -m depthvlm_ros.training.probes", description=__doc__.split("\n")[0])
@@ -252,9 +258,9 @@ def main(argv: list[str] | None = None) -> int:
 
         vlm = DepthVLM.from_pretrained(resolve_model(args.model)[0])
         result = Probe(vlm, args.data, args.questions, args.frames).run()
-    except InputError as exc:
+    except DepthVLMError as exc:
         print(f"probes: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     print(markdown(result))
     if args.json is not None:
         write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")

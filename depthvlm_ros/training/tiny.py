@@ -110,6 +110,8 @@ def package_model(src: Path, dest: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m depthvlm_ros.training.tiny package SRC DEST``: a trained folder's weights stored as float16 in
+    the package folder (exit code 0)."""
     parser = argparse.ArgumentParser(prog="python -m depthvlm_ros.training.tiny")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("package", help="store a trained folder's weights as float16 in the package folder")

@@ -104,6 +104,9 @@ class TrainConfig:
 
 @dataclass
 class TrainState:
+    """Where a run stands: steps done, training time so far (seconds) and the latest evaluation's metrics
+    (saved in ``trainer_state.json``, resumed from it)."""
+
     step: int = 0
     seconds: float = 0.0
     last_eval: dict[str, float] = field(default_factory=dict)
@@ -345,6 +348,8 @@ def checkpoints(out: Path) -> list[tuple[int, Path]]:
 
 def load_optimizer_state(folder: Path, model: DepthVLMForConditionalGeneration,
                          optimizer: torch.optim.Optimizer, readout: torch.nn.Module | None = None) -> None:
+    """Restore the optimizer state of a checkpoint's ``optimizer.safetensors`` (keys ``PARAM::SLOT``,
+    the position readouts' as ``grounding.*``); InputError for a parameter it does not know."""
     from safetensors.torch import load_file
 
     tensors = load_file(str(folder / "optimizer.safetensors"))

@@ -27,9 +27,8 @@ from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2
 from std_msgs.msg import Header
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from depthvlm_ros.geometry import Intrinsics  # noqa: E402
-from depthvlm_ros.ros.messages import (  # noqa: E402
+from depthvlm_ros.geometry import Intrinsics
+from depthvlm_ros.ros.messages import (
     image_to_depth,
     image_to_rgb,
     intrinsics_to_camera_info,
@@ -651,7 +650,10 @@ def ask(args: argparse.Namespace) -> None:
         {"answer": fb.feedback.answer, "tokens": fb.feedback.tokens, "at": time.monotonic()}))
     until(sent.done, "the goal's acceptance")
     handle = sent.result()
-    assert handle.accepted
+    if not handle.accepted:  # rejected by the node's goal callback: there is no result to wait for
+        print(json.dumps({"status": "rejected", "feedback": feedback}), flush=True)
+        node.destroy_node()
+        return
     result_future = handle.get_result_async()
     canceled_at = None
     if args.cancel_after:

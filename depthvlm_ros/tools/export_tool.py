@@ -6,12 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from depthvlm_ros.backends.triton_repo import DEFAULT_MAX_BATCH, DEFAULT_PREFIX, DEFAULT_QUEUE_DELAY_US, TRITON_BACKENDS
+from depthvlm_ros.backends.triton_repo import DEFAULT_PREFIX, TRITON_BACKENDS
 from depthvlm_ros.errors import InputError
-from depthvlm_ros.tools.common import add_model_args, load_model, parse_size
+from depthvlm_ros.tools.common import add_batching_args, add_model_args, load_model, parse_size
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """The ``depthvlm export`` and ``depthvlm build-engine`` subcommands' options."""
     p = sub.add_parser("export", help="export the depth path at one size to ONNX and check it (or write a Triton "
                        "model repository of several sizes)")
     p.add_argument("--size", type=parse_size, required=True, action="append",
@@ -26,10 +27,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--triton-backend", default="onnxruntime", choices=TRITON_BACKENDS,
                    help="the Triton backend that runs the graph: onnxruntime (the standard container; default) or "
                         "python (ONNX Runtime inside Triton's Python backend, as depthvlm serve runs it)")
-    p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
-                   help=f"largest batch of one execution (default {DEFAULT_MAX_BATCH})")
-    p.add_argument("--queue-delay-us", type=int, default=DEFAULT_QUEUE_DELAY_US,
-                   help=f"how long the dynamic batcher waits to fill a batch (default {DEFAULT_QUEUE_DELAY_US} us)")
+    add_batching_args(p)
     p.add_argument("--export-dtype", dest="export_dtype", default="fp32", choices=["fp32", "fp16"],
                    help="dtype of the exported graph (default fp32)")
     p.add_argument("--check-images", type=int, default=2, help="random images for the parity check (default 2)")
@@ -51,8 +49,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    """Run ``depthvlm export``: the depth path at --size as an ONNX file checked against PyTorch (--out), or a
+    Triton model repository of every --size (--triton-repo) (exit code 0, 2 bad input, 3 setup or a failed check)."""
     from depthvlm_ros.backends.onnx_export import export_onnx
-    from depthvlm_ros.backends.triton_repo import check_serving, graphs_for_sizes, write_triton_repo
+    from depthvlm_ros.backends.triton_repo import check_serving, write_triton_repo
 
     if args.triton_repo is None and len(args.size) > 1:
         raise InputError("one --size per .onnx file (several sizes go to a --triton-repo)")
@@ -64,7 +64,7 @@ def run_export(args: argparse.Namespace) -> int:
         print(line, file=sys.stderr, flush=True)
 
     if args.triton_repo is not None:
-        graphs = graphs_for_sizes(model, args.size, args.export_dtype, progress)
+        graphs = model.exported_graphs(args.size, args.export_dtype, progress)
         names = write_triton_repo(graphs, args.triton_repo, args.triton_model, args.triton_backend, args.max_batch,
                                   args.queue_delay_us, progress)
         print(f"wrote the Triton model repository {args.triton_repo}: {', '.join(names)}")
@@ -78,6 +78,8 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_build_engine(args: argparse.Namespace) -> int:
+    """Run ``depthvlm build-engine``: a TensorRT engine and its sidecar for this GPU from an exported ONNX
+    (exit code 0, 3 setup: no TensorRT or GPU, or a graph it cannot build)."""
     from depthvlm_ros.backends.tensorrt_backend import build_engine
 
     sidecar = build_engine(args.onnx, args.out, precision=args.precision, workspace_gb=args.workspace_gb,

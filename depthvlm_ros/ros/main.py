@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from depthvlm_ros.errors import InputError
+from depthvlm_ros.errors import DepthVLMError, InputError
 
 
 def ros_arguments(args: argparse.Namespace) -> list[str]:
@@ -31,12 +31,15 @@ def ros_arguments(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
+    """Run ``depthvlm node``: the ROS 2 node until SIGINT/SIGTERM or its lifecycle shutdown (exit code 0; 2 a
+    missing --params-file; 3 a model folder that cannot be loaded, under autostart)."""
     from depthvlm_ros.ros.node import main
 
     return main(ros_arguments(args))
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    """The ``depthvlm node`` subcommand's options."""
     p = sub.add_parser("node", help="run the ROS 2 node (camera in; depth, cloud, services out)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params-file", type=Path, help="ROS parameters YAML (e.g. config/depthvlm.yaml)")
@@ -51,6 +54,6 @@ def console_main() -> None:
 
     try:
         sys.exit(main(sys.argv))
-    except InputError as exc:
+    except DepthVLMError as exc:
         print(f"depthvlm_node: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(exc.exit_code)

@@ -1,0 +1,51 @@
+"""The docs a newcomer reads: a short README, one page per topic, links that resolve, generated tables that
+match the code."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+PAGES = [REPO / "README.md", REPO / "CHANGELOG.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def anchors(page: Path) -> set[str]:
+    """GitHub's anchors of a page's headings."""
+    out = set()
+    for line in page.read_text().splitlines():
+        if line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            out.add(re.sub(r"[^a-z0-9 _-]", "", title).replace(" ", "-"))
+    return out
+
+
+def test_the_readme_is_short_and_every_page_it_names_exists():
+    text = (REPO / "README.md").read_text()
+    assert len(text.splitlines()) <= 250
+    for page in ("node", "model", "backends", "serving", "training", "evaluation", "jetson", "testing", "benchmarks",
+                 "security", "architecture"):
+        assert f"docs/{page}.md" in text and (REPO / "docs" / f"{page}.md").is_file(), page
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_relative_links_and_anchors_resolve(page):
+    for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+        if re.match(r"[a-z]+://", target):
+            continue
+        path, _, anchor = target.partition("#")
+        file = (page.parent / path).resolve() if path else page
+        assert file.exists(), f"{page.name}: {target}"
+        if anchor and file.suffix == ".md":
+            assert anchor in anchors(file), f"{page.name}: {target}"
+
+
+def test_the_node_page_holds_the_generated_parameter_table():
+    from depthvlm_ros.ros.params import TABLE_BEGIN, TABLE_END, parameter_table
+
+    text = (REPO / "docs" / "node.md").read_text()
+    block = text[text.index(TABLE_BEGIN): text.index(TABLE_END) + len(TABLE_END)]
+    assert block == parameter_table(), "regenerate: python -m depthvlm_ros.ros.params --docs docs/node.md"
