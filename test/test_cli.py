@@ -129,3 +129,18 @@ def test_bad_input_is_one_line_exit_2_and_a_broken_model_folder_exit_3(tmp_path,
     assert len(lines) == 1 and lines[0].startswith("depthvlm: error:"), run.stderr
     assert message in lines[0]
     assert "Traceback" not in run.stderr
+
+
+@pytest.mark.processes
+def test_the_cli_runs_without_ros(tmp_path):
+    """A GPU server or a training machine has no ROS: every subcommand's options parse and the model tools run
+    with rclpy not importable (ROS is imported only by the subcommands that talk to ROS)."""
+    code = ("import sys; sys.modules['rclpy'] = None\n"
+            "from depthvlm_ros.tools.cli import build_parser, main\n"
+            "build_parser()\n"
+            "sys.exit(main(['predict', sys.argv[1], '--fx', '300', '--out', sys.argv[2]]))")
+    run = subprocess.run([sys.executable, "-c", code, str(SAMPLE_IMAGE), str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert any((tmp_path / "out").glob("*.npy")) or any((tmp_path / "out").iterdir())
+

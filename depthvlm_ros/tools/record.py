@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 from depthvlm_ros.errors import InputError
-from depthvlm_ros.ros.intake import qos
 from depthvlm_ros.ros.runtime import StatusLine, ros_node
 
 #: Types of the node's topics (names as the node uses them, relative to the namespace).
@@ -186,6 +185,8 @@ class Recorder:
         def on_incompatible(info, topic=topic) -> None:
             if not best_effort:
                 self.downgrade.add(topic)
+
+        from depthvlm_ros.ros.intake import qos  # rclpy: only when recording (the CLI runs without ROS)
 
         self.subs[topic] = self.node.create_subscription(
             message_class(self.types[topic]), topic, lambda data, topic=topic: self.on_message(topic, data),
