@@ -342,6 +342,32 @@ def test_parameters_change_at_run_time_and_are_validated(node, module_env, tmp_p
             {"depth_encoding": "32FC1", "pointcloud_stride": 1, "output_grid": "camera", "max_range_m": 0.0}))
 
 
+def test_depth_scale_multiplies_depth_cloud_and_depth_at(node, module_env, tiny_model, tmp_path):
+    """``depth_scale`` 1.25 (a correction measured on the user's camera): the published depth is 1.25x what
+    the model computes for the same frame, the cloud follows it, and ``~/depth_at`` reads the scaled depth."""
+    ok = peer(module_env, "call", "set_parameters", json.dumps({"depth_scale": 1.25}))
+    assert all(r["successful"] for r in ok["results"]), ok
+    try:
+        out = tmp_path / "c"
+        listener = start_peer(module_env, "collect", "--out", str(out), "--count", "2", "--keep", "2")
+        peer(module_env, "publish", "--count", "2", "--start", "350", "--width", "320", "--height", "240",
+             "--fx", "300", "--reliable", "--await")
+        assert finish(listener)["depth_count"] == 2
+        meta, arrays = load_collected(out)
+        k_in = Intrinsics.from_fx(320, 240, 300.0)
+        for i in (350, 351):
+            key = stamp_key(i)
+            depth = arrays[f"depth|{key}"]
+            model = node_depth(tiny_model, frame_rgb(320, 240, i), k_in)
+            np.testing.assert_allclose(depth, 1.25 * model, rtol=1e-4, atol=1e-5)
+            cloud = arrays[f"points|{key}"]
+            np.testing.assert_allclose(cloud["z"], depth, rtol=1e-6)
+        res = peer(module_env, "call", "depth_at", json.dumps({"u": [160], "v": [120]}))
+        assert res["success"] and res["depth_m"][0] == pytest.approx(float(depth[120, 160]), rel=1e-5), res
+    finally:
+        peer(module_env, "call", "set_parameters", json.dumps({"depth_scale": 1.0}))
+
+
 def test_questions_cannot_starve_depth(node, module_env, tmp_path):
     """Eight questions at once while the camera streams: one is answered, one waits its turn, six are
     refused "busy" at once; between the two answers the depth stream gets the model for a frame."""

@@ -117,6 +117,9 @@ PARAMS: tuple[Param, ...] = (
               choices=("camera", "model")),
         Param("depth_encoding", "32FC1", "REP 118: 32FC1 metres (NaN invalid) or 16UC1 millimetres (0 invalid)",
               choices=("32FC1", "16UC1")),
+        Param("depth_scale", 1.0, "multiplies the model's depth before anything is published or measured: depth, "
+              "cloud, depth_at and the answers' measured distances (a correction measured on your camera, "
+              "e.g. with a depth camera; 1.0: the model's own scale)", range=(0.01, 100.0)),
         Param("min_depth_m", 0.0, "depth below this is published invalid (metres)", range=(0.0, 1000.0)),
         Param("max_depth_m", 0.0, "depth beyond this is published invalid (metres; 0 = no limit)", range=(0.0, 1000.0)),
         Param("colormap_min_m", 0.0, "near end of depth/colored (metres; min=max=0: per-frame 2..98 percentiles)",

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from builtin_interfaces.msg import Duration as DurationMsg
 from depthvlm_msgs.action import Ask
 from depthvlm_msgs.srv import DepthAt, SpatialQuery
@@ -209,7 +210,10 @@ class QuestionInterface:
             return outcome
         outcome = Outcome(answer=answer.text, header=frame.header)
         outcome.success = True
-        found = spatial.answer_measurement(answer.text, answer.depth.depth, answer.depth.intrinsics,
+        depth = answer.depth.depth  # the published depth's scale (depth_scale), so answers and depth_at agree
+        if s.outputs.depth_scale != 1.0:
+            depth = depth * np.float32(s.outputs.depth_scale)
+        found = spatial.answer_measurement(answer.text, depth, answer.depth.intrinsics,
                                            (frame.intrinsics.width, frame.intrinsics.height))
         if found is None:
             outcome.message = "the answer names no place in the image (no point or box): no distance measured"

@@ -115,6 +115,10 @@ class OutputSettings:
     output_grid: str = 'camera'
     #: REP 118: 32FC1 metres (NaN invalid) or 16UC1 millimetres (0 invalid)
     depth_encoding: str = '32FC1'
+    #: multiplies the model's depth before anything is published or measured: depth, cloud, depth_at and the
+    #: answers' measured distances (a correction measured on your camera, e.g. with a depth camera; 1.0: the
+    #: model's own scale)
+    depth_scale: float = 1.0
     #: depth below this is published invalid (metres)
     min_depth_m: float = 0.0
     #: depth beyond this is published invalid (metres; 0 = no limit)

@@ -14,6 +14,8 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
 from depthvlm_ros.backends.base import BackendError
 from depthvlm_ros.errors import InputError
 from depthvlm_ros.ros.context import DepthModel, NodeContext, model_route
@@ -102,6 +104,8 @@ class InferenceWorker:
             depth, k = result.depth, result.intrinsics
         else:
             depth, k = result.depth_model, result.intrinsics_model
+        if s.outputs.depth_scale != 1.0:
+            depth = depth * np.float32(s.outputs.depth_scale)
         camera.outputs.publish(decoded, depth, k, s.outputs)
         end = time.perf_counter()
         forward = sum(ms for name, ms in result.timings_ms.items() if name in FORWARD_STAGES)
