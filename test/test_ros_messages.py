@@ -285,3 +285,21 @@ def test_camera_names_are_relative_namespaces_given_once():
                      ([f"c{i}" for i in range(MAX_CAMERAS + 1)], f"at most {MAX_CAMERAS}")):
         with pytest.raises(ValueError, match=why):
             check_cameras(bad)
+
+
+@pytest.mark.parametrize("encoding", ["32FC1", "16UC1"])
+def test_compressed_depth_round_trips_within_its_quantisation(encoding):
+    """Both encodings of ``compressedDepth``: near depth comes back within its step, invalid and far depth
+    (at or beyond depth_max) come back invalid."""
+    from depthvlm_ros.ros.messages import depth_to_compressed_depth
+
+    from test_ros_node import decode_compressed_depth
+
+    depth = np.array([[0.3, 1.0, 4.25], [9.5, np.nan, 12.0]], np.float32)
+    msg = depth_to_compressed_depth(depth, Header(frame_id="cam"), encoding, depth_max_m=10.0)
+    assert msg.format == f"{encoding}; compressedDepth png" and msg.header.frame_id == "cam"
+    decoded = decode_compressed_depth(msg.format, bytes(msg.data))
+    near = np.isfinite(depth) & (depth < 10.0)
+    step = depth[near] / (100.0 * 101.0) if encoding == "32FC1" else 0.0005 / depth[near]  # relative
+    np.testing.assert_array_less(np.abs(decoded[near] - depth[near]), depth[near] * step * 1.01 + 1e-6)
+    assert np.isnan(decoded[~near]).all()

@@ -368,6 +368,46 @@ def test_depth_scale_multiplies_depth_cloud_and_depth_at(node, module_env, tiny_
         peer(module_env, "call", "set_parameters", json.dumps({"depth_scale": 1.0}))
 
 
+def decode_compressed_depth(fmt: str, data: bytes) -> np.ndarray:
+    """image_transport's compressed_depth, decoded as its subscriber does (written here from the published
+    format, not with the package's encoder): encoding before ';', a 12-byte header (int32 format, float32
+    depthQuantA, depthQuantB), then a PNG; 32FC1: depth = A / (value - B), 0 invalid; 16UC1: millimetres."""
+    import io
+    import struct
+
+    from PIL import Image as PILImage
+
+    encoding, _, rest = fmt.partition(";")
+    assert rest.strip() == "compressedDepth png", fmt
+    _, quant_a, quant_b = struct.unpack("<iff", data[:12])
+    values = np.array(PILImage.open(io.BytesIO(data[12:]))).astype(np.float64)
+    if encoding == "16UC1":
+        return np.where(values > 0, values / 1000.0, np.nan)
+    return np.where(values > 0, quant_a / np.where(values > 0, values - quant_b, 1.0), np.nan)
+
+
+def test_compressed_depth_decodes_to_the_depth_within_its_quantisation(node, module_env, tmp_path):
+    """``depth/image/compressedDepth`` (made because someone subscribes) decodes, with a decoder written from
+    image_transport's published format, to ``depth/image`` of the same frame within one step of its inverse
+    depth quantisation (relative error <= depth / (q (q + 1)), q = 100); beyond 10 m it is invalid."""
+    out = tmp_path / "c"
+    listener = start_peer(module_env, "collect", "--out", str(out), "--count", "2", "--keep", "2",
+                          "--no-heavy", "--compressed-depth")
+    peer(module_env, "publish", "--count", "2", "--start", "360", "--width", "320", "--height", "240",
+         "--fx", "300", "--reliable", "--await")
+    assert finish(listener)["depth_count"] == 2
+    meta, arrays = load_collected(out)
+    assert set(meta["compressed"]) == set(meta["depth"]) == {stamp_key(360), stamp_key(361)}
+    for key in meta["depth"]:
+        assert meta["compressed"][key]["format"] == "32FC1; compressedDepth png"
+        depth = arrays[f"depth|{key}"].astype(np.float64)
+        decoded = decode_compressed_depth(meta["compressed"][key]["format"], arrays[f"compressed|{key}"].tobytes())
+        near = np.isfinite(depth) & (depth < 10.0)
+        assert near.mean() > 0.5 and np.isnan(decoded[~near]).all()
+        step = depth[near] / (100.0 * 101.0)  # one quantisation step of inverse depth, relative
+        assert (np.abs(decoded[near] - depth[near]) <= depth[near] * step * 1.01 + 1e-6).all()
+
+
 def test_questions_cannot_starve_depth(node, module_env, tmp_path):
     """Eight questions at once while the camera streams: one is answered, one waits its turn, six are
     refused "busy" at once; between the two answers the depth stream gets the model for a frame."""

@@ -51,6 +51,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint(SUBSCRIBE, "image", "sensor_msgs/msg/Image", per_camera=True, reader="camera"),
     Endpoint(SUBSCRIBE, "camera_info", "sensor_msgs/msg/CameraInfo", per_camera=True, reader="camera"),
     Endpoint(PUBLISH, "depth/image", "sensor_msgs/msg/Image", per_camera=True),
+    Endpoint(PUBLISH, "depth/image/compressedDepth", "sensor_msgs/msg/CompressedImage", per_camera=True),
     Endpoint(PUBLISH, "depth/camera_info", "sensor_msgs/msg/CameraInfo", per_camera=True),
     Endpoint(PUBLISH, "depth/colored", "sensor_msgs/msg/Image", per_camera=True),
     Endpoint(PUBLISH, "points", "sensor_msgs/msg/PointCloud2", per_camera=True),

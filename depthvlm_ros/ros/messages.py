@@ -172,6 +172,44 @@ def depth_to_image(depth: np.ndarray, header: Header, encoding: str = "32FC1",
                  data=_byte_data(np.ascontiguousarray(data), buffer))
 
 
+#: image_transport's compressed_depth defaults: inverse-depth quantisation (depthQuantA = q (q + 1)).
+COMPRESSED_DEPTH_QUANTIZATION = 100.0
+
+
+def depth_to_compressed_depth(depth: np.ndarray, header: Header, encoding: str = "32FC1",
+                              depth_max_m: float = 10.0) -> CompressedImage:
+    """Depth (H, W) metres as image_transport's ``compressedDepth`` (what RViz and Foxglove decode).
+
+    ``format`` is ``"<encoding>; compressedDepth png"``; ``data`` is a 12-byte little-endian header (int32
+    format 0 = inverse depth, float32 depthQuantA, float32 depthQuantB) followed by a 16-bit PNG. 32FC1: the
+    PNG holds ``uint16(A / depth + B)`` with A = q (q + 1), q = 100, B = 1 - A / depth_max_m; 0 where the depth
+    is invalid or at least ``depth_max_m`` (a decoder computes A / (value - B)). 16UC1: the PNG holds the
+    millimetres as published (0 invalid and beyond ``depth_max_m``), the header's parameters 0.
+    """
+    import struct
+
+    from PIL import Image as PILImage
+
+    depth = np.asarray(depth, dtype=np.float32)
+    if encoding == "32FC1":
+        a = np.float32(COMPRESSED_DEPTH_QUANTIZATION * (COMPRESSED_DEPTH_QUANTIZATION + 1.0))
+        b = np.float32(1.0 - a / np.float32(depth_max_m))
+        valid = np.isfinite(depth) & (depth > 0) & (depth < depth_max_m)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            inverse = np.where(valid, a / np.where(valid, depth, 1) + b, 0)
+        values = np.clip(inverse, 0, 65535).astype(np.uint16)  # truncation, as the C++ encoder's conversion
+        config = struct.pack("<iff", 0, float(a), float(b))
+    elif encoding == "16UC1":
+        values = depth_to_16uc1(depth)
+        values[values > int(depth_max_m * 1000.0)] = 0
+        config = struct.pack("<iff", 0, 0.0, 0.0)
+    else:
+        raise InputError(f"depth encoding {encoding!r} (use {' or '.join(DEPTH_ENCODINGS)})")
+    out = io.BytesIO()
+    PILImage.fromarray(np.ascontiguousarray(values)).save(out, "PNG", compress_level=1)
+    return CompressedImage(header=header, format=f"{encoding}; compressedDepth png", data=config + out.getvalue())
+
+
 def image_to_depth(msg: Image) -> np.ndarray:
     """A REP 118 depth image (32FC1 metres or 16UC1 millimetres) as float32 metres, NaN invalid."""
     from depthvlm_ros.geometry import depth_from_16uc1

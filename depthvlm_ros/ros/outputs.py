@@ -1,9 +1,9 @@
-"""Depth outputs of one camera: ``depth/image`` (REP 118), ``depth/camera_info`` (describes the depth grid
-exactly), ``depth/colored`` (rgb8) and ``points`` (organized PointCloud2), each with the input's frame_id
-and stamp, under the camera's namespace.
+"""Depth outputs of one camera: ``depth/image`` (REP 118), ``depth/image/compressedDepth`` (image_transport's
+compressed_depth format), ``depth/camera_info`` (describes the depth grid exactly), ``depth/colored`` (rgb8)
+and ``points`` (organized PointCloud2), each with the input's frame_id and stamp, under the camera's namespace.
 
 The publishers are lifecycle publishers: they publish only while the node is active. Outputs nobody
-subscribes to (the coloured view, the cloud) are not computed.
+subscribes to (the compressed depth, the coloured view, the cloud) are not computed.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sensor_msgs.msg import CameraInfo, Image, PointCloud2
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from std_msgs.msg import Header
 
 from depthvlm_ros.geometry import Intrinsics, depth_from_16uc1, depth_to_16uc1, resize_rgb
@@ -44,6 +44,8 @@ class DepthOutputs:
         qos_out = qos(o.output_reliability, o.output_depth)
         self._node = node
         self.depth = node.create_lifecycle_publisher(Image, topic(camera, "depth/image"), qos_out)
+        self.compressed_depth = node.create_lifecycle_publisher(
+            CompressedImage, topic(camera, "depth/image/compressedDepth"), qos_out)
         self.depth_info = node.create_lifecycle_publisher(CameraInfo, topic(camera, "depth/camera_info"), qos_out)
         self.colored = node.create_lifecycle_publisher(Image, topic(camera, "depth/colored"), qos_out)
         self.points = node.create_lifecycle_publisher(PointCloud2, topic(camera, "points"), qos_out)
@@ -56,7 +58,7 @@ class DepthOutputs:
 
     @property
     def publishers(self) -> list[Any]:
-        return [self.depth, self.depth_info, self.colored, self.points]
+        return [self.depth, self.compressed_depth, self.depth_info, self.colored, self.points]
 
     def latest(self) -> LatestDepth | None:
         with self._lock:
@@ -72,6 +74,9 @@ class DepthOutputs:
         if s.depth_encoding == "16UC1":  # the cloud and ~/depth_at use exactly the published millimetres
             depth = depth_from_16uc1(depth_to_16uc1(depth))
         self.depth.publish(messages.depth_to_image(depth, header, s.depth_encoding, self._depth_buffer))
+        if self.compressed_depth.get_subscription_count() > 0:
+            self.compressed_depth.publish(messages.depth_to_compressed_depth(depth, header, s.depth_encoding,
+                                                                             s.compressed_depth_max_m))
         self.depth_info.publish(messages.intrinsics_to_camera_info(k, header))
         with self._lock:
             self._latest = LatestDepth(header, depth, k, (decoded.intrinsics.width, decoded.intrinsics.height))

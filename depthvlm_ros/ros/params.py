@@ -120,6 +120,8 @@ PARAMS: tuple[Param, ...] = (
         Param("depth_scale", 1.0, "multiplies the model's depth before anything is published or measured: depth, "
               "cloud, depth_at and the answers' measured distances (a correction measured on your camera, "
               "e.g. with a depth camera; 1.0: the model's own scale)", range=(0.01, 100.0)),
+        Param("compressed_depth_max_m", 10.0, "depth/image/compressedDepth: depth at or beyond this is sent invalid "
+              "(metres; image_transport's depth_max; the inverse-depth steps grow with it)", range=(0.1, 1000.0)),
         Param("min_depth_m", 0.0, "depth below this is published invalid (metres)", range=(0.0, 1000.0)),
         Param("max_depth_m", 0.0, "depth beyond this is published invalid (metres; 0 = no limit)", range=(0.0, 1000.0)),
         Param("colormap_min_m", 0.0, "near end of depth/colored (metres; min=max=0: per-frame 2..98 percentiles)",

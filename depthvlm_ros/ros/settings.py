@@ -119,6 +119,9 @@ class OutputSettings:
     #: answers' measured distances (a correction measured on your camera, e.g. with a depth camera; 1.0: the
     #: model's own scale)
     depth_scale: float = 1.0
+    #: depth/image/compressedDepth: depth at or beyond this is sent invalid (metres; image_transport's
+    #: depth_max; the inverse-depth steps grow with it)
+    compressed_depth_max_m: float = 10.0
     #: depth below this is published invalid (metres)
     min_depth_m: float = 0.0
     #: depth beyond this is published invalid (metres; 0 = no limit)

@@ -24,7 +24,7 @@ from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.duration import Duration
 from rclpy.executors import ExternalShutdownException
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
-from sensor_msgs.msg import CameraInfo, Image, PointCloud2
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from std_msgs.msg import Header
 
 from depthvlm_ros.geometry import Intrinsics
@@ -292,6 +292,8 @@ def collect(args: argparse.Namespace) -> None:
     diagnostics: list[dict[str, object]] = []
     arrival: dict[str, float] = {}
     seen = {topic: 0 for topic in (("depth", "info") if args.no_heavy else got)}  # messages per topic
+    if args.compressed_depth:
+        got["compressed"], seen["compressed"] = {}, 0
 
     def key(header: Header) -> str:
         return f"{header.stamp.sec}.{header.stamp.nanosec:09d}|{header.frame_id}"
@@ -324,8 +326,17 @@ def collect(args: argparse.Namespace) -> None:
                 "data": np.array(msg_to_cloud(msg)),
             }
 
+    def on_compressed(msg: CompressedImage) -> None:  # kept as sent: the test decodes it
+        seen["compressed"] += 1
+        if len(got["compressed"]) < args.keep:
+            got["compressed"][key(msg.header)] = {"format": msg.format,
+                                                  "data": np.frombuffer(bytes(msg.data), np.uint8)}
+
     subs = [node.create_subscription(Image, "depth/image", on_depth, RELIABLE),
             node.create_subscription(CameraInfo, "depth/camera_info", on_info, RELIABLE)]
+    if args.compressed_depth:
+        subs.append(node.create_subscription(CompressedImage, "depth/image/compressedDepth", on_compressed,
+                                             RELIABLE))
     if not args.no_heavy:
         subs.append(node.create_subscription(Image, "depth/colored", on_colored, RELIABLE))
         subs.append(node.create_subscription(PointCloud2, "points", on_points, RELIABLE))
@@ -730,6 +741,7 @@ def main() -> None:
     c.add_argument("--timeout", type=float, default=240.0, help="ceiling: end with what arrived by then")
     c.add_argument("--until", action="append", default=[], help="also wait for this diagnostics condition")
     c.add_argument("--no-heavy", action="store_true", help="do not subscribe to depth/colored and points")
+    c.add_argument("--compressed-depth", action="store_true", help="also subscribe to depth/image/compressedDepth")
     c.add_argument("--until-stdin-closes", action="store_true", help="end when stdin is closed (not on --count)")
     for parser_ in (p, c):
         parser_.add_argument("--ns", default="", help="namespace of this peer's topics (a camera of the node)")
