@@ -49,3 +49,26 @@ def test_the_node_page_holds_the_generated_parameter_table():
     text = (REPO / "docs" / "node.md").read_text()
     block = text[text.index(TABLE_BEGIN): text.index(TABLE_END) + len(TABLE_END)]
     assert block == parameter_table(), "regenerate: python -m depthvlm_ros.ros.params --docs docs/node.md"
+
+
+def test_the_nav2_examples_parse_and_name_the_nodes_topics_and_parameters():
+    """docs/nav2.md's YAML is valid, its costmap observes the node's cloud, its scan reads the node's depth,
+    and every node parameter it sets exists."""
+    import yaml
+
+    from depthvlm_ros.ros.interfaces import ENDPOINTS, PUBLISH
+    from depthvlm_ros.ros.params import PARAMS
+
+    text = (REPO / "docs" / "nav2.md").read_text()
+    blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", text, re.S)]
+    assert len(blocks) == 3
+    costmap, node, scan = blocks
+    layer = costmap["local_costmap"]["local_costmap"]["ros__parameters"]["voxel_layer"]
+    source = layer[layer["observation_sources"]]
+    published = {e.name for e in ENDPOINTS if e.kind == PUBLISH}
+    assert source["data_type"] == "PointCloud2" and source["topic"].removeprefix("/camera/") in published
+    assert set(node["/camera/depthvlm"]["ros__parameters"]) <= {p.name for p in PARAMS}
+    remaps = scan["depthimage_to_laserscan"]["remappings"]
+    assert {remaps["depth"], remaps["depth_camera_info"]} == {"/camera/depth/image", "/camera/depth/camera_info"}
+    assert {t.removeprefix("/camera/") for t in (remaps["depth"], remaps["depth_camera_info"])} <= published
+
