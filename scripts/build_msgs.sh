@@ -22,6 +22,6 @@ AMENT_PREFIX_PATH=$VENV CMAKE_PREFIX_PATH=$VENV PATH=$VENV/bin:$PATH \
   -DPython3_EXECUTABLE="$PY" -DCMAKE_BUILD_TYPE=Release >"$BUILD.log" 2>&1 \
   && cmake --build "$BUILD" --target install -j2 >>"$BUILD.log" 2>&1 \
   || { echo "build_msgs: depthvlm_msgs failed to build; see $BUILD.log" >&2; tail -20 "$BUILD.log" >&2; exit 1; }
-"$PY" -c 'from depthvlm_msgs.srv import DepthAt, SpatialQuery; from depthvlm_msgs.action import Ask' \
+"$PY" -c 'from depthvlm_msgs.msg import Answer; from depthvlm_msgs.srv import DepthAt, SpatialQuery; from depthvlm_msgs.action import Ask' \
   || { echo "build_msgs: depthvlm_msgs built but does not import" >&2; exit 1; }
 echo "build_msgs: depthvlm_msgs installed into $VENV"

@@ -9,7 +9,7 @@ VENV=.venv
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${DEPTHVLM_TORCH:-torch==2.13.0}
 STAMP=$VENV/.setup-stamp
-want=$(cat setup.py scripts/setup.sh scripts/build_msgs.sh msg/depthvlm_msgs/CMakeLists.txt msg/depthvlm_msgs/srv/* msg/depthvlm_msgs/action/* \
+want=$(cat setup.py scripts/setup.sh scripts/build_msgs.sh msg/depthvlm_msgs/CMakeLists.txt msg/depthvlm_msgs/msg/* msg/depthvlm_msgs/srv/* msg/depthvlm_msgs/action/* \
   | sha256sum | cut -c1-16)
 
 # Debian packages: open3d needs libusb at import time; the interface build needs cmake and a compiler.
@@ -26,7 +26,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VENV/bin/python" -c "import depthvlm_ros, torch, rclpy, accelerate, depthvlm_msgs.srv, depthvlm_msgs.action, visualization_msgs.msg, tritonclient.grpc; import platform; platform.machine() != 'x86_64' or __import__('pytriton.triton')" 2>/dev/null; then
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VENV/bin/python" -c "import depthvlm_ros, torch, rclpy, accelerate, depthvlm_msgs.msg, depthvlm_msgs.srv, depthvlm_msgs.action, visualization_msgs.msg, tritonclient.grpc; import platform; platform.machine() != 'x86_64' or __import__('pytriton.triton')" 2>/dev/null; then
   exit 0  # up to date
 fi
 

@@ -246,6 +246,15 @@ def test_services_answer_from_another_process(node, module_env, tiny_model, tmp_
         assert res["distance_m"] == pytest.approx(found.measurement.distance_m, rel=1e-4)
         assert res["region_px"] == pytest.approx(list(found.measurement.region_px))
 
+    # ~/answers carries the same answer to a subscriber that comes after it (transient-local)
+    (seen,) = peer(module_env, "answers", "--count", "1")
+    assert (seen["via"], seen["question"], seen["answer"], seen["success"]) == (
+        "spatial_query", question, res["answer"], True)
+    assert (seen["frame_id"], seen["stamp"], seen["message"]) == ("cam_optical", [1000, 11_000_000], res["message"])
+    assert seen["point"] == pytest.approx(res["point"], nan_ok=True)
+    assert seen["region_px"] == pytest.approx(res["region_px"])
+    assert seen["distance_m"] == pytest.approx(res["distance_m"], nan_ok=True)
+
     # the command-line client prints the same
     run = subprocess.run([PY, "-m", "depthvlm_ros", "query", "--at", "160,120"], env=module_env,
                          capture_output=True, text=True, timeout=60)

@@ -57,6 +57,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint(PUBLISH, "points", "sensor_msgs/msg/PointCloud2", per_camera=True),
     Endpoint(PUBLISH, "/diagnostics", "diagnostic_msgs/msg/DiagnosticArray"),
     Endpoint(PUBLISH, "~/answer_markers", "visualization_msgs/msg/MarkerArray"),
+    Endpoint(PUBLISH, "~/answers", "depthvlm_msgs/msg/Answer"),
     Endpoint(SERVICE, "~/spatial_query", "depthvlm_msgs/srv/SpatialQuery"),
     Endpoint(SERVICE, "~/depth_at", "depthvlm_msgs/srv/DepthAt"),
     Endpoint(ACTION, "~/ask", "depthvlm_msgs/action/Ask"),

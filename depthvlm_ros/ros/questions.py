@@ -6,7 +6,9 @@ service and the action share one answer path (:meth:`QuestionInterface.answer`) 
 the answer, and where it names a place, the distance, the 3D point (optical frame, the frame's header)
 and the pixel region measured on the depth map of the same prefill. The action streams the answer as
 feedback and stops generating within one decoding step of a cancel. Every answer that names a place
-is drawn on ``~/answer_markers``: a sphere at the point and a label ("red chair 2.41 m").
+is drawn on ``~/answer_markers``: a sphere at the point and a label ("red chair 2.41 m"). Every answer,
+refusals included, is published on ``~/answers`` (depthvlm_msgs/Answer; reliable, transient-local, the last
+10 kept) for whoever else wants to see what was asked and answered.
 
 Questions share the model with the depth stream through :class:`~depthvlm_ros.ros.flow.QuestionGate`:
 one answered at a time, at most ``max_pending_queries`` waiting, the rest refused "busy" at once.
@@ -24,9 +26,11 @@ from typing import Any
 import numpy as np
 from builtin_interfaces.msg import Duration as DurationMsg
 from depthvlm_msgs.action import Ask
+from depthvlm_msgs.msg import Answer
 from depthvlm_msgs.srv import DepthAt, SpatialQuery
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from std_msgs.msg import Header
 from visualization_msgs.msg import Marker, MarkerArray
 
@@ -37,6 +41,12 @@ from depthvlm_ros.ros import messages
 from depthvlm_ros.ros.context import DepthModel, NodeContext, model_route
 from depthvlm_ros.ros.flow import MAX_ERROR_CHARS, LogBudget, QuestionGate, error_kind
 from depthvlm_ros.ros.worker import Camera, InferenceWorker
+
+#: ``~/answers``: reliable and transient-local, so a subscriber that comes late still gets the last few.
+ANSWERS_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE,
+                         durability=DurabilityPolicy.TRANSIENT_LOCAL)
+#: Characters of the request's camera name that ``~/answers`` repeats.
+ANSWER_CAMERA_CHARS = 100
 
 #: Marker namespace of the answers on ``~/answer_markers``.
 MARKER_NS = "depthvlm_answer"
@@ -80,6 +90,16 @@ class Outcome:
             target.point.header = self.header
         target.region_px = [float(v) for v in self.region_px]
         return target
+
+    def answer_msg(self, via: str, camera: str, question: str, max_question_chars: int) -> Answer:
+        """The ``~/answers`` message of this outcome; the request's strings cut short (they come from outside)."""
+        msg = Answer(via=via, camera=camera[:ANSWER_CAMERA_CHARS], question=question[:max_question_chars],
+                     success=self.success, answer=self.answer, message=self.message,
+                     distance_m=float(self.distance_m), region_px=[float(v) for v in self.region_px])
+        if self.header is not None:
+            msg.header = self.header
+        msg.point.x, msg.point.y, msg.point.z = (float(v) for v in self.point)
+        return msg
 
 
 def answer_markers(outcome: Outcome, lifetime_s: float) -> MarkerArray:
@@ -132,6 +152,7 @@ class QuestionInterface:
                                    goal_callback=self._admit_goal,
                                    cancel_callback=lambda _goal: CancelResponse.ACCEPT, callback_group=questions)
         self.markers = node.create_lifecycle_publisher(MarkerArray, "~/answer_markers", 10)
+        self.answers = node.create_lifecycle_publisher(Answer, "~/answers", ANSWERS_QOS)
 
     def camera(self, name: str) -> Camera:
         """The camera a question names ("" = the first); InputError names the cameras there are."""
@@ -154,7 +175,11 @@ class QuestionInterface:
             self.counters.queries += 1
             self._in_flight += 1
         try:
-            return self._answer(question, camera_name, max_new_tokens, should_stop, on_text, via)
+            outcome = self._answer(question, camera_name, max_new_tokens, should_stop, on_text, via)
+            if self._is_active():  # (a deactivated lifecycle publisher would only complain)
+                self.answers.publish(outcome.answer_msg(via, camera_name, question,
+                                                        self._settings().questions.max_question_chars))
+            return outcome
         finally:
             with self._lock:
                 self._in_flight -= 1
@@ -334,3 +359,4 @@ class QuestionInterface:
             self._node.destroy_service(service)
         self.action.destroy()
         self._node.destroy_lifecycle_publisher(self.markers)
+        self._node.destroy_lifecycle_publisher(self.answers)

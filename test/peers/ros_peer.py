@@ -372,6 +372,33 @@ def collect(args: argparse.Namespace) -> None:
     node.destroy_node()
 
 
+def answers(args: argparse.Namespace) -> None:
+    """Subscribe to ``~/answers`` as a late subscriber would (reliable, transient-local) and print the first
+    ``--count`` answers it gets (those the node kept, then new ones) as JSON; a ceiling fails."""
+    from depthvlm_msgs.msg import Answer
+    from rclpy.qos import DurabilityPolicy
+
+    node = rclpy.create_node("test_answers")
+    got: list[dict[str, object]] = []
+
+    def on_answer(msg: Answer) -> None:
+        got.append({"via": msg.via, "camera": msg.camera, "question": msg.question, "success": msg.success,
+                    "answer": msg.answer, "message": msg.message, "distance_m": msg.distance_m,
+                    "point": [msg.point.x, msg.point.y, msg.point.z], "region_px": list(msg.region_px),
+                    "frame_id": msg.header.frame_id, "stamp": [msg.header.stamp.sec, msg.header.stamp.nanosec]})
+
+    latched = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE,
+                         durability=DurabilityPolicy.TRANSIENT_LOCAL)
+    node.create_subscription(Answer, "/depthvlm/answers", on_answer, latched)
+    deadline = time.monotonic() + args.timeout
+    while len(got) < args.count:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"answers: {len(got)} of {args.count} answers within {args.timeout:g} s")
+        rclpy.spin_once(node, timeout_sec=0.05)
+    print(json.dumps(got), flush=True)
+    node.destroy_node()
+
+
 def watch(args: argparse.Namespace) -> None:
     """Exit 0 with the first diagnostics status (from now on) on which every ``--until`` condition holds."""
     node = rclpy.create_node("test_watch")
@@ -767,6 +794,9 @@ def main() -> None:
     lc.add_argument("--pid", type=int, required=True, help="the node's process (its RSS is read from /proc)")
     lc.add_argument("--rate", type=float, default=10.0)
     lc.add_argument("--ignored", type=int, default=10, help="frames the inactive node must have ignored")
+    n = sub.add_parser("answers")
+    n.add_argument("--count", type=int, default=1)
+    n.add_argument("--timeout", type=float, default=EVENT_TIMEOUT)
     g = sub.add_parser("graph")
     g.add_argument("--node", default="depthvlm")
     g.add_argument("--expect", action="append", default=[], help="wait until this name is on the graph")
@@ -785,7 +815,7 @@ def main() -> None:
     rclpy.init()
     try:
         {"publish": publish, "collect": collect, "watch": watch, "call": call, "ask_scenes": ask_scenes,
-         "lifecycle": lifecycle, "ask": ask, "graph": graph}[args.cmd](args)
+         "lifecycle": lifecycle, "ask": ask, "graph": graph, "answers": answers}[args.cmd](args)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
