@@ -114,11 +114,17 @@ def test_trainer_optimises_the_depth_the_robot_runs(tiny_model):
 
 
 def test_static_prompt_forward_equals_the_stock_prefill(tiny_model):
+    """The depth path's static prompt, which drops the prompt's tokens after the image, gives the depth of the
+    whole prompt's stock prefill (and of a static prompt that keeps them)."""
     k = Intrinsics.from_fx(320, 240, 277.0)
     plan = tiny_model.plan(k)
     inputs = plan.prepare([scene_image(320, 240, 277.0), scene_image(320, 240, 350.0)])
     model = tiny_model.model
+    short, whole = model.static_prompt(inputs), model.static_prompt(inputs, keep_suffix=True)
+    assert short.position_ids.shape[-1] == short.end < whole.position_ids.shape[-1] == inputs.input_ids.shape[1]
     with torch.no_grad():
         dynamic = model(**inputs.model_kwargs(), return_logits=False).depth
-        static = model(pixel_values=inputs.pixel_values, static_prompt=model.static_prompt(inputs)).depth
+        static = model(pixel_values=inputs.pixel_values, static_prompt=short).depth
+        kept = model(pixel_values=inputs.pixel_values, static_prompt=whole).depth
     torch.testing.assert_close(static, dynamic, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(kept, dynamic, rtol=1e-5, atol=1e-6)

@@ -75,7 +75,7 @@ class StaticPrompt:
 
     vision_kwargs: dict[str, torch.Tensor]  # grid, position-embedding interpolation, rotary ids, cu_seqlens
     prefix_embeds: torch.Tensor  # (1, start, hidden) prompt embeddings before the image
-    suffix_embeds: torch.Tensor  # (1, L - end, hidden) after it
+    suffix_embeds: torch.Tensor  # (1, L - end, hidden) after it; empty when dropped (see static_prompt)
     position_ids: torch.Tensor  # (3, B, L) M-RoPE positions
     visual_pos_masks: torch.Tensor  # (B, L) bool, the image tokens
     start: int  # first image token
@@ -90,14 +90,16 @@ class StaticPrompt:
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor, by a flat name (an export wrapper registers them as buffers)."""
         named = {f"vision_{k}": v for k, v in self.vision_kwargs.items()}
-        return named | {"prefix_embeds": self.prefix_embeds, "suffix_embeds": self.suffix_embeds,
-                        "position_ids": self.position_ids, "visual_pos_masks": self.visual_pos_masks}
+        named |= {"prefix_embeds": self.prefix_embeds, "position_ids": self.position_ids,
+                  "visual_pos_masks": self.visual_pos_masks}
+        return named | ({"suffix_embeds": self.suffix_embeds} if self.suffix_embeds.shape[1] else {})
 
     def with_tensors(self, tensors: dict[str, torch.Tensor]) -> "StaticPrompt":
         """The same prompt holding ``tensors`` (named as :meth:`tensors` names them)."""
         vision = {k: tensors[f"vision_{k}"] for k in self.vision_kwargs}
         return dataclasses.replace(self, vision_kwargs=vision, prefix_embeds=tensors["prefix_embeds"],
-                                   suffix_embeds=tensors["suffix_embeds"], position_ids=tensors["position_ids"],
+                                   suffix_embeds=tensors.get("suffix_embeds", self.suffix_embeds),
+                                   position_ids=tensors["position_ids"],
                                    visual_pos_masks=tensors["visual_pos_masks"])
 
     def to(self, device: torch.device | str) -> "StaticPrompt":
@@ -144,11 +146,14 @@ class DepthVLMForConditionalGeneration(Qwen3VLForConditionalGeneration):
         """Vision tower, once: merged image embeddings + DeepStack features (stock output type)."""
         return self.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
 
-    def static_prompt(self, inputs: Any) -> StaticPrompt:
+    def static_prompt(self, inputs: Any, keep_suffix: bool = False) -> StaticPrompt:
         """Everything of the depth path that does not depend on the pixels, for ``inputs``' size and batch.
 
         ``inputs`` (a :class:`~depthvlm_ros.model.processing.ModelInputs`) must hold one prompt per
         image, the same for all, with its image tokens in one contiguous span (the depth prompt).
+        The prompt's tokens after the image are dropped unless ``keep_suffix``: under the causal mask the
+        image tokens never attend to them and the head reads only image positions, so the depth is the
+        same (a test compares both), for fewer tokens through the LLM.
         """
         from transformers.vision_utils import (
             get_vision_cu_seqlens,
@@ -174,6 +179,9 @@ class DepthVLMForConditionalGeneration(Qwen3VLForConditionalGeneration):
         with torch.no_grad():
             embeds = self.model.get_input_embeddings()(ids[:1])
             rope_positions, _ = self.model.get_rope_index(ids, inputs.mm_token_type_ids, image_grid_thw=grid)
+        if not keep_suffix:
+            image_mask, rope_positions = image_mask[:, :end], rope_positions[:, :, :end]
+            embeds = embeds[:, :end]
         return StaticPrompt(
             vision_kwargs={
                 "grid_thw": grid, "interp_indices": indices, "interp_weights": weights,
@@ -240,8 +248,10 @@ class DepthVLMForConditionalGeneration(Qwen3VLForConditionalGeneration):
         batch = prompt.position_ids.shape[1]
         vision = self.model.visual(pixel_values, **prompt.vision_kwargs)
         image_embeds = vision.pooler_output.to(prompt.prefix_embeds.dtype).reshape(batch, prompt.n_tokens, -1)
-        embeds = torch.cat([prompt.prefix_embeds.expand(batch, -1, -1), image_embeds,
-                            prompt.suffix_embeds.expand(batch, -1, -1)], dim=1)
+        parts = [prompt.prefix_embeds.expand(batch, -1, -1), image_embeds]
+        if prompt.suffix_embeds.shape[1]:  # (a shape: fixed when traced or compiled)
+            parts.append(prompt.suffix_embeds.expand(batch, -1, -1))
+        embeds = torch.cat(parts, dim=1)
         hidden = self.model.language_model(
             inputs_embeds=embeds, position_ids=prompt.position_ids, visual_pos_masks=prompt.visual_pos_masks,
             deepstack_visual_embeds=list(vision.deepstack_features), use_cache=False,
