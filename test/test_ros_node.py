@@ -988,9 +988,9 @@ def test_a_constant_point_fails_the_grounding_bar():
     assert baseline["distance_ok"]["rate"] < MIN_DISTANCE_OK - 0.15
 
 
-@pytest.mark.xfail(strict=True, reason="depthvlm-tiny does not localise objects (its model card, 'What limits "
-                                       "it'); a model that does turns this into an XPASS, i.e. a failure: "
-                                       "then remove this mark")
+@pytest.mark.xfail(strict=True, reason="depthvlm-tiny finds the named object in under half its answers (its card, "
+                                       "'What limits it'); a model that meets the bar turns this into an XPASS, "
+                                       "i.e. a failure: then remove this mark")
 def test_the_built_in_model_grounds_and_measures_answers_over_dds(scene_answers):
     """The issue's target through the service: the answers' places lie on the named objects and the
     distances measured there are right (a constant point fails this bar: the test above)."""
