@@ -288,14 +288,14 @@ def depthvlm(*args: str) -> subprocess.CompletedProcess:
 
 
 DATASET_KEYS = {"sparse", "dense", "n_images", "n_skipped", "skipped", "group", "valid_range_m", "range_source",
-                "pred_missing"}
+                "pred_missing", "temporal"}  # temporal: null for datasets without sequences
 
 
 def check_structure(report: dict, groups: set[str]) -> None:
     assert set(report) == {"datasets", "groups", "overall", "run"}
     assert set(report["datasets"]) == set(BENCH)
     for d in report["datasets"].values():
-        assert set(d) == DATASET_KEYS
+        assert set(d) == DATASET_KEYS and d["temporal"] is None
         for protocol in ("sparse", "dense"):
             assert list(d[protocol]) == list(METRIC_KEYS)
             assert all(isinstance(v, float) and math.isfinite(v) for v in d[protocol].values())

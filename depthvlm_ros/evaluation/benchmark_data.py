@@ -198,6 +198,11 @@ class BenchRecord:
     pixel_coords: np.ndarray  # (N, 2) float64 [col, row] in depth-map pixels
     depth_values: np.ndarray  # (N,) float64 metres (NaN where the record had null)
     scene_id: str | None = None
+    # A frame of a sequence (``depthvlm generate --sequence``): its sequence's name, its place in it, and the
+    # 4x4 pose of its optical frame in the world (metres); all three or none.
+    sequence: str | None = None
+    frame_index: int | None = None
+    world_from_camera: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -266,6 +271,7 @@ def parse_record(record: Any, line_no: int) -> BenchRecord:
     if len(coords) != len(values):
         raise InputError(f"{len(coords)} pixel_coords but {len(values)} depth values")
     scene = record.get("scene_id")
+    sequence, frame_index, pose = _sequence_fields(record)
     return BenchRecord(
         line_no=line_no,
         image=image,
@@ -278,7 +284,36 @@ def parse_record(record: Any, line_no: int) -> BenchRecord:
         pixel_coords=coords,
         depth_values=values,
         scene_id=None if scene is None else str(scene),
+        sequence=sequence,
+        frame_index=frame_index,
+        world_from_camera=pose,
     )
+
+
+#: Longest sequence name accepted in a record.
+MAX_SEQUENCE_NAME = 200
+
+
+def _sequence_fields(record: Mapping[str, Any]) -> tuple[str | None, int | None, np.ndarray | None]:
+    """A record's ``sequence``, ``frame_index`` and ``world_from_camera`` (all three or none), checked."""
+    present = [key for key in ("sequence", "frame_index", "world_from_camera") if record.get(key) is not None]
+    if not present:
+        return None, None, None
+    if len(present) != 3:
+        raise InputError("sequence, frame_index and world_from_camera go together (got only "
+                         f"{', '.join(present)})")
+    name, index, pose = record["sequence"], record["frame_index"], record["world_from_camera"]
+    if not isinstance(name, str) or not 0 < len(name) <= MAX_SEQUENCE_NAME:
+        raise InputError(f"sequence must be a name of 1..{MAX_SEQUENCE_NAME} characters, got {shown(name)}")
+    if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+        raise InputError(f"frame_index must be an integer >= 0, got {shown(index)}")
+    if (not isinstance(pose, list) or len(pose) != 4
+            or not all(isinstance(row, list) and len(row) == 4 and all(_is_number(v) for v in row) for row in pose)):
+        raise InputError("world_from_camera must be a 4x4 list of numbers")
+    matrix = np.asarray(pose, dtype=np.float64)
+    if not np.isfinite(matrix).all() or not np.allclose(matrix[3], [0.0, 0.0, 0.0, 1.0]):
+        raise InputError("world_from_camera must be finite with a last row of 0 0 0 1")
+    return name, index, matrix
 
 
 def count_records(path: Path) -> int:

@@ -16,6 +16,7 @@ import itertools
 import json
 import os
 import sys
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from depthvlm_ros.evaluation.benchmark_data import (
     BadRecord,
     BenchRecord,
     DatasetSpec,
+    bench_intrinsics,
     check_ground_truth,
     count_records,
     find_prediction_file,
@@ -54,11 +56,13 @@ from depthvlm_ros.imageio import read_rgb
 Predictor = Callable[[Sequence[np.ndarray], Sequence[Intrinsics]], list[np.ndarray]]
 
 #: Bump when the per-image result format or the scoring changes (invalidates old cache entries).
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 #: Bad-record lines printed per dataset before going quiet (all are counted and in the JSON).
 MAX_PRINTED_SKIPS = 20
 #: Worst-image panels are kept at most this wide (pixels) in memory.
 PANEL_MAX_WIDTH = 480
+#: Sequences whose last frame is kept for the TAE of the next (a sequence's frames come one after another).
+MAX_OPEN_SEQUENCES = 8
 
 
 # -- prediction sources -------------------------------------------------------------------------
@@ -171,6 +175,17 @@ class _Pending:
 
 
 @dataclass
+class _SequenceFrame:
+    """The last scored frame of a sequence, kept for the next frame's TAE term (maps on the GT grid)."""
+
+    index: int
+    pose: np.ndarray
+    gt: np.ndarray
+    pred: np.ndarray
+    valid: np.ndarray
+
+
+@dataclass
 class _WorstTracker:
     """The ``k`` images with the highest dense AbsRel, with display copies of their maps when known."""
 
@@ -211,6 +226,7 @@ class DatasetEvaluator:
         self.worst = _WorstTracker(worst)
         self._pending: dict[tuple[int, int], list[_Pending]] = {}
         self._printed = 0
+        self._previous: OrderedDict[str, _SequenceFrame] = OrderedDict()  # the last frame scored per sequence
 
     # bookkeeping
 
@@ -235,11 +251,36 @@ class DatasetEvaluator:
         except InputError as exc:
             self.skip(record.image, str(exc), index)
             return
+        if record.sequence is not None:
+            result["temporal"] = self._temporal_term(record, gt, aligned)
         if self.cache is not None and key:
             self.cache.put(key, result)
         self._add(index, record, result, (gt, aligned) if self.worst.k > 0 else None)
 
     # prediction
+
+    def _temporal_term(self, record: BenchRecord, gt: np.ndarray, aligned: np.ndarray) -> dict[str, Any] | None:
+        """TAE (percent) of this frame and the previous frame of its sequence, of the prediction and of the ground
+        truth (the occlusion floor), on the pixels where both frames' ground truth is valid; None when the previous
+        frame was not scored in this process just before (a cache hit, a skipped record, another process's)."""
+        from depthvlm_ros.evaluation.metrics import gt_valid_mask
+        from depthvlm_ros.evaluation.temporal import pair_tae
+
+        assert record.sequence is not None and record.world_from_camera is not None
+        valid = gt_valid_mask(gt, self.spec.depth_range)
+        previous = self._previous.pop(record.sequence, None)
+        self._previous[record.sequence] = _SequenceFrame(record.frame_index or 0, record.world_from_camera, gt,
+                                                         aligned, valid)
+        while len(self._previous) > MAX_OPEN_SEQUENCES:
+            self._previous.popitem(last=False)
+        if previous is None or previous.index + 1 != record.frame_index or previous.gt.shape != gt.shape:
+            return None
+        k = bench_intrinsics(record.rgb_size, record.fx, gt.shape[1], gt.shape[0])
+        tae = pair_tae(previous.pred, aligned, k, previous.pose, record.world_from_camera, previous.valid, valid)
+        floor = pair_tae(previous.gt, gt, k, previous.pose, record.world_from_camera, previous.valid, valid)
+        if tae is None or floor is None:
+            return None
+        return {"tae": tae, "tae_gt": floor, "after_frame": previous.index}
 
     def _load_saved_prediction(self, record: BenchRecord) -> np.ndarray:
         assert self.source.pred_root is not None

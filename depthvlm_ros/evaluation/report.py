@@ -6,7 +6,8 @@ scored)::
     {"datasets": {NAME: {"sparse": {...}, "dense": {...}, "n_images": N, "n_skipped": N,
                          "skipped": [{"image": ..., "reason": ...}, ...at most 50],
                          "group": "indoor"|"outdoor"|"mixed"|null, "valid_range_m": [MIN, MAX]|null,
-                         "range_source": ..., "pred_missing": {"sparse": F, "dense": F}}},
+                         "range_source": ..., "pred_missing": {"sparse": F, "dense": F},
+                         "temporal": {"tae": F, "tae_gt": F, "n_pairs": N} | null}},
      "groups": {GROUP: {"sparse": {...}, "dense": {...}, "datasets": [NAME, ...]}},
      "overall": {"sparse": {...}, "dense": {...}, "datasets": [NAME, ...]},
      "run": {"source": ..., "cache_hits": N, "computed": N}}
@@ -15,6 +16,9 @@ Dataset metrics are means over its images; group and overall metrics are means o
 that scored at least one image (each dataset weighs the same). A dataset without a group (an
 unknown name and no ``--group``) counts in "overall" only. ``pred_missing`` is the mean over
 images of the fraction of GT-valid pixels that had no valid prediction (excluded from the metrics).
+``temporal`` is set for datasets of sequences (records with poses): the mean TAE (percent, see
+:mod:`depthvlm_ros.evaluation.temporal`) over the consecutive pairs scored, and the ground truth's own TAE on
+the same pairs (the floor set by occlusions and the pixel grid).
 """
 
 from __future__ import annotations
@@ -101,8 +105,18 @@ def dataset_summary(results: DatasetResults) -> dict[str, Any]:
         "valid_range_m": None if not spec.has_range else [spec.depth_range.min_m, spec.depth_range.max_m],
         "range_source": spec.range_source,
         "pred_missing": {p: _mean_or_none([r["pred_missing"][p] for r in results.images]) for p in PROTOCOLS},
+        "temporal": temporal_summary(results.images),
     })
     return summary
+
+
+def temporal_summary(images: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """Mean TAE and ground-truth TAE (percent) over the images that carry a temporal term; None if none does."""
+    terms = [r["temporal"] for r in images if r.get("temporal")]
+    if not terms:
+        return None
+    return {"tae": float(np.mean([t["tae"] for t in terms])), "tae_gt": float(np.mean([t["tae_gt"] for t in terms])),
+            "n_pairs": len(terms)}
 
 
 def _mean_over(datasets: dict[str, dict[str, Any]], names: list[str]) -> dict[str, Any]:
@@ -163,9 +177,13 @@ def format_markdown(report: dict[str, Any]) -> str:
     lines += ["delta1-3: higher is better; the rest: lower is better. rmse and sq_rel in metres; silog = "
               "100 * std(ln pred - ln gt) (KITTI). Per image, then mean over images, then over datasets.", ""]
     for name, d in report["datasets"].items():
+        temporal = d.get("temporal")
+        if temporal:
+            lines.append(f"- {name}: TAE {temporal['tae']:.2f} % over {temporal['n_pairs']} consecutive pairs "
+                         f"(the ground truth's own: {temporal['tae_gt']:.2f} %; lower is better).")
         if d["valid_range_m"] is None:
             lines.append(f"- note: {name}: no preset depth range; scored GT > 0 and finite only "
-                         "(give MIN,MAX in --dataset to set one).")
+                         "(give MIN,MAX in --dataset, or --min-depth and --max-depth with --bag, to set one).")
         if d["n_skipped"]:
             first = d["skipped"][0]
             lines.append(f"- {name}: {d['n_skipped']} record(s) skipped, listed in the JSON "

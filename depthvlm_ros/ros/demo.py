@@ -2,9 +2,11 @@
 depth image the node sends back scored against the frame it came from.
 
 - :class:`DemoCamera` renders a scene along a smooth trajectory and publishes ``image`` + ``camera_info``
-  (frame ``camera_optical_frame``); it keeps the recent frames' exact depth (bounded) to score what comes back;
-- :class:`DepthScorer` subscribes to ``depth/image`` (δ1, AbsRel against that truth), ``depth/colored`` (a few
-  PNGs beside the frame) and ``points`` (one PLY).
+  (frame ``camera_optical_frame``) and the generator's exact depth of the same frame on ``ground_truth/depth``
+  (32FC1 metres, NaN where nothing is in range, the image's header), so a bag of the demo carries its own truth;
+  it keeps the recent frames' exact depth (bounded) to score what comes back;
+- :class:`DepthScorer` subscribes to ``depth/image`` (δ1, AbsRel against that truth; TAE between successive depth
+  images, with the camera's poses), ``depth/colored`` (a few PNGs beside the frame) and ``points`` (one PLY).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ if TYPE_CHECKING:
     from depthvlm_ros.scenes.render import Rendering
 
 FRAME_ID = "camera_optical_frame"
+#: The generator's exact depth of each camera frame (32FC1 metres, the image's header).
+TRUTH_TOPIC = "ground_truth/depth"
 #: Frames whose ground truth is kept for scoring (older ones are dropped).
 KEEP_TRUTH = 64
 #: Coloured depth PNGs written at most.
@@ -48,6 +52,7 @@ class DemoCamera:
         # Reliable, deep enough that the recorder never loses a frame to a full history while it writes.
         self.pub_image = node.create_publisher(Image, "image", 10)
         self.pub_info = node.create_publisher(CameraInfo, "camera_info", 10)
+        self.pub_truth = node.create_publisher(Image, TRUTH_TOPIC, 10)
         self.truth: OrderedDict[int, Any] = OrderedDict()
         self.lock = threading.Lock()
         self.index = 0
@@ -72,7 +77,7 @@ class DemoCamera:
         """Render and publish the next frame; False when the trajectory is done."""
         from std_msgs.msg import Header
 
-        from depthvlm_ros.ros.messages import intrinsics_to_camera_info, rgb_to_image
+        from depthvlm_ros.ros.messages import depth_to_image, intrinsics_to_camera_info, rgb_to_image
         from depthvlm_ros.scenes.render import render
 
         if self.index >= len(self.poses):
@@ -88,6 +93,7 @@ class DemoCamera:
                 self.truth.popitem(last=False)
             self.latest = view
         self.pub_info.publish(intrinsics_to_camera_info(self.intrinsics, header))
+        self.pub_truth.publish(depth_to_image(view.depth, header))
         self.pub_image.publish(rgb_to_image(view.rgb, header))
         self.sent[stamp_ns] = time.monotonic()
         self.published += 1
@@ -108,6 +114,8 @@ class DepthScorer:
         self.camera = camera
         self.out = out
         self.scores: list[dict[str, float]] = []
+        self.tae: list[tuple[float, float]] = []  # (prediction, ground truth) TAE of successive depth images, %
+        self.previous: tuple[Any, np.ndarray] | None = None  # the last scored (view, depth)
         self.latencies_ms: list[float] = []
         self.received = 0
         self.stamps: set[int] = set()  # of the depth images received (one per camera frame at most)
@@ -135,9 +143,28 @@ class DepthScorer:
         view = self.camera.view_at(stamp_ns)
         if view is None:
             return
-        score = score_depths(image_to_depth(msg), view.depth)
+        depth = image_to_depth(msg)
+        score = score_depths(depth, view.depth)
         if score.metrics is not None:
             self.scores.append({"delta1": score.metrics["delta1"], "abs_rel": score.metrics["abs_rel"]})
+        self.score_motion(view, depth)
+
+    def score_motion(self, view: Any, depth: np.ndarray) -> None:
+        """TAE of this depth image and the previous one received (their camera poses are known), and of the truth
+        on the same pixels; frames the node skipped are skipped here too."""
+        from depthvlm_ros.evaluation.temporal import pair_tae
+
+        previous, self.previous = self.previous, (view, depth)
+        if previous is None or depth.shape != view.depth.shape:
+            return
+        before, before_depth = previous
+        valid = np.isfinite(view.depth) & (view.depth > 0)
+        valid_before = np.isfinite(before.depth) & (before.depth > 0)
+        poses = (before.pose.world_from_camera(), view.pose.world_from_camera())
+        tae = pair_tae(before_depth, depth, view.intrinsics, *poses, valid_before, valid)
+        floor = pair_tae(before.depth, view.depth, view.intrinsics, *poses, valid_before, valid)
+        if tae is not None and floor is not None:
+            self.tae.append((tae, floor))
 
     def on_colored(self, msg: Any) -> None:
         from PIL import Image as PILImage

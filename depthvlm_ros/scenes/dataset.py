@@ -14,11 +14,18 @@
     out/info.json             the arguments, for reproducibility
 
 Frame ``i`` of seed ``s`` depends only on ``(s, i)``: any subset, any worker count, same bytes.
+
+Sequences (``FrameSpec.sequence_length`` L > 0, ``depthvlm generate --sequence L``): frames ``jL .. jL+L-1``
+are one camera (one lens) moving through one scene along the demo's smooth path
+(:func:`~depthvlm_ros.scenes.layouts.trajectory`) at ``rate_hz`` frames per second. Their records add
+``sequence`` (its name), ``frame_index`` (0 .. L-1) and ``world_from_camera`` (the 4x4 pose of the camera's
+optical frame, metres), from which ``depthvlm eval`` scores temporal consistency (TAE).
 The evaluator reads it as ``--dataset NAME=out/depth.jsonl,out,out``.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -31,7 +38,7 @@ import numpy as np
 
 from depthvlm_ros.errors import InputError
 from depthvlm_ros.geometry import CANONICAL_FX, canonical_size, depth_to_16uc1
-from depthvlm_ros.scenes.layouts import nominal_fx, random_intrinsics, random_pose, random_scene
+from depthvlm_ros.scenes.layouts import nominal_fx, random_intrinsics, random_pose, random_scene, trajectory
 from depthvlm_ros.scenes.qa import make_qa
 from depthvlm_ros.scenes.render import Rendering, Scene, render
 
@@ -39,6 +46,10 @@ from depthvlm_ros.scenes.render import Rendering, Scene, render
 SPARSE_POINTS = 64
 #: Most frames one call writes.
 MAX_FRAMES = 1_000_000
+#: Longest sequence (frames).
+MAX_SEQUENCE = 10_000
+#: The random stream of a sequence's scene, lens and path (apart from the single frames' ``[seed, index]``).
+SEQUENCE_STREAM = 7
 KINDS = ("indoor", "outdoor", "mixed")
 
 
@@ -53,6 +64,8 @@ class FrameSpec:
     fx_max: float
     qa_per_frame: int = 4
     qa_mix: str = "uniform"  # weights of the question kinds (scenes.qa.QA_MIXES)
+    sequence_length: int = 0  # > 0: frames come in sequences of this many along a camera path
+    rate_hz: float = 5.0  # frames per second along a sequence's path
 
     def check(self) -> None:
         from depthvlm_ros.scenes.qa import QA_MIXES
@@ -63,6 +76,10 @@ class FrameSpec:
             raise InputError(f"qa mix must be one of {', '.join(QA_MIXES)}, got {self.qa_mix!r}")
         if not (0 < self.fx_min <= self.fx_max):
             raise InputError(f"need 0 < fx-min <= fx-max, got {self.fx_min:g}, {self.fx_max:g}")
+        if not 0 <= self.sequence_length <= MAX_SEQUENCE:
+            raise InputError(f"sequence length must be in 0..{MAX_SEQUENCE}, got {self.sequence_length}")
+        if not 0.5 <= self.rate_hz <= 60:
+            raise InputError(f"sequence rate must be in 0.5..60 frames per second, got {self.rate_hz:g}")
 
 
 def default_fx_range(width: int) -> tuple[float, float]:
@@ -72,12 +89,22 @@ def default_fx_range(width: int) -> tuple[float, float]:
 
 
 def generate_frame(seed: int, index: int, spec: FrameSpec) -> tuple[Scene, Rendering]:
-    """Scene + rendering of frame ``index`` (deterministic in ``(seed, index)``)."""
-    rng = np.random.default_rng([seed, index])
+    """Scene + rendering of frame ``index`` (deterministic in ``(seed, index)``; in a sequence, the scene, lens
+    and path are the sequence's)."""
+    if spec.sequence_length <= 0:
+        rng = np.random.default_rng([seed, index])
+        scene = random_scene(rng, spec.kind)
+        k = random_intrinsics(rng, spec.width, spec.height, spec.fx_min, spec.fx_max)
+        pose = random_pose(rng, scene)
+        return scene, render(scene, k, pose, noise_seed=int(rng.integers(2**31)))
+    sequence, step = divmod(index, spec.sequence_length)
+    rng = np.random.default_rng([seed, sequence, SEQUENCE_STREAM])
     scene = random_scene(rng, spec.kind)
     k = random_intrinsics(rng, spec.width, spec.height, spec.fx_min, spec.fx_max)
-    pose = random_pose(rng, scene)
-    return scene, render(scene, k, pose, noise_seed=int(rng.integers(2**31)))
+    start = random_pose(rng, scene)
+    path = trajectory(scene, start, spec.sequence_length / spec.rate_hz, spec.rate_hz)
+    pose = next(itertools.islice(path, step, None))
+    return scene, render(scene, k, pose, noise_seed=int(np.random.default_rng([seed, index]).integers(2**31)))
 
 
 def frame_records(seed: int, index: int, spec: FrameSpec) -> tuple[Rendering, dict[str, Any], list[dict[str, Any]]]:
@@ -96,8 +123,15 @@ def frame_records(seed: int, index: int, spec: FrameSpec) -> tuple[Rendering, di
         "original_fx": round(k.fx, 4), "canonical_fx": CANONICAL_FX,
         "canonical_size": list(canonical_size(k)), "scene_id": f"{spec.kind}-{seed}-{index}",
     }
+    if spec.sequence_length > 0:
+        sequence, step = divmod(index, spec.sequence_length)
+        common["scene_id"] = f"{scene.kind}-{seed}-sequence-{sequence}"
+        timing = {"sequence": common["scene_id"], "frame_index": step,
+                  "world_from_camera": np.round(view.pose.world_from_camera(), 6).tolist()}
+    else:
+        timing = {}
     record = {
-        **common,
+        **common, **timing,
         "pixel_coords": [[int(cols[i]), int(rows[i])] for i in pick],
         "depth": [round(float(view.depth[rows[i], cols[i]]), 4) for i in pick],
         "depth_type": "z_depth", "prompt": DEPTH_PROMPT, "solution": "",
@@ -172,6 +206,7 @@ def write_dataset(out: Path, n: int, seed: int, spec: FrameSpec, workers: int = 
         "generator": "depthvlm_ros.scenes", "n": n, "seed": seed, "kind": spec.kind,
         "size": [spec.width, spec.height], "fx_range": [spec.fx_min, spec.fx_max],
         "qa_per_frame": spec.qa_per_frame, "qa_mix": spec.qa_mix, "qa_records": n_qa,
+        "sequence_length": spec.sequence_length, "rate_hz": spec.rate_hz,
         "seconds": round(time.perf_counter() - start, 2),
     }
     (out / "info.json").write_text(json.dumps(info, indent=2) + "\n")

@@ -105,6 +105,13 @@ class CameraPose:
         roll = np.array([[cr, -sr, 0.0], [sr, cr, 0.0], [0.0, 0.0, 1.0]])  # about optical z
         return yaw @ _OPTICAL_TO_WORLD @ pitch @ roll
 
+    def world_from_camera(self) -> np.ndarray:
+        """4x4 transform taking points of the camera's optical frame (metres) to the world."""
+        out = np.eye(4)
+        out[:3, :3] = self.world_from_optical()
+        out[:3, 3] = self.position
+        return out
+
 
 @dataclass
 class ObjectLabel:

@@ -4,8 +4,9 @@ Two processes, as on a robot: the **node** ``depthvlm`` (``depthvlm node``, the 
 unless ``--model``) in its own process, its log in ``--out``/node.log; and this one, with
 
 - a **camera**: a generated scene seen along a smooth trajectory, published as ``image`` +
-  ``camera_info`` (frame ``camera_optical_frame``) at ``--rate`` Hz; the exact depth of every
-  frame is kept (bounded) to score what comes back;
+  ``camera_info`` (frame ``camera_optical_frame``) at ``--rate`` Hz, with the generator's exact depth of every
+  frame on ``ground_truth/depth`` (recorded, so ``depthvlm eval --bag`` scores the bag on its own); that depth is
+  also kept (bounded) to score what comes back: δ1, AbsRel and TAE (between successive depth images);
 - a **recorder** writing the topics to an MCAP bag, and a **client** asking scripted spatial
   questions through ``~/spatial_query`` about objects in view, in turn "how far is X", "where is X"
   and "which is closer, X or Y"; each answer is drawn on the frame it was measured on
@@ -34,10 +35,11 @@ import numpy as np
 
 from depthvlm_ros.errors import InputError
 from depthvlm_ros.files import write_text_atomic
-from depthvlm_ros.ros.demo import DemoCamera, DepthScorer
+from depthvlm_ros.ros.demo import TRUTH_TOPIC, DemoCamera, DepthScorer
 from depthvlm_ros.scenes.demo import DemoQuestion, pick_question
 
-RECORDED = ("image", "camera_info", "depth/image", "depth/camera_info", "depth/colored", "/diagnostics")
+RECORDED = ("image", "camera_info", "ground_truth/depth", "depth/image", "depth/camera_info", "depth/colored",
+            "/diagnostics")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -140,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
                 # Every frame: recorded, taken by the node, and (if processed) its depth scored here.
                 _wait(lambda: _node_alive(node) and recorder.counts.get("/image", 0) >= camera.published
                       and recorder.counts.get("/camera_info", 0) >= camera.published
+                      and recorder.counts.get("/ground_truth/depth", 0) >= camera.published
                       and counted("frames_received") + counted("frames_lost_before_node") >= camera.published
                       and status.get()[1].get("frames_pending") == "0"
                       and scorer.received >= counted("frames_processed")
@@ -354,6 +357,9 @@ def _summary(args: argparse.Namespace, latest: dict[str, str], node: dict[str, i
                  "overhead_p50_ms": latest.get("overhead_p50_ms")},
         "depth_rate_hz": scorer.received / args.seconds,
         "delta1_mean": float(np.mean(d1)) if d1 else None, "abs_rel_mean": float(np.mean(rel)) if rel else None,
+        "tae_percent": float(np.mean([t for t, _ in scorer.tae])) if scorer.tae else None,
+        "tae_ground_truth_percent": float(np.mean([f for _, f in scorer.tae])) if scorer.tae else None,
+        "tae_pairs": len(scorer.tae), "truth_topic": TRUTH_TOPIC,
         "latency_ms_median": float(np.median(lat)) if lat else None,
         "latency_ms_p90": float(np.percentile(lat, 90)) if lat else None,
         "answers": answers,
@@ -373,7 +379,10 @@ def _print_summary(s: dict[str, Any], out: Path) -> None:
     share = 100.0 * s["depth_without_question"] / quiet if quiet else float("nan")
     print(f"  while no question ran: {s['depth_without_question']} of {quiet} camera frames got depth ({share:.0f} %)")
     print(f"  depth vs ground truth over {s['depth_scored']} frames: δ1 {fmt(s['delta1_mean'], '.3f')}, "
-          f"AbsRel {fmt(s['abs_rel_mean'], '.3f')}")
+          f"AbsRel {fmt(s['abs_rel_mean'], '.3f')}, TAE {fmt(s['tae_percent'], '.2f')} % over {s['tae_pairs']} "
+          f"successive pairs (the ground truth's own {fmt(s['tae_ground_truth_percent'], '.2f')} %)")
+    print(f"  the bag carries the truth on /{s['truth_topic']}: depthvlm eval --bag {out}/{s['files']['bag']} "
+          f"--reference-depth /{s['truth_topic']} --predicted-depth /depth/image")
     for a in s["answers"]:
         print(f"  {a['question']} -> {a['named'] or 'no place'}: {_verdict(a)} ({a['image']})")
     print(f"  wrote {out}/: {s['files']['bag']}, {len(s['files']['pngs'])} depth PNGs, "

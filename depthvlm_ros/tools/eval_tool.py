@@ -1,4 +1,5 @@
-"""``depthvlm eval``: the DepthVLM-Bench protocol (sparse and dense) on one or more datasets.
+"""``depthvlm eval``: the DepthVLM-Bench protocol (sparse and dense) on one or more datasets; or, with ``--bag``,
+depth scored against a reference depth camera recorded in a bag (:mod:`depthvlm_ros.tools.eval_bag`).
 
 Predictions come from a model (``--model DIR``, batched by the size at which images reach the
 model) or from saved files (``--predictions DIR``). Results: JSON (``--json``), a Markdown table
@@ -40,6 +41,7 @@ from depthvlm_ros.evaluation.report import (
     build_report,
     format_markdown,
 )
+from depthvlm_ros.tools import eval_bag
 from depthvlm_ros.tools.common import (
     add_backend_args,
     add_input_size_args,
@@ -72,6 +74,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="worst images per dataset in the plots (default 4)")
     add_input_size_args(p, default=0)  # the benchmark protocol: only the model's own max_pixels
     add_model_args(p)
+    eval_bag.add_arguments(p)
     add_backend_args(p)
     p.set_defaults(func=run)
 
@@ -160,6 +163,11 @@ def run(args: argparse.Namespace) -> int:
     """Score every dataset and report. Under several processes each scores every world-th record, the main
     process merges the results in record order (the same numbers as one process) and reports."""
     _check_counts(args)
+    if args.bag is not None:
+        _prepare_outputs(args)
+        return eval_bag.run_bag(args)
+    if args.reference_depth or args.predicted_depth or args.image:
+        raise InputError("--reference-depth, --predicted-depth and --image go with --bag")
     specs = dataset_specs(args)
     dist = process_group(args)
     rank, world = (dist.process_index, dist.num_processes) if dist is not None else (0, 1)

@@ -26,6 +26,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--qa-mix", default="uniform", choices=["uniform", "binding"],
                    help="weights of the question kinds: uniform (default), or binding (more where / how far / "
                         "which is closer: questions that must find the named object)")
+    p.add_argument("--sequence", type=int, default=0, metavar="L",
+                   help="frames in sequences of L: one camera moving through one scene, each record with its pose "
+                        "(world_from_camera), so that eval scores temporal consistency (TAE); default 0: "
+                        "independent frames")
+    p.add_argument("--rate", type=float, default=5.0, metavar="HZ",
+                   help="frames per second along a --sequence path (default 5, as the demo)")
     p.add_argument("--workers", type=int, default=1, metavar="N", help="processes (default 1)")
     p.set_defaults(func=run)
 
@@ -44,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--qa-per-frame must be in 0..64, got {args.qa_per_frame}")
     if not 1 <= args.workers <= 64:
         raise InputError(f"--workers must be in 1..64, got {args.workers}")
-    spec = FrameSpec(args.kind, width, height, args.fx_min or lo, args.fx_max or hi, args.qa_per_frame, args.qa_mix)
+    spec = FrameSpec(args.kind, width, height, args.fx_min or lo, args.fx_max or hi, args.qa_per_frame, args.qa_mix,
+                     args.sequence, args.rate)
     with tqdm(total=args.n, unit="frame", file=sys.stderr, disable=None) as bar:
         info = write_dataset(args.out, args.n, args.seed, spec, args.workers, bar.update)
     print(f"wrote {info['n']} frames ({info['qa_records']} questions) to {args.out} in {info['seconds']:.1f} s; "

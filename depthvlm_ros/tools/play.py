@@ -220,21 +220,46 @@ def pick_bag_topics(types: dict[str, str], image_topic: str | None, info_topic: 
     return image, None
 
 
+def bag_topics(path: Path) -> tuple[dict[str, str], dict[str, int]]:
+    """A rosbag2's ``{topic: type}`` and ``{topic: message count}``; InputError for what rosbags cannot read."""
+    from rosbags.rosbag2 import Reader
+
+    try:
+        with Reader(path) as reader:
+            types = {c.topic: c.msgtype for c in reader.connections}
+            counts = {c.topic: 0 for c in reader.connections}
+            for c in reader.connections:
+                counts[c.topic] += c.msgcount
+    except Exception as exc:  # rosbags raises ReaderError, FileNotFoundError, KeyError... on bad bags
+        raise InputError(f"{path}: cannot read as rosbag2 ({exc.__class__.__name__}: {exc})") from None
+    return types, counts
+
+
+def bag_messages(path: Path, topics: list[str]) -> Iterator[tuple[str, Any]]:
+    """``(topic, message)`` of a rosbag2's ``topics`` (Image or CameraInfo) in recorded order; the CDR bytes are
+    deserialized straight into rclpy types. InputError for a message that cannot be read."""
+    from rclpy.serialization import deserialize_message
+    from rosbags.rosbag2 import Reader
+    from sensor_msgs.msg import CameraInfo, Image
+
+    classes = {IMAGE_TYPE: Image, INFO_TYPE: CameraInfo}
+    try:
+        with Reader(path) as reader:
+            conns = [c for c in reader.connections if c.topic in topics]
+            for conn, _, raw in reader.messages(connections=conns):
+                yield conn.topic, deserialize_message(bytes(raw), classes[conn.msgtype])
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"{path}: cannot read message ({exc.__class__.__name__}: {str(exc)[:200]})") from None
+
+
 class BagFile(Source):
     """A rosbag2 read with rosbags; messages are CDR and deserialized straight into rclpy types."""
 
     def __init__(self, path: Path, image_topic: str | None, info_topic: str | None, need_info: bool) -> None:
-        from rosbags.rosbag2 import Reader
-
         self.path = path
-        try:
-            with Reader(path) as reader:
-                types = {c.topic: c.msgtype for c in reader.connections}
-                counts = {c.topic: 0 for c in reader.connections}
-                for c in reader.connections:
-                    counts[c.topic] += c.msgcount
-        except Exception as exc:  # rosbags raises ReaderError, FileNotFoundError, KeyError... on bad bags
-            raise InputError(f"{path}: cannot read as rosbag2 ({exc.__class__.__name__}: {exc})") from None
+        types, counts = bag_topics(path)
         self.image_topic, self.info_topic = pick_bag_topics(types, image_topic, info_topic, need_info)
         self.has_camera_info = self.info_topic is not None
         if counts[self.image_topic] == 0:
@@ -247,20 +272,7 @@ class BagFile(Source):
                 break
 
     def _messages(self, topics: list[str]) -> Iterator[tuple[str, Any]]:
-        from rclpy.serialization import deserialize_message
-        from rosbags.rosbag2 import Reader
-        from sensor_msgs.msg import CameraInfo, Image
-
-        classes = {IMAGE_TYPE: Image, INFO_TYPE: CameraInfo}
-        try:
-            with Reader(self.path) as reader:
-                conns = [c for c in reader.connections if c.topic in topics]
-                for conn, _, raw in reader.messages(connections=conns):
-                    yield conn.topic, deserialize_message(bytes(raw), classes[conn.msgtype])
-        except InputError:
-            raise
-        except Exception as exc:
-            raise InputError(f"{self.path}: cannot read message ({exc.__class__.__name__}: {exc})") from None
+        return bag_messages(self.path, topics)
 
     def frames(self) -> Iterator[SourceImage]:
         from depthvlm_ros.ros.messages import image_to_rgb

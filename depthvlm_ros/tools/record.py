@@ -46,6 +46,7 @@ TOPIC_TYPES: dict[str, str] = {
     "depth/colored": "sensor_msgs/msg/Image",
     "points": "sensor_msgs/msg/PointCloud2",
     "/diagnostics": "diagnostic_msgs/msg/DiagnosticArray",
+    "ground_truth/depth": "sensor_msgs/msg/Image",  # the demo camera's exact depth
 }
 #: Types guessed from a topic's last name segment when it is not in TOPIC_TYPES.
 SUFFIX_TYPES: dict[str, str] = {
