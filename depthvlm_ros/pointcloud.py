@@ -41,6 +41,8 @@ def organized_cloud(
     stride: int = 1,
     max_range_m: float = math.inf,
     out: np.ndarray | None = None,
+    outlier_radius_m: float = 0.0,
+    outlier_min_neighbors: int = 2,
 ) -> np.ndarray:
     """An organized cloud (rows x cols structured array, :func:`cloud_dtype`) from z-depth in metres.
 
@@ -49,6 +51,8 @@ def organized_cloud(
     ``max_range_m`` from the optical centre, are NaN (REP 117: the cloud stays organized).
     ``rgb`` (H, W, 3) uint8 of the same grid adds the packed ``rgb`` field. ``out``: a
     C-contiguous (rows, cols, 3 or 4) float32 array to build the cloud in (a message's buffer).
+    ``outlier_radius_m`` > 0 also makes NaN the points with fewer than ``outlier_min_neighbors`` of their 8 grid
+    neighbours within that radius (:func:`radius_outliers`).
     """
     depth = np.asarray(depth, dtype=np.float32)
     if depth.shape != (intrinsics.height, intrinsics.width):
@@ -77,6 +81,8 @@ def organized_cloud(
     np.multiply(z, xn[None, :], out=out[..., 0])
     np.multiply(z, yn[:, None], out=out[..., 1])
     out[..., 2] = z
+    if outlier_radius_m > 0:
+        out[radius_outliers(out[..., :3], outlier_radius_m, outlier_min_neighbors), :3] = np.float32(np.nan)
     if rgb is not None:
         src = rgb[::stride, ::stride]
         if np.little_endian:  # the rgb float's bytes are B, G, R, 0: gather them, then one 4-byte copy
@@ -87,3 +93,33 @@ def organized_cloud(
         else:
             out[..., 3] = pack_rgb(src)
     return out.view(cloud_dtype(rgb is not None))[..., 0]
+
+
+def radius_outliers(xyz: np.ndarray, radius_m: float, min_neighbors: int) -> np.ndarray:
+    """Radius outlier removal on an organized cloud: True where a valid point has fewer than ``min_neighbors`` of
+    its 8 grid neighbours (the 3x3 window of the organized grid, a cheap stand-in for PCL's search of the whole
+    cloud) within ``radius_m`` metres in 3D.
+
+    ``xyz``: (rows, cols, 3) float32 metres, NaN invalid. Points in a region whose grid spacing (z x stride / fx)
+    exceeds the radius have no neighbour within it and are all removed: choose the radius above the spacing at
+    the farthest range you keep. Cost: 8 shifted differences of the cloud.
+    """
+    rows, cols, _ = xyz.shape
+    planes = [np.ascontiguousarray(xyz[..., c]) for c in range(3)]
+    near = np.zeros((rows, cols), dtype=np.int8)
+    limit = np.float32(radius_m) ** 2
+    gap = np.empty((rows, cols), dtype=np.float32)
+    square = np.empty((rows, cols), dtype=np.float32)
+    for di, dj in ((0, 1), (1, -1), (1, 0), (1, 1)):  # each pair once; both points count it
+        here = (slice(0, rows - di), slice(max(0, -dj), cols - max(0, dj)))
+        there = (slice(di, rows), slice(max(0, dj), cols - max(0, -dj)))
+        dist = square[here]
+        dist.fill(0.0)
+        for plane in planes:
+            np.subtract(plane[here], plane[there], out=gap[here])
+            dist += gap[here] * gap[here]
+        with np.errstate(invalid="ignore"):
+            close = dist <= limit  # NaN: not close
+        near[here] += close
+        near[there] += close
+    return np.isfinite(xyz[..., 2]) & (near < min_neighbors)

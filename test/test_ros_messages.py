@@ -240,6 +240,25 @@ def test_shipped_parameter_file_matches_the_declared_parameters():
     assert check_settings({**values, "max_depth_m": 1.0, "min_depth_m": 2.0}) is not None
 
 
+@pytest.mark.parametrize("entries, problem", [
+    (["front=1.25", "left=0.9"], None),
+    (["front=1.25", "front=1.3"], "given twice"),
+    (["back=1.25"], "not one of the cameras"),
+    (["front"], "not CAMERA=SCALE"),
+    (["front=nan"], "not CAMERA=SCALE"),
+    (["front=500"], "not CAMERA=SCALE"),
+])
+def test_camera_depth_scales_name_cameras_with_a_scale_each(entries, problem):
+    from depthvlm_ros.ros.params import depth_scale_for
+
+    values = {p.name: p.default for p in PARAMS}
+    found = check_settings({**values, "cameras": ["front", "left"], "camera_depth_scales": entries})
+    assert (found is None) if problem is None else (problem in found), found
+    if problem is None:
+        assert depth_scale_for("front", 1.1, entries, ["front", "left"]) == 1.25
+        assert depth_scale_for("right", 1.1, entries, ["front", "left", "right"]) == 1.1  # not listed: depth_scale
+
+
 def test_typed_settings_are_generated_from_the_parameter_table():
     """ros/settings.py is what the table generates (a field per parameter, a frozen group each); a settings
     object is made from values as a whole, and a misspelt field is an error where it is read."""
@@ -303,3 +322,31 @@ def test_compressed_depth_round_trips_within_its_quantisation(encoding):
     step = depth[near] / (100.0 * 101.0) if encoding == "32FC1" else 0.0005 / depth[near]  # relative
     np.testing.assert_array_less(np.abs(decoded[near] - depth[near]), depth[near] * step * 1.01 + 1e-6)
     assert np.isnan(decoded[~near]).all()
+
+
+def test_radius_outlier_removal_drops_lone_points_and_keeps_surfaces():
+    """A wall at 2 m with three flying points at 1 m in it: with the filter on, exactly those three become NaN
+    (wall points, corners included, have 3-8 neighbours 4 cm away); off, the cloud is unchanged."""
+    from depthvlm_ros.pointcloud import radius_outliers
+
+    k = Intrinsics.from_fx(64, 48, 50.0)
+    depth = np.full((48, 64), 2.0, np.float32)
+    lone = [(10, 10), (30, 40), (0, 63)]
+    for row, col in lone:
+        depth[row, col] = 1.0
+    depth[20, 20] = np.nan
+    plain = organized_cloud(depth, k)
+    filtered = organized_cloud(depth, k, outlier_radius_m=0.1, outlier_min_neighbors=2)
+    removed = np.isfinite(plain["z"]) & ~np.isfinite(filtered["z"])
+    assert sorted(zip(*np.nonzero(removed))) == sorted(lone)
+    assert np.array_equal(np.isnan(plain["z"]), np.isnan(organized_cloud(depth, k, outlier_radius_m=0.0)["z"]))
+    # the 3x3 rule, checked against a direct count on a random cloud
+    xyz = np.random.default_rng(0).normal(size=(12, 15, 3)).astype(np.float32)
+    xyz[3, 4] = np.nan
+    want = np.zeros((12, 15), bool)
+    for i, j in np.ndindex(12, 15):
+        if np.isfinite(xyz[i, j, 2]):
+            near = sum(1 for di in (-1, 0, 1) for dj in (-1, 0, 1) if (di or dj) and 0 <= i + di < 12
+                       and 0 <= j + dj < 15 and np.sum((xyz[i + di, j + dj] - xyz[i, j]) ** 2) <= 0.81)
+            want[i, j] = near < 3
+    assert np.array_equal(radius_outliers(xyz, 0.9, 3), want)

@@ -488,12 +488,15 @@ def test_an_ask_action_is_canceled_within_a_decoding_step(node, module_env):
     assert node.proc.poll() is None
 
 
-def test_two_cameras_are_served_by_one_model(node, ros_env, tiny_checkpoint, tiny_model, tmp_path):
+def test_two_cameras_are_served_by_one_model(ros_env, tiny_checkpoint, tiny_model, tmp_path):
     """cameras [left, right]: two cameras of different sizes and intrinsics at 10 Hz each get their own depth,
-    camera_info, frame ids and stamps under their namespaces; questions name a camera; the model is loaded
-    once (the two-camera node's RSS is within 100 MB of the one-camera module node's)."""
+    camera_info, frame ids and stamps under their namespaces, the right one scaled by its camera_depth_scales entry;
+    questions name a camera; the model is loaded once (its log says so once). (An RSS comparison with the module's
+    one-camera node was dropped: it depended on what that node had done before, and a second copy of the 13 MB
+    tiny model would hide in its slack.)"""
     cams = {"left": (320, 240, 300.0, 0), "right": (256, 192, 200.0, 100)}  # width, height, fx, first index
-    proc = NodeProcess(ros_env, {"model_path": tiny_checkpoint, "cameras": "[left, right]", **TEST_PARAMS})
+    proc = NodeProcess(ros_env, {"model_path": tiny_checkpoint, "cameras": "[left, right]",
+                                 "camera_depth_scales": '["right=1.5"]', **TEST_PARAMS})
     try:
         proc.wait_ready()
         assert "left/image + left/camera_info, right/image + right/camera_info" in proc.output
@@ -513,7 +516,6 @@ def test_two_cameras_are_served_by_one_model(node, ros_env, tiny_checkpoint, tin
             sent = [finish(camera)["sent"] for camera in cameras]
         finally:
             stop_all(cameras)
-        two, one = proc.rss_mb(), node.rss_mb()
     finally:
         assert proc.stop() == 0, proc.output
     for name, (width, height, fx, start) in cams.items():
@@ -529,6 +531,7 @@ def test_two_cameras_are_served_by_one_model(node, ros_env, tiny_checkpoint, tin
             info = meta["info"][key]
             assert info["k"] == pytest.approx(list(k.k.reshape(-1)))
             expected = node_depth(tiny_model, frame_rgb(width, height, index % 8), k)
+            expected = expected * (1.5 if name == "right" else 1.0)  # camera_depth_scales: the right camera's own
             np.testing.assert_allclose(arrays[f"depth|{key}"], expected, rtol=1e-4, atol=1e-5)
         status = meta["diagnostics"][-1]
         assert status["camera"] == name and int(status["frames_processed"]) >= 3, status
@@ -536,7 +539,6 @@ def test_two_cameras_are_served_by_one_model(node, ros_env, tiny_checkpoint, tin
     assert not nowhere["success"] and nowhere["message"] == "no camera 'top' here; cameras: 'left', 'right'"
     assert depth_at["success"] and depth_at["frame_id"] == "left_optical", depth_at
     assert proc.output.count("configured: model") == 1  # one model for both
-    assert two <= one + 100.0, (two, one)
 
 
 def test_without_camera_info_frames_wait_unless_fallback_fx(ros_env, tiny_checkpoint, tmp_path):

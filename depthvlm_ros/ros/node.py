@@ -63,7 +63,15 @@ from depthvlm_ros.ros.diagnostics import diagnostic_array
 from depthvlm_ros.ros.flow import MAX_ERROR_CHARS, KindThrottle, LatestSlots, LogBudget, QuestionGate, error_kind
 from depthvlm_ros.ros.intake import CameraIntake, Frame, topic
 from depthvlm_ros.ros.outputs import DepthOutputs
-from depthvlm_ros.ros.params import BY_NAME, PARAMS, Param, check_cameras, check_settings, check_value
+from depthvlm_ros.ros.params import (
+    BY_NAME,
+    PARAMS,
+    Param,
+    camera_depth_scales,
+    check_cameras,
+    check_settings,
+    check_value,
+)
 from depthvlm_ros.ros.questions import QuestionInterface
 from depthvlm_ros.ros.settings import ModelSettings, Settings
 from depthvlm_ros.ros.worker import Camera, InferenceWorker
@@ -137,6 +145,7 @@ class DepthVLMNode(LifecycleNode):
         self.add_post_set_parameters_callback(self._apply_parameters)
         try:
             self.camera_names = check_cameras(list(self._settings.intake.cameras))
+            camera_depth_scales(self._settings.outputs.camera_depth_scales, self._settings.intake.cameras)
         except ValueError as exc:
             raise InputError(str(exc)) from None
         self._given_model = model

@@ -91,7 +91,9 @@ class DepthOutputs:
             stride = s.pointcloud_stride
             shape = (-(-k.height // stride), -(-k.width // stride), 4 if rgb is not None else 3)
             cloud = organized_cloud(depth, k, rgb, stride, s.max_range_m if s.max_range_m > 0 else math.inf,
-                                    out=self._cloud_buffer.array(np.float32, shape))
+                                    out=self._cloud_buffer.array(np.float32, shape),
+                                    outlier_radius_m=s.cloud_outlier_radius_m,
+                                    outlier_min_neighbors=s.cloud_outlier_min_neighbors)
             self.points.publish(messages.cloud_to_msg(cloud, header, self._cloud_buffer))
 
     def destroy(self) -> None:

@@ -8,11 +8,14 @@ change at run time and are validated by the node's on-set callback.
 
 from __future__ import annotations
 
+import math
 import re
 import textwrap
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from depthvlm_ros.errors import shown
 from depthvlm_ros.geometry import DEFAULT_MAX_IMAGE_TOKENS
 from depthvlm_ros.model.processing import MAX_QUESTION_CHARS
 
@@ -120,6 +123,8 @@ PARAMS: tuple[Param, ...] = (
         Param("depth_scale", 1.0, "multiplies the model's depth before anything is published or measured: depth, "
               "cloud, depth_at and the answers' measured distances (a correction measured on your camera, "
               "e.g. with a depth camera; 1.0: the model's own scale)", range=(0.01, 100.0)),
+        Param("camera_depth_scales", [], "depth_scale per camera, as CAMERA=SCALE entries naming cameras of the "
+              "cameras parameter (e.g. [front=1.25]); a camera not listed uses depth_scale"),
         Param("compressed_depth_max_m", 10.0, "depth/image/compressedDepth: depth at or beyond this is sent invalid "
               "(metres; image_transport's depth_max; the inverse-depth steps grow with it)", range=(0.1, 1000.0)),
         Param("min_depth_m", 0.0, "depth below this is published invalid (metres)", range=(0.0, 1000.0)),
@@ -132,6 +137,12 @@ PARAMS: tuple[Param, ...] = (
         Param("pointcloud_stride", 1, "keep every Nth pixel in rows and columns", range=(1, 64)),
         Param("max_range_m", 0.0, "points farther than this from the optical centre become NaN (0 = no limit)",
               range=(0.0, 1000.0)),
+        Param("cloud_outlier_radius_m", 0.0, "radius outlier removal on points: a point with fewer than "
+              "cloud_outlier_min_neighbors of its 8 grid neighbours within this radius becomes NaN (metres; 0 = off; "
+              "choose it above the point spacing, depth x stride / fx, at the farthest range you keep)",
+              range=(0.0, 100.0)),
+        Param("cloud_outlier_min_neighbors", 2, "neighbours within cloud_outlier_radius_m a point needs to stay",
+              range=(1, 8)),
         Param("output_reliability", "reliable", "QoS reliability of the published topics", read_only=True,
               choices=("best_effort", "reliable")),
         Param("output_depth", 2, "QoS history depth of the published topics", read_only=True, range=(1, 100)),
@@ -168,6 +179,10 @@ def check_value(param: Param, value: Any) -> str | None:
 
 def check_settings(values: dict[str, Any]) -> str | None:
     """Cross-parameter rules on a full set of values (None when consistent)."""
+    try:
+        camera_depth_scales(values.get("camera_depth_scales", ()), values.get("cameras", ()))
+    except ValueError as exc:
+        return str(exc)
     if values["max_depth_m"] and values["min_depth_m"] >= values["max_depth_m"]:
         return f"min_depth_m ({values['min_depth_m']}) must be below max_depth_m ({values['max_depth_m']})"
     if (values["colormap_min_m"] or values["colormap_max_m"]) and values["colormap_min_m"] >= values["colormap_max_m"]:
@@ -196,6 +211,36 @@ def check_cameras(names: list[str]) -> list[str]:
     return list(names)
 
 
+def camera_depth_scales(entries: Sequence[str], cameras: Sequence[str]) -> dict[str, float]:
+    """``{camera: scale}`` of the ``camera_depth_scales`` entries (``CAMERA=SCALE``, cameras of ``cameras``, each
+    once, scales in depth_scale's range). ValueError says which entry is wrong."""
+    low, high = BY_NAME["depth_scale"].range or (0.0, math.inf)
+    out: dict[str, float] = {}
+    for entry in entries:
+        name, sep, text = str(entry).partition("=")
+        name = name.strip()
+        try:
+            scale = float(text)
+        except ValueError:
+            scale = math.nan
+        if not sep or not math.isfinite(scale) or not low <= scale <= high:
+            raise ValueError(f"camera_depth_scales: {shown(entry, 60)} is not CAMERA=SCALE with SCALE in "
+                             f"{low:g}..{high:g}")
+        if name not in cameras:
+            raise ValueError(f"camera_depth_scales: {shown(name, 60)} is not one of the cameras "
+                             f"({', '.join(cameras) or 'none: one camera, use depth_scale'})")
+        if name in out:
+            raise ValueError(f"camera_depth_scales: {name!r} given twice")
+        out[name] = scale
+    return out
+
+
+def depth_scale_for(camera: str, depth_scale: float, entries: Sequence[str], cameras: Sequence[str]) -> float:
+    """The depth scale of ``camera``: its ``camera_depth_scales`` entry, else ``depth_scale`` (the entries were
+    checked when set)."""
+    return camera_depth_scales(entries, cameras).get(camera, depth_scale) if entries else depth_scale
+
+
 #: What each group of the parameter file is about (its heading).
 GROUP_TITLES = {
     "lifecycle": "lifecycle (ros/node.py)",
@@ -207,7 +252,8 @@ GROUP_TITLES = {
     "diagnostics": "diagnostics (ros/diagnostics.py)",
 }
 #: Examples shown (commented out) for the list parameters, whose default is empty.
-LIST_EXAMPLES = {"engine_paths": "[engines/d_640x480.onnx]", "cameras": "[front, left]"}
+LIST_EXAMPLES = {"engine_paths": "[engines/d_640x480.onnx]", "cameras": "[front, left]",
+                 "camera_depth_scales": "[front=1.25, left=0.97]"}
 
 
 def _yaml_value(value: Value) -> str:

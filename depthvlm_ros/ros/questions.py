@@ -40,6 +40,7 @@ from depthvlm_ros.model.processing import check_question
 from depthvlm_ros.ros import messages
 from depthvlm_ros.ros.context import DepthModel, NodeContext, model_route
 from depthvlm_ros.ros.flow import MAX_ERROR_CHARS, LogBudget, QuestionGate, error_kind
+from depthvlm_ros.ros.params import depth_scale_for
 from depthvlm_ros.ros.worker import Camera, InferenceWorker
 
 #: ``~/answers``: reliable and transient-local, so a subscriber that comes late still gets the last few.
@@ -236,8 +237,9 @@ class QuestionInterface:
         outcome = Outcome(answer=answer.text, header=frame.header)
         outcome.success = True
         depth = answer.depth.depth  # the published depth's scale (depth_scale), so answers and depth_at agree
-        if s.outputs.depth_scale != 1.0:
-            depth = depth * np.float32(s.outputs.depth_scale)
+        scale = depth_scale_for(camera.name, s.outputs.depth_scale, s.outputs.camera_depth_scales, s.intake.cameras)
+        if scale != 1.0:
+            depth = depth * np.float32(scale)
         found = spatial.answer_measurement(answer.text, depth, answer.depth.intrinsics,
                                            (frame.intrinsics.width, frame.intrinsics.height))
         if found is None:

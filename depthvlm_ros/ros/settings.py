@@ -119,6 +119,9 @@ class OutputSettings:
     #: answers' measured distances (a correction measured on your camera, e.g. with a depth camera; 1.0: the
     #: model's own scale)
     depth_scale: float = 1.0
+    #: depth_scale per camera, as CAMERA=SCALE entries naming cameras of the cameras parameter (e.g.
+    #: [front=1.25]); a camera not listed uses depth_scale
+    camera_depth_scales: tuple[str, ...] = ()
     #: depth/image/compressedDepth: depth at or beyond this is sent invalid (metres; image_transport's
     #: depth_max; the inverse-depth steps grow with it)
     compressed_depth_max_m: float = 10.0
@@ -138,6 +141,12 @@ class OutputSettings:
     pointcloud_stride: int = 1
     #: points farther than this from the optical centre become NaN (0 = no limit)
     max_range_m: float = 0.0
+    #: radius outlier removal on points: a point with fewer than cloud_outlier_min_neighbors of its 8 grid
+    #: neighbours within this radius becomes NaN (metres; 0 = off; choose it above the point spacing, depth x
+    #: stride / fx, at the farthest range you keep)
+    cloud_outlier_radius_m: float = 0.0
+    #: neighbours within cloud_outlier_radius_m a point needs to stay
+    cloud_outlier_min_neighbors: int = 2
     #: QoS reliability of the published topics (read-only)
     output_reliability: str = 'reliable'
     #: QoS history depth of the published topics (read-only)

@@ -22,6 +22,7 @@ from depthvlm_ros.ros.context import DepthModel, NodeContext, model_route
 from depthvlm_ros.ros.flow import LatestSlots, QuestionGate
 from depthvlm_ros.ros.intake import CameraIntake, Decoded, Frame, decode
 from depthvlm_ros.ros.outputs import DepthOutputs
+from depthvlm_ros.ros.params import depth_scale_for
 from depthvlm_ros.ros.settings import Settings
 
 #: Model stages that are the model's forward (the rest of a frame's time is the node's overhead).
@@ -104,8 +105,9 @@ class InferenceWorker:
             depth, k = result.depth, result.intrinsics
         else:
             depth, k = result.depth_model, result.intrinsics_model
-        if s.outputs.depth_scale != 1.0:
-            depth = depth * np.float32(s.outputs.depth_scale)
+        scale = depth_scale_for(camera.name, s.outputs.depth_scale, s.outputs.camera_depth_scales, s.intake.cameras)
+        if scale != 1.0:
+            depth = depth * np.float32(scale)
         camera.outputs.publish(decoded, depth, k, s.outputs)
         end = time.perf_counter()
         forward = sum(ms for name, ms in result.timings_ms.items() if name in FORWARD_STAGES)
