@@ -189,7 +189,13 @@ class CameraPlan:
         return ModelInputs(input_ids=t.input_ids.expand(n, -1), attention_mask=t.attention_mask.expand(n, -1),
                            mm_token_type_ids=t.mm_token_type_ids.expand(n, -1),
                            pixel_values=pixels[0] if n == 1 else torch.cat(pixels),
-                           image_grid_thw=t.image_grid_thw.expand(n, -1))
+                           image_grid_thw=t.image_grid_thw.expand(n, -1), prompt_key=self.prompt_key(n))
+
+    def prompt_key(self, batch: int) -> tuple:
+        """What the depth prompt's constants depend on for ``batch`` images of this plan: the fixed depth prompt at
+        this model-grid size, the batch and the device (host values: a backend keys its static prompts by it with
+        no read of the tensors)."""
+        return ("depth", self.size, batch, str(self.device))
 
     def restore(self, depth_model: np.ndarray) -> np.ndarray:
         """(h, w) metres on the model grid -> (H, W) float32 metres on the camera grid (NaN invalid).

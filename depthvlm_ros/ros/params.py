@@ -80,9 +80,13 @@ PARAMS: tuple[Param, ...] = (
               choices=("fp32", "fp16", "bf16")),
         Param("engine_paths", [], "ONNX graphs (onnxruntime) or TensorRT engines (tensorrt); empty = export/cache",
               read_only=True),
+        Param("compile", "none", "backend torch: the depth forward eager (none), torch.compile'd in one graph "
+              "(default; a plan's first frame compiles it) or that replayed as CUDA graphs (graphs; CUDA only); "
+              "max_compiled_sizes plans compiled at once (0 = 2)", read_only=True,
+              choices=("none", "default", "graphs")),
         Param("max_compiled_sizes", 0, "compiled sizes held at once; 0 = the backend's default: 4 ONNX Runtime "
               "sessions (a new size is exported in the background while the nearest held size serves), 1 TensorRT "
-              "engine (each holds all the weights)", read_only=True, range=(0, 16)),
+              "engine (each holds all the weights), 2 compiled torch plans", read_only=True, range=(0, 16)),
         Param("compiled_size_idle_s", 30.0, "once max_compiled_sizes are held, a new size replaces a held one only "
               "when that one was unused this long (sizes in use are never swapped out)", read_only=True,
               range=(0.0, 3600.0)),

@@ -63,9 +63,13 @@ class ModelSettings:
     precision: str = 'fp32'
     #: ONNX graphs (onnxruntime) or TensorRT engines (tensorrt); empty = export/cache (read-only)
     engine_paths: tuple[str, ...] = ()
+    #: backend torch: the depth forward eager (none), torch.compile'd in one graph (default; a plan's first
+    #: frame compiles it) or that replayed as CUDA graphs (graphs; CUDA only); max_compiled_sizes plans compiled
+    #: at once (0 = 2) (read-only)
+    compile: str = 'none'
     #: compiled sizes held at once; 0 = the backend's default: 4 ONNX Runtime sessions (a new size is exported
-    #: in the background while the nearest held size serves), 1 TensorRT engine (each holds all the weights)
-    #: (read-only)
+    #: in the background while the nearest held size serves), 1 TensorRT engine (each holds all the weights), 2
+    #: compiled torch plans (read-only)
     max_compiled_sizes: int = 0
     #: once max_compiled_sizes are held, a new size replaces a held one only when that one was unused this long
     #: (sizes in use are never swapped out) (read-only)
