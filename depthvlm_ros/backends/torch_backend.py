@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 MAX_PROMPTS = 8
 #: The ``compile`` setting's values: eager; ``torch.compile(fullgraph=True)``; that, replayed as CUDA graphs.
 COMPILE_MODES = ("none", "default", "graphs")
+#: The ``head_output`` setting's values: depth on the model grid (resampled to the camera on the host, the released
+#: way) or on the camera's grid straight from the head (docs/model.md has its tolerance).
+HEAD_OUTPUTS = ("model_grid", "camera_grid")
 #: Plans (model-grid size and batch) compiled at once unless told (each a graph; with ``graphs``, a CUDA graph
 #: and its memory pool).
 DEFAULT_COMPILED_PLANS = 2
@@ -68,14 +71,20 @@ class TorchBackend(DepthBackend):
     beyond them clears the compiled graphs (``torch._dynamo.reset``, which also frees CUDA graphs'
     memory), and the plans still in use compile again on their next frame. Stage times (vision, LLM,
     head) are reported eager; a compiled forward is one ``model`` stage.
+
+    ``head_output`` (:data:`HEAD_OUTPUTS`): ``camera_grid`` has the head make the depth at the cameras' grid
+    (the official head's ``output_size``) when all images of a call come from cameras of one size, instead of
+    the model grid that the pipeline then resamples; not bit-equal (docs/model.md states the tolerance).
     """
 
     name = "torch"
 
     def __init__(self, model: DepthVLMForConditionalGeneration, compile: str = "none",
-                 max_compiled: int = DEFAULT_COMPILED_PLANS) -> None:
+                 max_compiled: int = DEFAULT_COMPILED_PLANS, head_output: str = "model_grid") -> None:
         if compile not in COMPILE_MODES:
             raise BackendError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
+        if head_output not in HEAD_OUTPUTS:
+            raise BackendError(f"head_output must be one of {', '.join(HEAD_OUTPUTS)}, got {head_output!r}")
         device = next(model.parameters()).device
         if compile == "graphs" and device.type != "cuda":
             raise BackendError(f"compile graphs (CUDA graphs) needs a CUDA device, the model is on {device}: "
@@ -83,6 +92,7 @@ class TorchBackend(DepthBackend):
         if max_compiled < 1:
             raise BackendError(f"max_compiled must be at least 1, got {max_compiled}")
         self.model = model
+        self.head_output = head_output
         self.compile = compile
         self.max_compiled = max_compiled
         #: The model's forward, or its ``torch.compile`` wrapper (one for all plans; dynamo keeps a graph per plan).
@@ -111,6 +121,7 @@ class TorchBackend(DepthBackend):
     def describe(self) -> str:
         p = next(self.model.parameters())
         extra = {"none": "", "default": ", compiled", "graphs": ", compiled, CUDA graphs"}[self.compile]
+        extra += ", camera-grid head" if self.head_output == "camera_grid" else ""
         return f"torch ({p.device.type}, {str(p.dtype).replace('torch.', '')}{extra})"
 
     def static_prompt(self, inputs: Any) -> Any:
@@ -123,9 +134,13 @@ class TorchBackend(DepthBackend):
         if key is None:
             key = (inputs.input_ids.shape, inputs.input_ids[0].cpu().numpy().tobytes(),
                    tuple(inputs.image_grid_thw[0].tolist()), str(inputs.input_ids.device))
+        output_size = None
+        if self.head_output == "camera_grid" and inputs.camera_size is not None:
+            output_size = (inputs.camera_size[1], inputs.camera_size[0])
+        key = (*key, output_size)
         prompt = self._prompts.get(key)
         if prompt is None:
-            prompt = self.model.static_prompt(inputs)
+            prompt = self.model.static_prompt(inputs, output_size=output_size)
             if len(self._prompts) >= MAX_PROMPTS:
                 self._prompts.popitem(last=False)
             self._prompts[key] = prompt
@@ -134,7 +149,8 @@ class TorchBackend(DepthBackend):
 
     def _hold_compiled(self, prompt: Any) -> None:
         """Count ``prompt``'s plan among the compiled ones; past ``max_compiled``, clear the compiled graphs."""
-        key = (prompt.position_ids.shape, prompt.grid_h, prompt.grid_w, str(prompt.position_ids.device))
+        key = (prompt.position_ids.shape, prompt.grid_h, prompt.grid_w, prompt.output_size,
+               str(prompt.position_ids.device))
         if key not in self._compiled_plans and len(self._compiled_plans) >= self.max_compiled:
             torch._dynamo.reset()
             self._compiled_plans.clear()

@@ -152,6 +152,7 @@ class StaticPrompt:
     end: int  # one past the last
     grid_h: int  # merged grid, tokens
     grid_w: int
+    output_size: tuple[int, int] | None = None  # (height, width) px the head outputs; None: the model grid
 
     @property
     def n_tokens(self) -> int:
@@ -222,14 +223,16 @@ class DepthVLMForConditionalGeneration(Qwen3VLForConditionalGeneration):
         """Vision tower, once: merged image embeddings + DeepStack features (stock output type)."""
         return self.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
 
-    def static_prompt(self, inputs: Any, keep_suffix: bool = False) -> StaticPrompt:
+    def static_prompt(self, inputs: Any, keep_suffix: bool = False,
+                      output_size: tuple[int, int] | None = None) -> StaticPrompt:
         """Everything of the depth path that does not depend on the pixels, for ``inputs``' size and batch.
 
         ``inputs`` (a :class:`~depthvlm_ros.model.processing.ModelInputs`) must hold one prompt per
         image, the same for all, with its image tokens in one contiguous span (the depth prompt).
         The prompt's tokens after the image are dropped unless ``keep_suffix``: under the causal mask the
         image tokens never attend to them and the head reads only image positions, so the depth is the
-        same (a test compares both), for fewer tokens through the LLM.
+        same (a test compares both), for fewer tokens through the LLM. ``output_size``: (height, width)
+        pixels of the depth the head makes (a camera's grid; default the model grid).
         """
         from transformers.vision_utils import (
             get_vision_cu_seqlens,
@@ -264,7 +267,7 @@ class DepthVLMForConditionalGeneration(Qwen3VLForConditionalGeneration):
             },
             prefix_embeds=embeds[:, :start].detach(), suffix_embeds=embeds[:, end:].detach(),
             position_ids=rope_positions, start=start, end=end,
-            grid_h=int(grid[0, 1]) // merge, grid_w=int(grid[0, 2]) // merge,
+            grid_h=int(grid[0, 1]) // merge, grid_w=int(grid[0, 2]) // merge, output_size=output_size,
         )
 
     def forward(
@@ -334,7 +337,7 @@ class DepthVLMForConditionalGeneration(Qwen3VLForConditionalGeneration):
         ).last_hidden_state
         features = [f.reshape(batch, prompt.n_tokens, -1) for f in vision.deepstack_features]
         features.append(hidden[:, prompt.start : prompt.end])
-        depth = self._depth_from_features(DepthFeatures(features, prompt.grid_h, prompt.grid_w))
+        depth = self._depth_from_features(DepthFeatures(features, prompt.grid_h, prompt.grid_w), prompt.output_size)
         return DepthVLMOutput(depth=depth, last_hidden_state=hidden)
 
     def _image_token_features(
@@ -366,8 +369,9 @@ class DepthVLMForConditionalGeneration(Qwen3VLForConditionalGeneration):
         feats.append(last_hidden_state[image_mask].reshape(batch, n_tokens, -1))
         return DepthFeatures(features=feats, grid_h=grid_h, grid_w=grid_w)
 
-    def _depth_from_features(self, depth_features: DepthFeatures) -> torch.Tensor:
-        """Depth head: (B, H, W) metres at grid x 32 px."""
+    def _depth_from_features(self, depth_features: DepthFeatures,
+                             output_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Depth head: (B, H, W) metres at grid x 32 px, or at ``output_size`` (height, width) px."""
         head_dtype = self.depth_head.norm.weight.dtype
         feats = [f.to(head_dtype) for f in depth_features.features]
-        return self.depth_head(feats, depth_features.grid_h, depth_features.grid_w)[:, 0]
+        return self.depth_head(feats, depth_features.grid_h, depth_features.grid_w, output_size)[:, 0]

@@ -84,6 +84,9 @@ PARAMS: tuple[Param, ...] = (
               "(default; a plan's first frame compiles it) or that replayed as CUDA graphs (graphs; CUDA only); "
               "max_compiled_sizes plans compiled at once (0 = 2)", read_only=True,
               choices=("none", "default", "graphs")),
+        Param("head_output", "model_grid", "backend torch: the depth head outputs the model grid, resampled to the "
+              "camera (model_grid, the released way), or the camera's grid directly (camera_grid: less work, within "
+              "the tolerance docs/model.md states)", read_only=True, choices=("model_grid", "camera_grid")),
         Param("max_compiled_sizes", 0, "compiled sizes held at once; 0 = the backend's default: 4 ONNX Runtime "
               "sessions (a new size is exported in the background while the nearest held size serves), 1 TensorRT "
               "engine (each holds all the weights), 2 compiled torch plans", read_only=True, range=(0, 16)),

@@ -67,6 +67,10 @@ class ModelSettings:
     #: frame compiles it) or that replayed as CUDA graphs (graphs; CUDA only); max_compiled_sizes plans compiled
     #: at once (0 = 2) (read-only)
     compile: str = 'none'
+    #: backend torch: the depth head outputs the model grid, resampled to the camera (model_grid, the released
+    #: way), or the camera's grid directly (camera_grid: less work, within the tolerance docs/model.md states)
+    #: (read-only)
+    head_output: str = 'model_grid'
     #: compiled sizes held at once; 0 = the backend's default: 4 ONNX Runtime sessions (a new size is exported
     #: in the background while the nearest held size serves), 1 TensorRT engine (each holds all the weights), 2
     #: compiled torch plans (read-only)

@@ -49,6 +49,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed runs first (default 2)")
     p.add_argument("--runs", type=int, default=10, help="timed runs (default 10)")
     p.add_argument("--json", type=Path, help="also write the JSON result to this file")
+    p.add_argument("--head-output", choices=("model_grid", "camera_grid"), default="model_grid",
+                   help="the torch backend's depth head: the model grid resampled to the camera (default), or the "
+                        "camera's grid directly (docs/model.md)")
     p.add_argument("--backends", default="torch", help="comma-separated: torch,onnxruntime,tensorrt (default torch)")
     add_input_size_args(p)
     add_model_args(p)

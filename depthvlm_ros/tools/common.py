@@ -143,7 +143,8 @@ def backend_spec(args: argparse.Namespace, name: str):
     # backend's default: sizes exported on demand share 4 places, least recently used first.
     onnx, engines = tuple(getattr(args, "onnx", ())), tuple(getattr(args, "engine", ()))
     return BackendSpec(name=name, device=args.device, onnx=onnx, engines=engines,
-                       compile=getattr(args, "compile", "none"), fallback=getattr(args, "backend_fallback", False),
+                       compile=getattr(args, "compile", "none"), head_output=getattr(args, "head_output", "model_grid"),
+                       fallback=getattr(args, "backend_fallback", False),
                        max_sizes=max(len(onnx), len(engines)), triton=triton)
 
 
