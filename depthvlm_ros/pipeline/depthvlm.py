@@ -292,6 +292,22 @@ class DepthVLM:
             r.timings_ms = dict(clock.ms)
         return results
 
+    def infer_batch(self, frames: Sequence[tuple[CameraPlan, np.ndarray]]) -> list[DepthResult]:
+        """Frames of several cameras, each ``(its plan, its RGB image)``: those whose plans reach one backend at one
+        model-grid size go through the model in one :meth:`infer` call (one forward), the others in a call per
+        size; results in the order of ``frames``, each with its own camera's grid and K. Each result's
+        ``timings_ms`` are its call's (the whole batch's).
+        """
+        groups: OrderedDict[tuple, list[int]] = OrderedDict()
+        for i, (plan, _rgb) in enumerate(frames):
+            groups.setdefault((id(plan.backend), plan.size, str(plan.device)), []).append(i)
+        results: list[DepthResult | None] = [None] * len(frames)
+        for members in groups.values():
+            batch = self.infer([frames[i][0] for i in members], [frames[i][1] for i in members])
+            for i, result in zip(members, batch):
+                results[i] = result
+        return cast("list[DepthResult]", results)
+
     # -- questions ----------------------------------------------------------------------------
 
     @torch.inference_mode()
