@@ -469,3 +469,16 @@ def test_torch_backend_keys_static_prompts_by_plan_and_refuses_cuda_graphs_off_c
         with pytest.raises(BackendError, match=re.escape(message)) as refused:
             create_backend(spec, tiny_model.model)
         assert "\n" not in str(refused.value)
+
+
+def test_host_syncs_and_sdpa_kernels_are_read_from_profiled_names():
+    """The profile's reading (bench, scripts/gpu_bench_4b.py): blocking CUDA runtime calls count as host syncs, the
+    asynchronous ones do not; SDPA kernels name their backend."""
+    from depthvlm_ros.backends.torch_inspect import count_host_syncs, sdpa_backends
+
+    names = ["cudaLaunchKernel", "cudaMemcpyAsync", "cudaStreamSynchronize", "cudaMemcpy", "cudaEventRecord",
+             "cudaDeviceSynchronize", "aten::_local_scalar_dense"]
+    assert count_host_syncs(names) == 3
+    assert sdpa_backends(["void pytorch_flash::flash_fwd_kernel<...>", "cudnn_generated_fort_native_sdpa_sm90",
+                          "fmha_cutlassF_bf16_aligned_64x128_rf_sm80", "ampere_bf16_s16816gemm"]) == \
+        ["cudnn", "efficient", "flash"]

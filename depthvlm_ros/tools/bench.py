@@ -68,12 +68,16 @@ def synthetic_image(width: int, height: int, seed: int = 0) -> np.ndarray:
 
 
 def host_syncs(pipeline: Any, rgb: np.ndarray, k: Intrinsics, route: Any) -> dict[str, Any]:
-    """``host_syncs_per_frame`` of one profiled frame (CUDA), or None with ``host_syncs_reason`` (CPU)."""
+    """``host_syncs_per_frame`` of one profiled frame (CUDA: the backend's depth call, its forward and the copy
+    back, without the bench's per-stage clock, which waits for the GPU by design), or None with
+    ``host_syncs_reason`` (CPU)."""
     from depthvlm_ros.backends.torch_inspect import NO_SYNC_COUNT_ON_CPU, profile_frames
 
     if pipeline.device.type != "cuda":
         return {"host_syncs_per_frame": None, "host_syncs_reason": NO_SYNC_COUNT_ON_CPU}
-    profile = profile_frames(lambda: pipeline.predict_depth(rgb, k, route))
+    plan = pipeline.plan(k, route)
+    inputs = plan.prepare([rgb])
+    profile = profile_frames(lambda: plan.backend.depth(inputs))  # the forward and the copy back, no stage clock
     return {"host_syncs_per_frame": profile.host_syncs_per_frame, "sdpa_backends": profile.sdpa_backends}
 
 
