@@ -133,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
             for stage, ms in {**result.timings_ms, "total": total}.items():
                 samples[name].setdefault(stage, []).append(ms)
     stats = {name: summarize(s) for name, s in samples.items()}
+    model_size = pipelines[names[0]].plan(k, route).size
     import resource
 
     report = {
@@ -140,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
         "device": str(model.device),
         "dtype": str(model.dtype).replace("torch.", ""),
         "input_size": [width, height],
-        "model_size": list(result.intrinsics_model.size),
+        "model_size": list(model_size),  # the model's grid (a camera-grid head's depth is the camera's)
         "runs": max(1, args.runs),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -169,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
         report["speedup_vs_torch"] = {n: ref / s["total"]["median_ms"] for n, s in stats.items()
                                       if n not in ("torch", EAGER)}
     print(f"depth path, {model.name} ({report['dtype']}), input {width}x{height} -> model grid "
-          f"{result.intrinsics_model.width}x{result.intrinsics_model.height}, {report['runs']} interleaved runs")
+          f"{model_size[0]}x{model_size[1]}, {report['runs']} interleaved runs")
     print(f"{'backend':<13}{'stage':<12}{'median ms':>12}{'p90 ms':>12}")
     for name, per_stage in stats.items():
         for stage, s in per_stage.items():
