@@ -139,8 +139,9 @@ def test_static_depth_path_traces_as_one_graph_with_no_host_sync(tiny_model):
     k = Intrinsics.from_fx(256, 192, 1000.0)
     inputs = tiny_model.plan(k).prepare([scene_image(256, 192, 1000.0), scene_image(256, 192, 700.0)])
     model = tiny_model.model
-    prompt = model.static_prompt(inputs)
-    with torch.no_grad():
-        explained = torch._dynamo.explain(model.forward)(pixel_values=inputs.pixel_values, static_prompt=prompt)
-    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
-    assert explained.graph_count == 1
+    for output_size in (None, (240, 320)):  # the model grid, and a camera's grid (head_output camera_grid)
+        prompt = model.static_prompt(inputs, output_size=output_size)
+        with torch.no_grad():
+            explained = torch._dynamo.explain(model.forward)(pixel_values=inputs.pixel_values, static_prompt=prompt)
+        assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+        assert explained.graph_count == 1
