@@ -718,6 +718,41 @@ def test_sigterm_while_a_question_is_answered_exits_0_at_once(ros_env, tiny_chec
     assert "stopped after" in proc.output and "the node is shutting down" in proc.output, proc.output
 
 
+def test_batched_cameras_get_the_depth_each_would_get_alone(ros_env, tiny_checkpoint, tiny_model, tmp_path):
+    """batch_cameras: true: two cameras of one model-grid size at 20 Hz; frames waiting together go through one
+    forward (frames_batched on both cameras' diagnostics), and each published depth is that camera's frame's depth
+    computed alone, under its own namespace, frame id and stamp."""
+    cams = {"left": (320, 240, 300.0, 0), "right": (320, 240, 300.0, 3)}  # width, height, fx, first index
+    proc = NodeProcess(ros_env, {"model_path": tiny_checkpoint, "cameras": "[left, right]", "batch_cameras": True,
+                                 **TEST_PARAMS})
+    try:
+        proc.wait_ready()
+        listeners = {name: start_peer(ros_env, "collect", "--ns", name, "--out", str(tmp_path / name), "--count", "3",
+                                      "--keep", "6", "--status", f"depthvlm: {name}: depth",
+                                      "--until", "frames_batched>=2") for name in cams}
+        cameras = [start_camera(ros_env, "--ns", name, "--width", str(w), "--height", str(h), "--fx", str(fx),
+                                "--start", str(start), "--rate", "20", "--reliable", "--frame-id", f"{name}_optical")
+                   for name, (w, h, fx, start) in cams.items()]
+        try:
+            results = {name: finish(listener) for name, listener in listeners.items()}
+            sent = [finish(camera)["sent"] for camera in cameras]
+        finally:
+            stop_all(cameras)
+    finally:
+        assert proc.stop() == 0, proc.output
+    for name, (width, height, fx, start) in cams.items():
+        assert results[name]["depth_count"] >= 3
+        meta, arrays = load_collected(tmp_path / name)
+        k = Intrinsics.from_fx(width, height, fx)
+        for key in meta["depth"]:
+            stamp, frame_id = key.split("|")
+            index = round((float(stamp) - 1000.0) * 1000)
+            assert frame_id == f"{name}_optical" and start <= index < start + max(sent)
+            expected = node_depth(tiny_model, frame_rgb(width, height, index % 8), k)
+            np.testing.assert_allclose(arrays[f"depth|{key}"], expected, rtol=1e-4, atol=1e-5)
+        assert int(meta["diagnostics"][-1]["frames_batched"]) >= 2, meta["diagnostics"][-1]
+
+
 def test_compiled_sizes_stay_bounded_and_depth_keeps_flowing(ros_env, tiny_checkpoint, tiny_model):
     """30 camera sizes into an onnxruntime node: exports run in the background (another process), the frame
     takes the nearest held size or PyTorch meanwhile, at most max_compiled_sizes sessions are held, every

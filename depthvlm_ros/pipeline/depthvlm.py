@@ -300,7 +300,7 @@ class DepthVLM:
         """
         groups: OrderedDict[tuple, list[int]] = OrderedDict()
         for i, (plan, _rgb) in enumerate(frames):
-            groups.setdefault((id(plan.backend), plan.size, str(plan.device)), []).append(i)
+            groups.setdefault(plan.batch_key, []).append(i)
         results: list[DepthResult | None] = [None] * len(frames)
         for members in groups.values():
             batch = self.infer([frames[i][0] for i in members], [frames[i][1] for i in members])

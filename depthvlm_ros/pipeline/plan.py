@@ -193,6 +193,12 @@ class CameraPlan:
                            image_grid_thw=t.image_grid_thw.expand(n, -1), prompt_key=self.prompt_key(n),
                            camera_size=cameras.pop() if len(cameras) == 1 else None)
 
+    @property
+    def batch_key(self) -> tuple:
+        """Plans with equal keys (one backend, one model-grid size, one device) share a forward
+        (:meth:`DepthVLM.infer_batch <depthvlm_ros.pipeline.DepthVLM.infer_batch>`)."""
+        return id(self.backend), self.size, str(self.device)
+
     def prompt_key(self, batch: int) -> tuple:
         """What the depth prompt's constants depend on for ``batch`` images of this plan: the fixed depth prompt at
         this model-grid size, the batch and the device (host values: a backend keys its static prompts by it with

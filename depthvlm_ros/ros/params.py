@@ -118,6 +118,9 @@ PARAMS: tuple[Param, ...] = (
     *_group("worker",
         Param("max_rate_hz", 0.0, "upper bound on inferences per second (0 = as fast as the model runs)",
               range=(0.0, 1000.0)),
+        Param("batch_cameras", False, "take every camera's waiting frame at once: those whose plans reach one "
+              "model-grid size go through the model in one forward (each camera keeps its own outputs); false = "
+              "one camera's frame at a time, in turn"),
     ),
     *_group("outputs",
         Param("output_grid", "camera", "publish depth on the camera's pixel grid or the model's (fx ~ canonical_fx)",

@@ -114,6 +114,9 @@ class WorkerSettings:
 
     #: upper bound on inferences per second (0 = as fast as the model runs)
     max_rate_hz: float = 0.0
+    #: take every camera's waiting frame at once: those whose plans reach one model-grid size go through the
+    #: model in one forward (each camera keeps its own outputs); false = one camera's frame at a time, in turn
+    batch_cameras: bool = False
 
 @dataclass(frozen=True)
 class OutputSettings:
