@@ -488,6 +488,41 @@ def test_an_ask_action_is_canceled_within_a_decoding_step(node, module_env):
     assert node.proc.poll() is None
 
 
+def stream_cameras(env: dict[str, str], cams: dict, tmp_path: Path, until: str,
+                   rate: int) -> tuple[dict[str, subprocess.Popen], list[subprocess.Popen]]:
+    """For each of ``cams`` (name -> (width, height, fx, first frame index)) a listener that collects three depth
+    images until its camera's diagnostics say ``until``, then the cameras at ``rate`` Hz, each streaming until its
+    listener has them, however long that takes."""
+    listeners = {name: start_peer(env, "collect", "--ns", name, "--out", str(tmp_path / name), "--count", "3",
+                                  "--keep", "3", "--status", f"depthvlm: {name}: depth", "--until", until)
+                 for name in cams}
+    cameras = [start_camera(env, "--ns", name, "--width", str(w), "--height", str(h), "--fx", str(fx),
+                            "--start", str(start), "--rate", str(rate), "--reliable", "--frame-id", f"{name}_optical")
+               for name, (w, h, fx, start) in cams.items()]
+    return listeners, cameras
+
+
+def check_camera_depths(tiny_model, tmp_path: Path, cams: dict, results: dict, sent: list[int]) -> dict[str, dict]:
+    """Each camera's kept depth images are its own frames' depth computed alone (frame id, stamp, size, K); returns
+    each camera's last diagnostics status."""
+    statuses = {}
+    for name, (width, height, fx, start) in cams.items():
+        assert results[name]["depth_count"] >= 3
+        meta, arrays = load_collected(tmp_path / name)
+        k = Intrinsics.from_fx(width, height, fx)
+        assert meta["depth"], meta
+        for key, item in meta["depth"].items():
+            stamp, frame_id = key.split("|")
+            index = round((float(stamp) - 1000.0) * 1000)
+            assert frame_id == f"{name}_optical" and start <= index < start + max(sent)
+            assert (item["width"], item["height"]) == (width, height)
+            assert meta["info"][key]["k"] == pytest.approx(list(k.k.reshape(-1)))
+            expected = node_depth(tiny_model, frame_rgb(width, height, index % 8), k)
+            np.testing.assert_allclose(arrays[f"depth|{key}"], expected, rtol=1e-4, atol=1e-5)
+        statuses[name] = meta["diagnostics"][-1]
+    return statuses
+
+
 def test_two_cameras_are_served_by_one_model(node, ros_env, tiny_checkpoint, tiny_model, tmp_path):
     """cameras [left, right]: two cameras of different sizes and intrinsics at 10 Hz each get their own depth,
     camera_info, frame ids and stamps under their namespaces; questions name a camera; the model is loaded
@@ -497,13 +532,7 @@ def test_two_cameras_are_served_by_one_model(node, ros_env, tiny_checkpoint, tin
     try:
         proc.wait_ready()
         assert "left/image + left/camera_info, right/image + right/camera_info" in proc.output
-        listeners = {name: start_peer(ros_env, "collect", "--ns", name, "--out", str(tmp_path / name), "--count", "3",
-                                      "--keep", "3", "--status", f"depthvlm: {name}: depth",
-                                      "--until", "frames_processed>=3") for name in cams}
-        # each camera streams until its listener has its three depth images, however long that takes
-        cameras = [start_camera(ros_env, "--ns", name, "--width", str(w), "--height", str(h), "--fx", str(fx),
-                                "--start", str(start), "--rate", "10", "--reliable", "--frame-id", f"{name}_optical")
-                   for name, (w, h, fx, start) in cams.items()]
+        listeners, cameras = stream_cameras(ros_env, cams, tmp_path, "frames_processed>=3", rate=10)
         try:
             results = {name: finish(listener) for name, listener in listeners.items()}
             question = {"question": "What is this?"}
@@ -516,21 +545,7 @@ def test_two_cameras_are_served_by_one_model(node, ros_env, tiny_checkpoint, tin
         two, one = proc.rss_mb(), node.rss_mb()
     finally:
         assert proc.stop() == 0, proc.output
-    for name, (width, height, fx, start) in cams.items():
-        assert results[name]["depth_count"] >= 3
-        meta, arrays = load_collected(tmp_path / name)
-        k = Intrinsics.from_fx(width, height, fx)
-        assert meta["depth"], meta
-        for key, item in meta["depth"].items():
-            stamp, frame_id = key.split("|")
-            index = round((float(stamp) - 1000.0) * 1000)
-            assert frame_id == f"{name}_optical" and start <= index < start + max(sent)
-            assert (item["width"], item["height"]) == (width, height)
-            info = meta["info"][key]
-            assert info["k"] == pytest.approx(list(k.k.reshape(-1)))
-            expected = node_depth(tiny_model, frame_rgb(width, height, index % 8), k)
-            np.testing.assert_allclose(arrays[f"depth|{key}"], expected, rtol=1e-4, atol=1e-5)
-        status = meta["diagnostics"][-1]
+    for name, status in check_camera_depths(tiny_model, tmp_path, cams, results, sent).items():
         assert status["camera"] == name and int(status["frames_processed"]) >= 3, status
     assert answer["success"] and answer["frame_id"] == "right_optical", answer
     assert not nowhere["success"] and nowhere["message"] == "no camera 'top' here; cameras: 'left', 'right'"
@@ -727,12 +742,7 @@ def test_batched_cameras_get_the_depth_each_would_get_alone(ros_env, tiny_checkp
                                  **TEST_PARAMS})
     try:
         proc.wait_ready()
-        listeners = {name: start_peer(ros_env, "collect", "--ns", name, "--out", str(tmp_path / name), "--count", "3",
-                                      "--keep", "6", "--status", f"depthvlm: {name}: depth",
-                                      "--until", "frames_batched>=2") for name in cams}
-        cameras = [start_camera(ros_env, "--ns", name, "--width", str(w), "--height", str(h), "--fx", str(fx),
-                                "--start", str(start), "--rate", "20", "--reliable", "--frame-id", f"{name}_optical")
-                   for name, (w, h, fx, start) in cams.items()]
+        listeners, cameras = stream_cameras(ros_env, cams, tmp_path, "frames_batched>=2", rate=20)
         try:
             results = {name: finish(listener) for name, listener in listeners.items()}
             sent = [finish(camera)["sent"] for camera in cameras]
@@ -740,17 +750,8 @@ def test_batched_cameras_get_the_depth_each_would_get_alone(ros_env, tiny_checkp
             stop_all(cameras)
     finally:
         assert proc.stop() == 0, proc.output
-    for name, (width, height, fx, start) in cams.items():
-        assert results[name]["depth_count"] >= 3
-        meta, arrays = load_collected(tmp_path / name)
-        k = Intrinsics.from_fx(width, height, fx)
-        for key in meta["depth"]:
-            stamp, frame_id = key.split("|")
-            index = round((float(stamp) - 1000.0) * 1000)
-            assert frame_id == f"{name}_optical" and start <= index < start + max(sent)
-            expected = node_depth(tiny_model, frame_rgb(width, height, index % 8), k)
-            np.testing.assert_allclose(arrays[f"depth|{key}"], expected, rtol=1e-4, atol=1e-5)
-        assert int(meta["diagnostics"][-1]["frames_batched"]) >= 2, meta["diagnostics"][-1]
+    for status in check_camera_depths(tiny_model, tmp_path, cams, results, sent).values():
+        assert int(status["frames_batched"]) >= 2, status
 
 
 def test_compiled_sizes_stay_bounded_and_depth_keeps_flowing(ros_env, tiny_checkpoint, tiny_model):
