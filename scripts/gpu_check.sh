@@ -14,11 +14,15 @@
 #
 # Steps: the machine (nvidia-smi -L; python, torch, CUDA, onnxruntime providers, tensorrt versions);
 # the DepthVLM-4B configuration stage by stage (scripts/gpu_bench_4b.py, random bf16 weights: 640x480
-# at fx 525 and 1344x992 at fx 1000, eager vs torch.compile vs CUDA graphs, GPU vs CPU preprocessing;
-# under 8 minutes) -> $OUT/gpu_bench_4b.json;
+# at fx 525 (1102 image tokens) and 1344x992 at fx 1000, eager vs CUDA graphs vs torch.compile, a
+# torch.profiler pass over one 1102-token frame (device time per stage, host syncs, the SDPA kernels
+# that ran), two cameras batched vs in turn, GPU vs CPU preprocessing; under 8 minutes; what the
+# budget leaves out is named in its notes) -> $OUT/gpu_bench_4b.json;
 # test/test_gpu.py, each test's measurements appended to $OUT/gpu_report.jsonl; on a CUDA GPU,
 # `depthvlm bench` of the shipped model on cuda (torch, + onnxruntime with its CUDA provider, + a
-# TensorRT fp32 engine built here when tensorrt imports) -> $OUT/bench_cuda.json; a short summary.
+# TensorRT fp32 engine built here when tensorrt imports) -> $OUT/bench_cuda.json; `depthvlm bench
+# --compile graphs` of the shipped model at 640x480 fx 525 (graph breaks, host syncs per frame, eager
+# beside it) -> $OUT/bench_cuda_graphs.json; a short summary.
 # GPU_BENCH_4B=0 skips the 4B stage-by-stage bench (for a short device lease).
 # Without a CUDA GPU it stops after the (skipped) tests: "no CUDA GPU: nothing to check".
 # Exit status: 0 when the tests pass and the bench runs; otherwise the first failure's.
@@ -146,13 +150,17 @@ fi
 "${DEPTHVLM[@]}" bench --backends "$backends" --device cuda --size 320x240 --fx 277.1 --runs 40 --json "$BENCH" \
   ${engine_args[@]+"${engine_args[@]}"} || { rc=$?; [ "$status" -ne 0 ] || status=$rc; }
 
+echo "== bench --compile graphs (shipped model, cuda, 640x480 at fx 525): graph breaks, host syncs"
+"${DEPTHVLM[@]}" bench --device cuda --compile graphs --size 640x480 --fx 525 --runs 20 \
+  --json "$OUT/bench_cuda_graphs.json" || { rc=$?; [ "$status" -ne 0 ] || status=$rc; }
+
 echo "== summary"
-"$PY" - "$REPORT" "$BENCH" <<'EOF'
+"$PY" - "$REPORT" "$BENCH" "$OUT/bench_cuda_graphs.json" "$OUT/gpu_bench_4b.json" <<'EOF'
 import json
 import sys
 from pathlib import Path
 
-report, bench = Path(sys.argv[1]), Path(sys.argv[2])
+report, bench, graphs, four_b = (Path(p) for p in sys.argv[1:5])
 entries = [json.loads(line) for line in report.read_text().splitlines() if line.strip()]
 print(f"tests that measured something: {len(entries)} ({report})")
 if entries:
@@ -178,5 +186,23 @@ if bench.is_file():
               f"{entry['frames_per_s']:.1f} frames/s{versus}")
 else:
     print("bench: no result")
+if graphs.is_file():
+    g = json.loads(graphs.read_text())
+    c = g["compile"]
+    print(f"bench --compile graphs: {c['graph_breaks']} graph breaks, depth within {c['depth_max_rel_vs_eager']:.1e} of "
+          f"eager, {c['speedup_vs_eager']:.2f}x eager; host syncs per frame: "
+          + ", ".join(f"{n} {e.get('host_syncs_per_frame')}" for n, e in g["backends"].items()))
+if four_b.is_file():
+    f = json.loads(four_b.read_text())
+    for mode, per_camera in [("eager", f.get("eager", {})), *f.get("compiled", {}).items()]:
+        for camera, entry in per_camera.items():
+            print(f"4B {mode:<14} {camera:<16} {entry['median_ms']['total']:.1f} ms median total")
+    if "profile_640x480_fx525" in f:
+        print(f"4B profile (1102 tokens): {f['profile_640x480_fx525']}")
+    for mode, entry in f.get("two_cameras", {}).items():
+        print(f"4B two cameras ({mode}): batched {entry['frames_per_s_batched']} frames/s vs in turn "
+              f"{entry['frames_per_s_in_turn']} ({entry['batched_over_in_turn']}x)")
+    for line in f.get("notes", []):
+        print(f"4B note: {line}")
 EOF
 exit "$status"

@@ -53,16 +53,16 @@ def blend(new: np.ndarray, old: np.ndarray | None, alpha: float, reset: float) -
 
 
 def main() -> None:
+    """Run both filters over every sequence of the dataset and print one JSON line per filter."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("data", type=Path)
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--reset", type=float, default=0.1)
     parser.add_argument("--model", type=Path)
     args = parser.parse_args()
+    from depthvlm_ros.model.default import resolve_model
     from depthvlm_ros.pipeline import DepthVLM
     from depthvlm_ros.pipeline.plan import RouteSettings
-
-    from depthvlm_ros.model.default import resolve_model
 
     model = DepthVLM.from_pretrained(resolve_model(args.model)[0])
     sequences: dict[str, list] = defaultdict(list)

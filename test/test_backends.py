@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -450,3 +451,34 @@ def test_loaded_sizes_evicts_the_least_recently_used_and_keeps_sizes_in_use():
     assert idle.has_room()  # unused for 0 s is idle enough
     with pytest.raises(BackendError, match="at least 1"):
         LoadedSizes(0)
+
+
+def test_torch_backend_keys_static_prompts_by_plan_and_refuses_cuda_graphs_off_cuda(tiny_model):
+    """A frame of a plan finds its static prompt by the plan's host values (size, batch, device), one per plan and
+    batch; CUDA graphs on a CPU model are refused in one line, as is an unknown compile mode."""
+    backend = TorchBackend(tiny_model.model)
+    plan = tiny_model.plan(Intrinsics.from_fx(256, 192, 1000.0))
+    one = plan.prepare([scene_image(256, 192, 1000.0)])
+    assert one.prompt_key == ("depth", plan.size, 1, "cpu")
+    first = backend.static_prompt(one)
+    assert backend.static_prompt(plan.prepare([scene_image(256, 192, 600.0)])) is first
+    two = backend.static_prompt(plan.prepare([scene_image(256, 192, 1000.0)] * 2))
+    assert two is not first and two.batch == 2 and first.batch == 1
+    for spec, message in ((BackendSpec(compile="graphs"), "compile graphs (CUDA graphs) needs a CUDA device"),
+                          (BackendSpec(compile="max"), "compile must be one of none, default, graphs")):
+        with pytest.raises(BackendError, match=re.escape(message)) as refused:
+            create_backend(spec, tiny_model.model)
+        assert "\n" not in str(refused.value)
+
+
+def test_host_syncs_and_sdpa_kernels_are_read_from_profiled_names():
+    """The profile's reading (bench, scripts/gpu_bench_4b.py): blocking CUDA runtime calls count as host syncs, the
+    asynchronous ones do not; SDPA kernels name their backend."""
+    from depthvlm_ros.backends.torch_inspect import count_host_syncs, sdpa_backends
+
+    names = ["cudaLaunchKernel", "cudaMemcpyAsync", "cudaStreamSynchronize", "cudaMemcpy", "cudaEventRecord",
+             "cudaDeviceSynchronize", "aten::_local_scalar_dense"]
+    assert count_host_syncs(names) == 3
+    assert sdpa_backends(["void pytorch_flash::flash_fwd_kernel<...>", "cudnn_generated_fort_native_sdpa_sm90",
+                          "fmha_cutlassF_bf16_aligned_64x128_rf_sm80", "ampere_bf16_s16816gemm"]) == \
+        ["cudnn", "efficient", "flash"]

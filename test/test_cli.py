@@ -144,3 +144,33 @@ def test_the_cli_runs_without_ros(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     assert any((tmp_path / "out").glob("*.npy")) or any((tmp_path / "out").iterdir())
 
+
+
+@pytest.mark.slow
+def test_bench_compile_default_is_one_graph_with_the_eager_depth(tmp_path):
+    """``depthvlm bench --compile default`` on the built-in model: the compiled depth forward is one graph (0 graph
+    breaks), its depth equals eager PyTorch's (measured beside it) within 1e-4, and a CPU run says why it counts no
+    host syncs. (Compiling takes about a minute on one core.)"""
+    from depthvlm_ros.tools.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--compile", "default", "--size", "128x96", "--warmup", "1", "--runs", "2",
+                 "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    compiled = report["compile"]
+    assert compiled["mode"] == "default" and compiled["graph_breaks"] == 0 and compiled["graphs"] == 1
+    assert compiled["depth_max_rel_vs_eager"] < 1e-4
+    assert set(report["backends"]) == {"torch", "torch_eager"}
+    assert set(report["backends"]["torch"]["stages"]) == {"preprocess", "model", "postprocess", "total"}
+    assert {"vision", "llm", "head"} < set(report["backends"]["torch_eager"]["stages"])
+    for entry in report["backends"].values():
+        assert entry["host_syncs_per_frame"] is None and "CUDA only" in entry["host_syncs_reason"]
+
+
+def test_bench_compile_graphs_off_cuda_is_one_line_exit_3(capsys):
+    from depthvlm_ros.tools.cli import main
+
+    assert main(["bench", "--compile", "graphs", "--size", "128x96", "--runs", "1"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("depthvlm: error: compile graphs (CUDA graphs) needs a CUDA device, the model is on cpu: use "
+                       "compile default or none")

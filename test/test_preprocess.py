@@ -128,3 +128,20 @@ def test_static_prompt_forward_equals_the_stock_prefill(tiny_model):
         kept = model(pixel_values=inputs.pixel_values, static_prompt=whole).depth
     torch.testing.assert_close(static, dynamic, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(kept, dynamic, rtol=1e-5, atol=1e-6)
+
+
+def test_static_depth_path_traces_as_one_graph_with_no_host_sync(tiny_model):
+    """The depth path over a static prompt (two images of one plan: the vision tower's whole-image attention and
+    DeepStack's span injection) is one graph for torch.compile: no graph break, hence no ``tolist``, ``nonzero`` or
+    ``.cpu()`` of a tensor in the frame's path."""
+    import torch._dynamo
+
+    k = Intrinsics.from_fx(256, 192, 1000.0)
+    inputs = tiny_model.plan(k).prepare([scene_image(256, 192, 1000.0), scene_image(256, 192, 700.0)])
+    model = tiny_model.model
+    for output_size in (None, (240, 320)):  # the model grid, and a camera's grid (head_output camera_grid)
+        prompt = model.static_prompt(inputs, output_size=output_size)
+        with torch.no_grad():
+            explained = torch._dynamo.explain(model.forward)(pixel_values=inputs.pixel_values, static_prompt=prompt)
+        assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+        assert explained.graph_count == 1

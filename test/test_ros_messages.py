@@ -175,6 +175,23 @@ def test_latest_slots_serve_cameras_in_turn():
     assert slots.take(0.0) == (2, "c0")
     slots.done()
     assert slots.take(0.0) == (0, "a1")
+
+
+def test_latest_slots_hand_every_waiting_frame_to_a_batching_worker_in_turn():
+    """take_all (batch_cameras): every camera's waiting frame at once, from the camera after the one served last;
+    each is the worker's until done."""
+    slots: LatestSlots[str] = LatestSlots(3)
+    slots.put(1, "b0")
+    assert slots.take(0.0) == (1, "b0")
+    slots.done()
+    for camera, frame in ((0, "a0"), (2, "c0"), (1, "b1")):
+        slots.put(camera, frame)
+    assert slots.take_all(0.0) == [(2, "c0"), (0, "a0"), (1, "b1")]
+    assert all(slots.pending(camera) for camera in range(3)) and slots.take_all(0.0) == []
+    slots.done()
+    assert not slots.pending() and slots.wait_idle(0.0)
+    slots.put(0, "a1")
+    assert slots.take_all(0.0) == [(0, "a1")] and slots.pending(0) and not slots.pending(2)
     slots.done()
     slots.put(1, "b0")
     slots.put(2, "c1")

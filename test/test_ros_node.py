@@ -488,6 +488,42 @@ def test_an_ask_action_is_canceled_within_a_decoding_step(node, module_env):
     assert node.proc.poll() is None
 
 
+def stream_cameras(env: dict[str, str], cams: dict, tmp_path: Path, until: str,
+                   rate: int) -> tuple[dict[str, subprocess.Popen], list[subprocess.Popen]]:
+    """For each of ``cams`` (name -> (width, height, fx, first frame index)) a listener that collects three depth
+    images until its camera's diagnostics say ``until``, then the cameras at ``rate`` Hz, each streaming until its
+    listener has them, however long that takes."""
+    listeners = {name: start_peer(env, "collect", "--ns", name, "--out", str(tmp_path / name), "--count", "3",
+                                  "--keep", "3", "--status", f"depthvlm: {name}: depth", "--until", until)
+                 for name in cams}
+    cameras = [start_camera(env, "--ns", name, "--width", str(w), "--height", str(h), "--fx", str(fx),
+                            "--start", str(start), "--rate", str(rate), "--reliable", "--frame-id", f"{name}_optical")
+               for name, (w, h, fx, start) in cams.items()]
+    return listeners, cameras
+
+
+def check_camera_depths(tiny_model, tmp_path: Path, cams: dict, results: dict, sent: list[int],
+                        scales: dict[str, float] | None = None) -> dict[str, dict]:
+    """Each camera's kept depth images are its own frames' depth computed alone (frame id, stamp, size, K), times the
+    camera's depth scale in ``scales`` (default 1); returns each camera's last diagnostics status."""
+    statuses = {}
+    for name, (width, height, fx, start) in cams.items():
+        assert results[name]["depth_count"] >= 3
+        meta, arrays = load_collected(tmp_path / name)
+        k = Intrinsics.from_fx(width, height, fx)
+        assert meta["depth"], meta
+        for key, item in meta["depth"].items():
+            stamp, frame_id = key.split("|")
+            index = round((float(stamp) - 1000.0) * 1000)
+            assert frame_id == f"{name}_optical" and start <= index < start + max(sent)
+            assert (item["width"], item["height"]) == (width, height)
+            assert meta["info"][key]["k"] == pytest.approx(list(k.k.reshape(-1)))
+            expected = node_depth(tiny_model, frame_rgb(width, height, index % 8), k) * (scales or {}).get(name, 1.0)
+            np.testing.assert_allclose(arrays[f"depth|{key}"], expected, rtol=1e-4, atol=1e-5)
+        statuses[name] = meta["diagnostics"][-1]
+    return statuses
+
+
 def test_two_cameras_are_served_by_one_model(ros_env, tiny_checkpoint, tiny_model, tmp_path):
     """cameras [left, right]: two cameras of different sizes and intrinsics at 10 Hz each get their own depth,
     camera_info, frame ids and stamps under their namespaces, the right one scaled by its camera_depth_scales entry;
@@ -500,13 +536,7 @@ def test_two_cameras_are_served_by_one_model(ros_env, tiny_checkpoint, tiny_mode
     try:
         proc.wait_ready()
         assert "left/image + left/camera_info, right/image + right/camera_info" in proc.output
-        listeners = {name: start_peer(ros_env, "collect", "--ns", name, "--out", str(tmp_path / name), "--count", "3",
-                                      "--keep", "3", "--status", f"depthvlm: {name}: depth",
-                                      "--until", "frames_processed>=3") for name in cams}
-        # each camera streams until its listener has its three depth images, however long that takes
-        cameras = [start_camera(ros_env, "--ns", name, "--width", str(w), "--height", str(h), "--fx", str(fx),
-                                "--start", str(start), "--rate", "10", "--reliable", "--frame-id", f"{name}_optical")
-                   for name, (w, h, fx, start) in cams.items()]
+        listeners, cameras = stream_cameras(ros_env, cams, tmp_path, "frames_processed>=3", rate=10)
         try:
             results = {name: finish(listener) for name, listener in listeners.items()}
             question = {"question": "What is this?"}
@@ -518,22 +548,8 @@ def test_two_cameras_are_served_by_one_model(ros_env, tiny_checkpoint, tiny_mode
             stop_all(cameras)
     finally:
         assert proc.stop() == 0, proc.output
-    for name, (width, height, fx, start) in cams.items():
-        assert results[name]["depth_count"] >= 3
-        meta, arrays = load_collected(tmp_path / name)
-        k = Intrinsics.from_fx(width, height, fx)
-        assert meta["depth"], meta
-        for key, item in meta["depth"].items():
-            stamp, frame_id = key.split("|")
-            index = round((float(stamp) - 1000.0) * 1000)
-            assert frame_id == f"{name}_optical" and start <= index < start + max(sent)
-            assert (item["width"], item["height"]) == (width, height)
-            info = meta["info"][key]
-            assert info["k"] == pytest.approx(list(k.k.reshape(-1)))
-            expected = node_depth(tiny_model, frame_rgb(width, height, index % 8), k)
-            expected = expected * (1.5 if name == "right" else 1.0)  # camera_depth_scales: the right camera's own
-            np.testing.assert_allclose(arrays[f"depth|{key}"], expected, rtol=1e-4, atol=1e-5)
-        status = meta["diagnostics"][-1]
+    scales = {"right": 1.5}  # camera_depth_scales: the right camera's own
+    for name, status in check_camera_depths(tiny_model, tmp_path, cams, results, sent, scales).items():
         assert status["camera"] == name and int(status["frames_processed"]) >= 3, status
     assert answer["success"] and answer["frame_id"] == "right_optical", answer
     assert not nowhere["success"] and nowhere["message"] == "no camera 'top' here; cameras: 'left', 'right'"
@@ -718,6 +734,27 @@ def test_sigterm_while_a_question_is_answered_exits_0_at_once(ros_env, tiny_chec
             proc.stop(signal.SIGKILL)
     assert code == 0, proc.output
     assert "stopped after" in proc.output and "the node is shutting down" in proc.output, proc.output
+
+
+def test_batched_cameras_get_the_depth_each_would_get_alone(ros_env, tiny_checkpoint, tiny_model, tmp_path):
+    """batch_cameras: true: two cameras of one model-grid size at 20 Hz; frames waiting together go through one
+    forward (frames_batched on both cameras' diagnostics), and each published depth is that camera's frame's depth
+    computed alone, under its own namespace, frame id and stamp."""
+    cams = {"left": (320, 240, 300.0, 0), "right": (320, 240, 300.0, 3)}  # width, height, fx, first index
+    proc = NodeProcess(ros_env, {"model_path": tiny_checkpoint, "cameras": "[left, right]", "batch_cameras": True,
+                                 **TEST_PARAMS})
+    try:
+        proc.wait_ready()
+        listeners, cameras = stream_cameras(ros_env, cams, tmp_path, "frames_batched>=2", rate=20)
+        try:
+            results = {name: finish(listener) for name, listener in listeners.items()}
+            sent = [finish(camera)["sent"] for camera in cameras]
+        finally:
+            stop_all(cameras)
+    finally:
+        assert proc.stop() == 0, proc.output
+    for status in check_camera_depths(tiny_model, tmp_path, cams, results, sent).values():
+        assert int(status["frames_batched"]) >= 2, status
 
 
 def test_compiled_sizes_stay_bounded_and_depth_keeps_flowing(ros_env, tiny_checkpoint, tiny_model):

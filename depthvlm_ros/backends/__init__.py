@@ -72,7 +72,10 @@ class BackendSpec:
     the nearest held size (or PyTorch) serves. ``engines``: TensorRT engines with their sidecars.
     ``max_sizes``: compiled sizes held at once (0: the backend's default, 4 ONNX Runtime sessions or 1
     TensorRT engine). ``idle_before_replaced_s``: a full set of held sizes changes only by replacing one
-    unused this long. ``compile``: torch.compile for ``torch``. ``fallback``: a refused backend hands over
+    unused this long. ``compile``: for ``torch``, ``none``, ``default`` (``torch.compile(fullgraph=True)``) or
+    ``graphs`` (that, replayed as CUDA graphs; CUDA only), with at most ``max_sizes`` plans compiled at once
+    (0: 2); ``head_output``: for ``torch``, ``model_grid`` (the released way) or ``camera_grid`` (the head makes
+    the depth at the camera's grid). ``fallback``: a refused backend hands over
     to the next. ``triton``: the server (a :class:`~depthvlm_ros.backends.triton_backend.TritonConnection`);
     never part of a fallback, and unreachable at start it raises, or with ``background`` says so in
     ``problem()`` and connects when the server comes.
@@ -83,7 +86,8 @@ class BackendSpec:
     onnx: tuple[Path, ...] = ()
     engines: tuple[Path, ...] = ()
     export_missing: bool = False
-    compile: bool = False
+    compile: str = "none"
+    head_output: str = "model_grid"
     fallback: bool = False
     max_sizes: int = 0
     background: bool = False
@@ -124,11 +128,13 @@ def create_backend(spec: BackendSpec, model: Any = None, fingerprint: str | None
     for candidate in order:
         try:
             if candidate == "torch":
-                from depthvlm_ros.backends.torch_backend import TorchBackend
+                from depthvlm_ros.backends.torch_backend import DEFAULT_COMPILED_PLANS, TorchBackend
 
                 if model is None:
                     raise BackendError("the torch backend needs the model's weights")
-                backend: DepthBackend = TorchBackend(model, compile=spec.compile)
+                backend: DepthBackend = TorchBackend(model, compile=spec.compile,
+                                                     max_compiled=spec.max_sizes or DEFAULT_COMPILED_PLANS,
+                                                     head_output=spec.head_output)
             elif candidate == "onnxruntime":
                 backend = _onnxruntime(spec, [Path(p) for p in onnx], fingerprint, exporter, log)
             else:

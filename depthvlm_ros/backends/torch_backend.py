@@ -10,13 +10,21 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from depthvlm_ros.backends.base import DepthBackend, Stage, _no_stage
+from depthvlm_ros.backends.base import BackendError, DepthBackend, Stage, _no_stage
 
 if TYPE_CHECKING:
     from depthvlm_ros.model.modeling import DepthVLMForConditionalGeneration
 
 #: Static prompts kept (one per model-grid size and batch size; a few MB each for the 4B model).
 MAX_PROMPTS = 8
+#: The ``compile`` setting's values: eager; ``torch.compile(fullgraph=True)``; that, replayed as CUDA graphs.
+COMPILE_MODES = ("none", "default", "graphs")
+#: The ``head_output`` setting's values: depth on the model grid (resampled to the camera on the host, the released
+#: way) or on the camera's grid straight from the head (docs/model.md has its tolerance).
+HEAD_OUTPUTS = ("model_grid", "camera_grid")
+#: Plans (model-grid size and batch) compiled at once unless told (each a graph; with ``graphs``, a CUDA graph
+#: and its memory pool).
+DEFAULT_COMPILED_PLANS = 2
 #: The model's submodules timed as the stages of the depth path.
 STAGE_MODULES = (("vision", ("model", "visual")), ("llm", ("model", "language_model")), ("head", ("depth_head",)))
 
@@ -54,24 +62,51 @@ def timed_stages(model: torch.nn.Module, stage: Stage) -> Iterator[None]:
 
 
 class TorchBackend(DepthBackend):
-    """The model's forward with the depth prompt precomputed per size (a :class:`StaticPrompt`).
+    """The model's forward with the depth prompt precomputed per plan (a :class:`StaticPrompt`).
 
-    ``compile``: ``torch.compile`` the forward (first call per size is slow; on CUDA,
-    ``compile_mode="reduce-overhead"`` replays it as a CUDA graph). Stage times (vision, LLM,
-    head) are reported when not compiled; a compiled forward is one ``model`` stage.
+    ``compile`` (:data:`COMPILE_MODES`): ``none`` runs eager; ``default`` runs
+    ``torch.compile(fullgraph=True)`` of the depth forward (the first frame of a plan compiles it);
+    ``graphs`` compiles it with mode ``reduce-overhead``, which replays it as a CUDA graph (CUDA only;
+    refused elsewhere). At most ``max_compiled`` plans (size and batch) are compiled at once: a plan
+    beyond them clears the compiled graphs (``torch._dynamo.reset``, which also frees CUDA graphs'
+    memory), and the plans still in use compile again on their next frame. Stage times (vision, LLM,
+    head) are reported eager; a compiled forward is one ``model`` stage.
+
+    ``head_output`` (:data:`HEAD_OUTPUTS`): ``camera_grid`` has the head make the depth at the cameras' grid
+    (the official head's ``output_size``) when all images of a call come from cameras of one size, instead of
+    the model grid that the pipeline then resamples; not bit-equal (docs/model.md states the tolerance).
     """
 
     name = "torch"
 
-    def __init__(self, model: DepthVLMForConditionalGeneration, compile: bool = False,
-                 compile_mode: str | None = None) -> None:
+    def __init__(self, model: DepthVLMForConditionalGeneration, compile: str = "none",
+                 max_compiled: int = DEFAULT_COMPILED_PLANS, head_output: str = "model_grid") -> None:
+        if compile not in COMPILE_MODES:
+            raise BackendError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
+        if head_output not in HEAD_OUTPUTS:
+            raise BackendError(f"head_output must be one of {', '.join(HEAD_OUTPUTS)}, got {head_output!r}")
+        device = next(model.parameters()).device
+        if compile == "graphs" and device.type != "cuda":
+            raise BackendError(f"compile graphs (CUDA graphs) needs a CUDA device, the model is on {device}: "
+                               "use compile default or none")
+        if max_compiled < 1:
+            raise BackendError(f"max_compiled must be at least 1, got {max_compiled}")
         self.model = model
-        #: The model's forward, or its ``torch.compile`` wrapper.
+        self.head_output = head_output
+        self.compile = compile
+        self.max_compiled = max_compiled
+        #: The model's forward, or its ``torch.compile`` wrapper (one for all plans; dynamo keeps a graph per plan).
         self._forward: Callable[..., Any] = model.forward
-        if compile:
-            self._forward = torch.compile(model.forward, dynamic=False, mode=compile_mode)
-        self.compiled = compile
+        if compile != "none":
+            self._forward = torch.compile(model.forward, fullgraph=True, dynamic=False,
+                                          mode="reduce-overhead" if compile == "graphs" else None)
+        self._compiled_plans: OrderedDict[tuple, None] = OrderedDict()  # least recently used first
         self._prompts: OrderedDict[tuple, Any] = OrderedDict()
+        self._host: dict[tuple[int, ...], torch.Tensor] = {}  # pinned host buffers for the depth, by shape (CUDA)
+
+    @property
+    def compiled(self) -> bool:
+        return self.compile != "none"
 
     def sizes(self) -> None:
         return None
@@ -85,34 +120,68 @@ class TorchBackend(DepthBackend):
 
     def describe(self) -> str:
         p = next(self.model.parameters())
-        extra = ", compiled" if self.compiled else ""
+        extra = {"none": "", "default": ", compiled", "graphs": ", compiled, CUDA graphs"}[self.compile]
+        extra += ", camera-grid head" if self.head_output == "camera_grid" else ""
         return f"torch ({p.device.type}, {str(p.dtype).replace('torch.', '')}{extra})"
 
     def static_prompt(self, inputs: Any) -> Any:
-        """The depth prompt's constants for this batch's size (cached, at most :data:`MAX_PROMPTS`)."""
-        key = (inputs.input_ids.shape, inputs.input_ids[0].cpu().numpy().tobytes(),
-               tuple(inputs.image_grid_thw[0].tolist()), str(inputs.input_ids.device))
+        """The depth prompt's constants for this batch's plan (cached, at most :data:`MAX_PROMPTS`).
+
+        Keyed by ``inputs.prompt_key`` (a camera plan's host values: no read of the tensors); inputs made
+        without a plan are keyed by their prompt's tokens and grid (read to the host once per call).
+        """
+        key = inputs.prompt_key
+        if key is None:
+            key = (inputs.input_ids.shape, inputs.input_ids[0].cpu().numpy().tobytes(),
+                   tuple(inputs.image_grid_thw[0].tolist()), str(inputs.input_ids.device))
+        output_size = None
+        if self.head_output == "camera_grid" and inputs.camera_size is not None:
+            output_size = (inputs.camera_size[1], inputs.camera_size[0])
+        key = (*key, output_size)
         prompt = self._prompts.get(key)
         if prompt is None:
-            prompt = self.model.static_prompt(inputs)
+            prompt = self.model.static_prompt(inputs, output_size=output_size)
             if len(self._prompts) >= MAX_PROMPTS:
                 self._prompts.popitem(last=False)
             self._prompts[key] = prompt
         self._prompts.move_to_end(key)
         return prompt
 
+    def _hold_compiled(self, prompt: Any) -> None:
+        """Count ``prompt``'s plan among the compiled ones; past ``max_compiled``, clear the compiled graphs."""
+        key = (prompt.position_ids.shape, prompt.grid_h, prompt.grid_w, prompt.output_size,
+               str(prompt.position_ids.device))
+        if key not in self._compiled_plans and len(self._compiled_plans) >= self.max_compiled:
+            torch._dynamo.reset()
+            self._compiled_plans.clear()
+        self._compiled_plans[key] = None
+        self._compiled_plans.move_to_end(key)
+
+    def _to_host(self, depth: torch.Tensor) -> np.ndarray:
+        """(B, H, W) depth -> float32 numpy. On CUDA through a pinned buffer (one per shape, reused), copied
+        non-blocking, then one wait on the stream; elsewhere the tensor itself."""
+        depth = depth.float()
+        if depth.device.type != "cuda":
+            return depth.cpu().numpy()
+        host = self._host.get(tuple(depth.shape))
+        if host is None:
+            host = self._host[tuple(depth.shape)] = torch.empty(depth.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(depth, non_blocking=True)
+        torch.cuda.current_stream(depth.device).synchronize()
+        return host.numpy().copy()  # the buffer is the next frame's: the caller keeps its own
+
     @torch.inference_mode()
     def depth(self, inputs, stage: Stage = _no_stage) -> np.ndarray:
         p = next(self.model.parameters())
         inputs = inputs.to(p.device)
         prompt = self.static_prompt(inputs)
+        pixels = inputs.pixel_values.to(p.dtype)
         if self.compiled:
+            self._hold_compiled(prompt)
             with stage("model"):
-                depth = self._forward(pixel_values=inputs.pixel_values.to(p.dtype), static_prompt=prompt,
-                                      return_logits=False).depth
-                return depth.float().cpu().numpy()
+                return self._to_host(self._forward(pixel_values=pixels, static_prompt=prompt,
+                                                   return_logits=False).depth)
         with timed_stages(self.model, stage):
-            depth = self._forward(pixel_values=inputs.pixel_values.to(p.dtype), static_prompt=prompt,
-                                  return_logits=False).depth
+            depth = self._forward(pixel_values=pixels, static_prompt=prompt, return_logits=False).depth
         with stage("head"):  # the copy back is charged to the head, the stage that made it
-            return depth.float().cpu().numpy()
+            return self._to_host(depth)

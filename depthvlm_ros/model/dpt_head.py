@@ -7,7 +7,9 @@ depth in metres (Softplus-positive), where P is the effective patch (vision patc
 
 Pyramid: 1x1 projections to ``out_channels``, transposed convs (kernel = stride = 8, 4, 2) bring the
 first three to 8x, 4x, 2x the token grid, the fourth stays on it; RefineNet-style fusion upsamples
-back to 16x, then ``output_conv1`` -> bilinear to P x -> ``output_conv2`` -> Softplus.
+back to 16x, then ``output_conv1`` -> bilinear to P x -> ``output_conv2`` -> Softplus. Given an
+``output_size`` (the official head's argument), the bilinear step goes to that size instead (a camera's
+grid: depth there directly, not bit-equal to the P x grid resampled; docs/model.md states by how much).
 
 Released quirk kept on purpose: the residual conv unit applies ReLU in place to its input, so the
 skip connection adds relu(x), not x. The released weights were trained with that behaviour.
@@ -121,8 +123,10 @@ class DPTDepthHead(nn.Module):
         )
         self.scratch = DPTScratch(out_channels, features, last_channels)
 
-    def forward(self, features: Sequence[torch.Tensor], grid_h: int, grid_w: int) -> torch.Tensor:
-        """``features``: four (B, grid_h*grid_w, dim_in) tensors. Returns (B, 1, H, W) metres."""
+    def forward(self, features: Sequence[torch.Tensor], grid_h: int, grid_w: int,
+                output_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """``features``: four (B, grid_h*grid_w, dim_in) tensors. Returns (B, 1, H, W) metres, H x W =
+        ``output_size`` (pixels, height first) or the model grid, grid x patch size."""
         levels = []
         for i, tokens in enumerate(features):
             x = self.norm(tokens)
@@ -138,7 +142,6 @@ class DPTDepthHead(nn.Module):
         path = s.refinenet2(path, l2, size=l1.shape[2:])
         path = s.refinenet1(path, l1)
         out = s.output_conv1(path)
-        out = F.interpolate(
-            out, size=(grid_h * self.patch_size, grid_w * self.patch_size), mode="bilinear", align_corners=True
-        )
+        size = output_size if output_size is not None else (grid_h * self.patch_size, grid_w * self.patch_size)
+        out = F.interpolate(out, size=size, mode="bilinear", align_corners=True)
         return s.output_conv2(out)

@@ -30,7 +30,15 @@ from typing import Any
 
 import torch
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.qwen3_vl.modeling_qwen3_vl import (
+    Qwen3VLTextModel,
+    Qwen3VLVisionAttention,
+    apply_rotary_pos_emb_vision,
+    eager_attention_forward,
+)
 from transformers.utils import ModelOutput
+from transformers.utils.generic import is_flash_attention_requested
 
 from depthvlm_ros.model.dpt_head import DPTDepthHead
 
@@ -64,34 +72,100 @@ class DepthFeatures:
     grid_w: int
 
 
+@dataclass(frozen=True)
+class ImageSpan:
+    """Where every sample of a static-prompt batch holds its image: the token positions [start, end)."""
+
+    start: int
+    end: int
+
+
+class DepthVLMTextModel(Qwen3VLTextModel):
+    """The stock Qwen3-VL text model; its DeepStack injection also takes an :class:`ImageSpan`.
+
+    Stock injection indexes the hidden states with a boolean mask (``nonzero``: a host sync and a
+    compile graph break in each DeepStack layer). Given a span, the features are added to that slice
+    instead: the same additions, no data-dependent shape. A boolean mask still takes the stock way.
+    """
+
+    def _deepstack_process(
+        self, hidden_states: torch.Tensor, visual_pos_masks: torch.Tensor | ImageSpan, visual_embeds: torch.Tensor
+    ) -> torch.Tensor:
+        if not isinstance(visual_pos_masks, ImageSpan):
+            return super()._deepstack_process(hidden_states, visual_pos_masks, visual_embeds)
+        start, end = visual_pos_masks.start, visual_pos_masks.end
+        embeds = visual_embeds.to(hidden_states.device, hidden_states.dtype).reshape(
+            hidden_states.shape[0], end - start, -1)
+        return torch.cat([hidden_states[:, :start], hidden_states[:, start:end] + embeds, hidden_states[:, end:]], 1)
+
+
+class DepthVLMVisionAttention(Qwen3VLVisionAttention):
+    """The stock vision attention; with ``images_of_one_size`` (an int) it attends over whole images at once.
+
+    Stock attention (sdpa, eager) splits the packed sequence per image with ``lengths.tolist()``: a host
+    sync and a compile graph break in every vision block. When the packed hidden states are that many
+    images of one size, one after another (the depth path: one plan, one grid), each image is one
+    sequence of a batch and one attention call serves them all, with no tolist. Flash attention and
+    calls without the argument take the stock way.
+    """
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        max_seqlen: int | None = None,
+        images_of_one_size: int | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        if images_of_one_size is None or is_flash_attention_requested(self.config):
+            return super().forward(hidden_states, cu_seqlens, position_embeddings, max_seqlen, **kwargs)
+        n = hidden_states.shape[0]  # images x patches per image
+        query, key, value = self.qkv(hidden_states).reshape(n, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        assert position_embeddings is not None
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb_vision(query, key, cos, sin)
+        # (images * patches, heads, dim) -> (images, heads, patches, dim): one sequence per image
+        query, key, value = (t.reshape(images_of_one_size, n // images_of_one_size, self.num_heads, -1)
+                             .transpose(1, 2) for t in (query, key, value))
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        output, _ = attention(self, query, key, value, attention_mask=None, scaling=self.scaling,
+                              dropout=0.0 if not self.training else self.attention_dropout, is_causal=False, **kwargs)
+        return self.proj(output.reshape(n, -1))  # (images, patches, heads, dim): image-major, as stock packs
+
+
 @dataclass
 class StaticPrompt:
     """The depth path's constants for one model-grid size and batch (the fixed prompt, precomputed).
 
     Built once per size by :meth:`DepthVLMForConditionalGeneration.static_prompt`; with it the
-    forward has no data-dependent operation (no rope-index search, no masked scatter), so the same
-    code traces for ONNX, compiles with ``torch.compile`` and replays as a CUDA graph.
+    forward has no data-dependent operation and no host sync (no rope-index search, no boolean-mask
+    scatter, no per-image split of the vision attention), so the same code traces for ONNX, compiles
+    with ``torch.compile(fullgraph=True)`` and replays as a CUDA graph.
     """
 
     vision_kwargs: dict[str, torch.Tensor]  # grid, position-embedding interpolation, rotary ids, cu_seqlens
     prefix_embeds: torch.Tensor  # (1, start, hidden) prompt embeddings before the image
     suffix_embeds: torch.Tensor  # (1, L - end, hidden) after it; empty when dropped (see static_prompt)
     position_ids: torch.Tensor  # (3, B, L) M-RoPE positions
-    visual_pos_masks: torch.Tensor  # (B, L) bool, the image tokens
     start: int  # first image token
     end: int  # one past the last
     grid_h: int  # merged grid, tokens
     grid_w: int
+    output_size: tuple[int, int] | None = None  # (height, width) px the head outputs; None: the model grid
 
     @property
     def n_tokens(self) -> int:
         return self.end - self.start
 
+    @property
+    def batch(self) -> int:
+        return int(self.position_ids.shape[1])
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor, by a flat name (an export wrapper registers them as buffers)."""
         named = {f"vision_{k}": v for k, v in self.vision_kwargs.items()}
-        named |= {"prefix_embeds": self.prefix_embeds, "position_ids": self.position_ids,
-                  "visual_pos_masks": self.visual_pos_masks}
+        named |= {"prefix_embeds": self.prefix_embeds, "position_ids": self.position_ids}
         return named | ({"suffix_embeds": self.suffix_embeds} if self.suffix_embeds.shape[1] else {})
 
     def with_tensors(self, tensors: dict[str, torch.Tensor]) -> "StaticPrompt":
@@ -99,8 +173,7 @@ class StaticPrompt:
         vision = {k: tensors[f"vision_{k}"] for k in self.vision_kwargs}
         return dataclasses.replace(self, vision_kwargs=vision, prefix_embeds=tensors["prefix_embeds"],
                                    suffix_embeds=tensors.get("suffix_embeds", self.suffix_embeds),
-                                   position_ids=tensors["position_ids"],
-                                   visual_pos_masks=tensors["visual_pos_masks"])
+                                   position_ids=tensors["position_ids"])
 
     def to(self, device: torch.device | str) -> "StaticPrompt":
         return self.with_tensors({k: v.to(device) for k, v in self.tensors().items()})
@@ -138,6 +211,10 @@ class DepthVLMForConditionalGeneration(Qwen3VLForConditionalGeneration):
             last_channels=depth_head_setting(config, "depth_head_last_channels"),
             norm_eps=depth_head_setting(config, "depth_head_norm_eps"),
         )
+        # Stock modules with a sync-free path added (same parameters and names; see the two classes).
+        self.model.language_model.__class__ = DepthVLMTextModel
+        for block in self.model.visual.blocks:
+            block.attn.__class__ = DepthVLMVisionAttention
         self.post_init()
 
     # -- the one forward ------------------------------------------------------------------------
@@ -146,14 +223,16 @@ class DepthVLMForConditionalGeneration(Qwen3VLForConditionalGeneration):
         """Vision tower, once: merged image embeddings + DeepStack features (stock output type)."""
         return self.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
 
-    def static_prompt(self, inputs: Any, keep_suffix: bool = False) -> StaticPrompt:
+    def static_prompt(self, inputs: Any, keep_suffix: bool = False,
+                      output_size: tuple[int, int] | None = None) -> StaticPrompt:
         """Everything of the depth path that does not depend on the pixels, for ``inputs``' size and batch.
 
         ``inputs`` (a :class:`~depthvlm_ros.model.processing.ModelInputs`) must hold one prompt per
         image, the same for all, with its image tokens in one contiguous span (the depth prompt).
         The prompt's tokens after the image are dropped unless ``keep_suffix``: under the causal mask the
         image tokens never attend to them and the head reads only image positions, so the depth is the
-        same (a test compares both), for fewer tokens through the LLM.
+        same (a test compares both), for fewer tokens through the LLM. ``output_size``: (height, width)
+        pixels of the depth the head makes (a camera's grid; default the model grid).
         """
         from transformers.vision_utils import (
             get_vision_cu_seqlens,
@@ -180,16 +259,15 @@ class DepthVLMForConditionalGeneration(Qwen3VLForConditionalGeneration):
             embeds = self.model.get_input_embeddings()(ids[:1])
             rope_positions, _ = self.model.get_rope_index(ids, inputs.mm_token_type_ids, image_grid_thw=grid)
         if not keep_suffix:
-            image_mask, rope_positions = image_mask[:, :end], rope_positions[:, :, :end]
-            embeds = embeds[:, :end]
+            rope_positions, embeds = rope_positions[:, :, :end], embeds[:, :end]
         return StaticPrompt(
             vision_kwargs={
                 "grid_thw": grid, "interp_indices": indices, "interp_weights": weights,
                 "position_ids": get_vision_position_ids(grid, merge), "cu_seqlens": get_vision_cu_seqlens(grid),
             },
             prefix_embeds=embeds[:, :start].detach(), suffix_embeds=embeds[:, end:].detach(),
-            position_ids=rope_positions, visual_pos_masks=image_mask, start=start, end=end,
-            grid_h=int(grid[0, 1]) // merge, grid_w=int(grid[0, 2]) // merge,
+            position_ids=rope_positions, start=start, end=end,
+            grid_h=int(grid[0, 1]) // merge, grid_w=int(grid[0, 2]) // merge, output_size=output_size,
         )
 
     def forward(
@@ -245,20 +323,21 @@ class DepthVLMForConditionalGeneration(Qwen3VLForConditionalGeneration):
         return DepthVLMOutput(loss=loss, logits=logits, depth=depth, last_hidden_state=hidden, **kv)
 
     def _static_depth(self, pixel_values: torch.Tensor, prompt: StaticPrompt) -> DepthVLMOutput:
-        batch = prompt.position_ids.shape[1]
-        vision = self.model.visual(pixel_values, **prompt.vision_kwargs)
+        batch = prompt.batch
+        vision = self.model.visual(pixel_values, **prompt.vision_kwargs, images_of_one_size=batch)
         image_embeds = vision.pooler_output.to(prompt.prefix_embeds.dtype).reshape(batch, prompt.n_tokens, -1)
         parts = [prompt.prefix_embeds.expand(batch, -1, -1), image_embeds]
         if prompt.suffix_embeds.shape[1]:  # (a shape: fixed when traced or compiled)
             parts.append(prompt.suffix_embeds.expand(batch, -1, -1))
         embeds = torch.cat(parts, dim=1)
+        span = ImageSpan(prompt.start, prompt.end)  # DeepStack adds to this slice: no boolean mask, no sync
         hidden = self.model.language_model(
-            inputs_embeds=embeds, position_ids=prompt.position_ids, visual_pos_masks=prompt.visual_pos_masks,
-            deepstack_visual_embeds=list(vision.deepstack_features), use_cache=False,
+            inputs_embeds=embeds, position_ids=prompt.position_ids, use_cache=False,
+            visual_pos_masks=span, deepstack_visual_embeds=list(vision.deepstack_features),
         ).last_hidden_state
         features = [f.reshape(batch, prompt.n_tokens, -1) for f in vision.deepstack_features]
         features.append(hidden[:, prompt.start : prompt.end])
-        depth = self._depth_from_features(DepthFeatures(features, prompt.grid_h, prompt.grid_w))
+        depth = self._depth_from_features(DepthFeatures(features, prompt.grid_h, prompt.grid_w), prompt.output_size)
         return DepthVLMOutput(depth=depth, last_hidden_state=hidden)
 
     def _image_token_features(
@@ -290,8 +369,9 @@ class DepthVLMForConditionalGeneration(Qwen3VLForConditionalGeneration):
         feats.append(last_hidden_state[image_mask].reshape(batch, n_tokens, -1))
         return DepthFeatures(features=feats, grid_h=grid_h, grid_w=grid_w)
 
-    def _depth_from_features(self, depth_features: DepthFeatures) -> torch.Tensor:
-        """Depth head: (B, H, W) metres at grid x 32 px."""
+    def _depth_from_features(self, depth_features: DepthFeatures,
+                             output_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Depth head: (B, H, W) metres at grid x 32 px, or at ``output_size`` (height, width) px."""
         head_dtype = self.depth_head.norm.weight.dtype
         feats = [f.to(head_dtype) for f in depth_features.features]
-        return self.depth_head(feats, depth_features.grid_h, depth_features.grid_w)[:, 0]
+        return self.depth_head(feats, depth_features.grid_h, depth_features.grid_w, output_size)[:, 0]

@@ -91,6 +91,12 @@ class ModelInputs:
     mm_token_type_ids: torch.Tensor  # (B, L) int32, 1 on image tokens
     pixel_values: torch.Tensor  # (B * patches, C * T * P * P) float32
     image_grid_thw: torch.Tensor  # (B, 3) int64, in vision patches
+    #: What the tensors' static prompt depends on, from host values (a camera plan's size and the batch): the
+    #: key of a backend's static-prompt cache with no read of the tensors; None: the tensors are the key.
+    prompt_key: tuple | None = None
+    #: (width, height) px of the cameras' grid when every image's camera has it (a camera-grid head's output
+    #: size); None otherwise.
+    camera_size: tuple[int, int] | None = None
 
     def model_kwargs(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Keyword arguments of the model's forward (``pixel_values`` cast to ``dtype`` if given)."""
@@ -101,7 +107,7 @@ class ModelInputs:
     def to(self, device: torch.device | str) -> "ModelInputs":
         return ModelInputs(*(t.to(device) for t in (
             self.input_ids, self.attention_mask, self.mm_token_type_ids, self.pixel_values, self.image_grid_thw
-        )))
+        )), prompt_key=self.prompt_key, camera_size=self.camera_size)
 
 
 class ImageTextProcessor:

@@ -47,8 +47,8 @@ class DepthResult:
 
     depth: np.ndarray  # (H, W) float32 metres on the camera grid, NaN invalid
     intrinsics: Intrinsics  # the camera's K (describes ``depth``)
-    depth_model: np.ndarray  # (h, w) float32 metres on the processed (model) grid
-    intrinsics_model: Intrinsics  # K of the processed grid (fx ~ 1000 px)
+    depth_model: np.ndarray  # (h, w) float32 metres on the processed (model) grid (a camera-grid head: the camera's)
+    intrinsics_model: Intrinsics  # K of ``depth_model``'s grid (fx ~ 1000 px; a camera-grid head: the camera's K)
     timings_ms: dict[str, float] = field(default_factory=dict)  # per stage, for the whole batch
     backend: str = "torch"  # the backend that computed it (torch stands in while a compiled size is made)
 
@@ -284,12 +284,29 @@ class DepthVLM:
             with clock.stage("postprocess"):
                 results = []
                 for p, raw in zip(plans, output):
-                    depth_model = p.image.metric(raw)
-                    results.append(DepthResult(p.restore(depth_model), p.image.camera, depth_model, p.image.model_k,
+                    depth_model = p.image.metric(raw)  # the model grid, or the camera's from a camera-grid head
+                    grid_k = p.image.model_k if depth_model.shape[::-1] == p.size else p.image.camera
+                    results.append(DepthResult(p.restore(depth_model), p.image.camera, depth_model, grid_k,
                                                backend=backend.name))
         for r in results:
             r.timings_ms = dict(clock.ms)
         return results
+
+    def infer_batch(self, frames: Sequence[tuple[CameraPlan, np.ndarray]]) -> list[DepthResult]:
+        """Frames of several cameras, each ``(its plan, its RGB image)``: those whose plans reach one backend at one
+        model-grid size go through the model in one :meth:`infer` call (one forward), the others in a call per
+        size; results in the order of ``frames``, each with its own camera's grid and K. Each result's
+        ``timings_ms`` are its call's (the whole batch's).
+        """
+        groups: OrderedDict[tuple, list[int]] = OrderedDict()
+        for i, (plan, _rgb) in enumerate(frames):
+            groups.setdefault(plan.batch_key, []).append(i)
+        results: list[DepthResult | None] = [None] * len(frames)
+        for members in groups.values():
+            batch = self.infer([frames[i][0] for i in members], [frames[i][1] for i in members])
+            for i, result in zip(members, batch):
+                results[i] = result
+        return cast("list[DepthResult]", results)
 
     # -- questions ----------------------------------------------------------------------------
 

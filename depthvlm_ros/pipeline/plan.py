@@ -186,13 +186,28 @@ class CameraPlan:
             raise InputError(f"a batch must reach the model at one size; sizes {sorted({p.size for p in plans})}")
         pixels = [p.image.pixel_values(rgb, self.device, self.exact) for p, rgb in zip(plans, images)]
         n, t = len(images), self._template
+        cameras = {p.image.camera.size for p in plans}
         return ModelInputs(input_ids=t.input_ids.expand(n, -1), attention_mask=t.attention_mask.expand(n, -1),
                            mm_token_type_ids=t.mm_token_type_ids.expand(n, -1),
                            pixel_values=pixels[0] if n == 1 else torch.cat(pixels),
-                           image_grid_thw=t.image_grid_thw.expand(n, -1))
+                           image_grid_thw=t.image_grid_thw.expand(n, -1), prompt_key=self.prompt_key(n),
+                           camera_size=cameras.pop() if len(cameras) == 1 else None)
+
+    @property
+    def batch_key(self) -> tuple:
+        """Plans with equal keys (one backend, one model-grid size, one device) share a forward
+        (:meth:`DepthVLM.infer_batch <depthvlm_ros.pipeline.DepthVLM.infer_batch>`)."""
+        return id(self.backend), self.size, str(self.device)
+
+    def prompt_key(self, batch: int) -> tuple:
+        """What the depth prompt's constants depend on for ``batch`` images of this plan: the fixed depth prompt at
+        this model-grid size, the batch and the device (host values: a backend keys its static prompts by it with
+        no read of the tensors)."""
+        return ("depth", self.size, batch, str(self.device))
 
     def restore(self, depth_model: np.ndarray) -> np.ndarray:
-        """(h, w) metres on the model grid -> (H, W) float32 metres on the camera grid (NaN invalid).
+        """(h, w) metres on the model grid -> (H, W) float32 metres on the camera grid (NaN invalid); a depth
+        already on the camera grid (a camera-grid head) is only checked for invalid values.
 
         :func:`~depthvlm_ros.geometry.resize_depth` (bilinear, pixel centres), on the host: the one
         resampling every caller uses (in torch it ran no faster here; docs/benchmarks.md).

@@ -85,6 +85,7 @@ def camera_status(node_name: str, camera: Camera, model: Any, questions: Questio
         # a frame of this camera waits for or is in the worker
         "frames_pending": str(int(intake.waiting_for_info > 0 or questions.worker.slots.pending(intake.index))),
         "frames_on_reference": str(c.reference_frames),  # PyTorch stood in: no compiled size ready yet
+        "frames_batched": str(c.batched),  # in one forward with another camera's frame (batch_cameras)
         "frames_failed_backend": str(c.backend_failed),  # dropped: the backend could not serve (Triton lost)
         "queries": str(q.queries),
         "query_errors": str(q.query_errors),

@@ -92,14 +92,15 @@ class LatestSlots(Generic[T]):
 
     ``put(camera, item)`` replaces what the worker has not taken yet from that camera (counted as
     dropped). ``take`` returns the next camera's item after the one served last (round robin), so a
-    fast camera cannot starve a slow one. The worker calls :meth:`done` when it finished what it took;
+    fast camera cannot starve a slow one; ``take_all`` returns every camera's waiting item at once (in
+    that order; the worker batches them). The worker calls :meth:`done` when it finished what it took;
     :meth:`pending` is True from ``put`` until then, so others can tell whether a frame is waiting for
     (or in) the worker.
     """
 
     def __init__(self, cameras: int = 1) -> None:
         self._items: list[T | None] = [None] * cameras
-        self._taken: int | None = None
+        self._taken: set[int] = set()  # the cameras whose items are in the worker
         self._next = 0
         self._cond = threading.Condition()
         self._closed = False
@@ -118,35 +119,47 @@ class LatestSlots(Generic[T]):
         """True while an item (of ``camera``, or of any) waits to be taken or is in the worker."""
         with self._cond:
             if camera is None:
-                return self._taken is not None or any(item is not None for item in self._items)
-            return self._items[camera] is not None or self._taken == camera
+                return bool(self._taken) or any(item is not None for item in self._items)
+            return self._items[camera] is not None or camera in self._taken
 
     def take(self, timeout: float | None = None) -> tuple[int, T] | None:
         """``(camera, item)``: the next waiting item in turn (its slot emptied), or None after ``timeout``
         seconds or when closed."""
+        taken = self._take(timeout, every=False)
+        return taken[0] if taken else None
+
+    def take_all(self, timeout: float | None = None) -> list[tuple[int, T]]:
+        """Every waiting ``(camera, item)``, in turn from the next camera (their slots emptied); none after
+        ``timeout`` seconds or when closed."""
+        return self._take(timeout, every=True)
+
+    def _take(self, timeout: float | None, every: bool) -> list[tuple[int, T]]:
         with self._cond:
             if not any(item is not None for item in self._items) and not self._closed:
                 self._cond.wait(timeout)
-            n = len(self._items)
+            n, taken = len(self._items), []
             for step in range(n):
                 camera = (self._next + step) % n
                 item = self._items[camera]
                 if item is not None:
                     self._items[camera] = None
-                    self._taken, self._next = camera, (camera + 1) % n
-                    return camera, item
-            return None
+                    taken.append((camera, item))
+                    if not every:
+                        break
+            if taken:
+                self._taken, self._next = {camera for camera, _ in taken}, (taken[-1][0] + 1) % n
+            return taken
 
     def done(self) -> None:
         """The worker finished the item it took."""
         with self._cond:
-            self._taken = None
+            self._taken = set()
             self._cond.notify_all()
 
     def wait_idle(self, timeout: float) -> bool:
         """Until the worker holds no item (call :meth:`clear` first); False after ``timeout`` seconds."""
         with self._cond:
-            return self._cond.wait_for(lambda: self._taken is None, timeout)
+            return self._cond.wait_for(lambda: not self._taken, timeout)
 
     def clear(self) -> int:
         """Forget every waiting item (the node was deactivated); how many there were."""

@@ -102,6 +102,7 @@ class CameraCounters:
     ignored_inactive: int = 0  # arrived while the node was not active
     errors: int = 0
     reference_frames: int = 0  # run on PyTorch while the compiled backend had no size ready
+    batched: int = 0  # went through the model in one forward with another camera's frame (batch_cameras)
     backend_failed: int = 0  # not served: the backend could not (a Triton server unreachable or refusing)
     last_error: str = ""
     last_error_time: float = field(default=-math.inf)

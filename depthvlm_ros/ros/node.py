@@ -326,7 +326,8 @@ class DepthVLMNode(LifecycleNode):
         # export never runs on the frame path.
         spec = BackendSpec(
             name=m.backend, device=m.device, onnx=paths if m.backend in ("onnxruntime", "auto") else (),
-            engines=paths if m.backend in ("tensorrt", "auto") else (), fallback=m.backend_fallback,
+            engines=paths if m.backend in ("tensorrt", "auto") else (), fallback=m.backend_fallback, compile=m.compile,
+            head_output=m.head_output,
             max_sizes=m.max_compiled_sizes, background=True, idle_before_replaced_s=m.compiled_size_idle_s,
             triton=self._triton_connection(m) if m.backend == "triton" else None)
         return DepthVLM.from_pretrained(folder, device=m.answer_device or m.device, dtype=m.precision,

@@ -83,9 +83,16 @@ PARAMS: tuple[Param, ...] = (
               choices=("fp32", "fp16", "bf16")),
         Param("engine_paths", [], "ONNX graphs (onnxruntime) or TensorRT engines (tensorrt); empty = export/cache",
               read_only=True),
+        Param("compile", "none", "backend torch: the depth forward eager (none), torch.compile'd in one graph "
+              "(default; a plan's first frame compiles it) or that replayed as CUDA graphs (graphs; CUDA only); "
+              "max_compiled_sizes plans compiled at once (0 = 2)", read_only=True,
+              choices=("none", "default", "graphs")),
+        Param("head_output", "model_grid", "backend torch: the depth head outputs the model grid, resampled to the "
+              "camera (model_grid, the released way), or the camera's grid directly (camera_grid: less work, within "
+              "the tolerance docs/model.md states)", read_only=True, choices=("model_grid", "camera_grid")),
         Param("max_compiled_sizes", 0, "compiled sizes held at once; 0 = the backend's default: 4 ONNX Runtime "
               "sessions (a new size is exported in the background while the nearest held size serves), 1 TensorRT "
-              "engine (each holds all the weights)", read_only=True, range=(0, 16)),
+              "engine (each holds all the weights), 2 compiled torch plans", read_only=True, range=(0, 16)),
         Param("compiled_size_idle_s", 30.0, "once max_compiled_sizes are held, a new size replaces a held one only "
               "when that one was unused this long (sizes in use are never swapped out)", read_only=True,
               range=(0.0, 3600.0)),
@@ -114,6 +121,9 @@ PARAMS: tuple[Param, ...] = (
     *_group("worker",
         Param("max_rate_hz", 0.0, "upper bound on inferences per second (0 = as fast as the model runs)",
               range=(0.0, 1000.0)),
+        Param("batch_cameras", False, "take every camera's waiting frame at once: those whose plans reach one "
+              "model-grid size go through the model in one forward (each camera keeps its own outputs); false = "
+              "one camera's frame at a time, in turn"),
     ),
     *_group("outputs",
         Param("output_grid", "camera", "publish depth on the camera's pixel grid or the model's (fx ~ canonical_fx)",

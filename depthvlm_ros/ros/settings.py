@@ -63,9 +63,17 @@ class ModelSettings:
     precision: str = 'fp32'
     #: ONNX graphs (onnxruntime) or TensorRT engines (tensorrt); empty = export/cache (read-only)
     engine_paths: tuple[str, ...] = ()
-    #: compiled sizes held at once; 0 = the backend's default: 4 ONNX Runtime sessions (a new size is exported
-    #: in the background while the nearest held size serves), 1 TensorRT engine (each holds all the weights)
+    #: backend torch: the depth forward eager (none), torch.compile'd in one graph (default; a plan's first
+    #: frame compiles it) or that replayed as CUDA graphs (graphs; CUDA only); max_compiled_sizes plans compiled
+    #: at once (0 = 2) (read-only)
+    compile: str = 'none'
+    #: backend torch: the depth head outputs the model grid, resampled to the camera (model_grid, the released
+    #: way), or the camera's grid directly (camera_grid: less work, within the tolerance docs/model.md states)
     #: (read-only)
+    head_output: str = 'model_grid'
+    #: compiled sizes held at once; 0 = the backend's default: 4 ONNX Runtime sessions (a new size is exported
+    #: in the background while the nearest held size serves), 1 TensorRT engine (each holds all the weights), 2
+    #: compiled torch plans (read-only)
     max_compiled_sizes: int = 0
     #: once max_compiled_sizes are held, a new size replaces a held one only when that one was unused this long
     #: (sizes in use are never swapped out) (read-only)
@@ -106,6 +114,9 @@ class WorkerSettings:
 
     #: upper bound on inferences per second (0 = as fast as the model runs)
     max_rate_hz: float = 0.0
+    #: take every camera's waiting frame at once: those whose plans reach one model-grid size go through the
+    #: model in one forward (each camera keeps its own outputs); false = one camera's frame at a time, in turn
+    batch_cameras: bool = False
 
 @dataclass(frozen=True)
 class OutputSettings:

@@ -1,18 +1,22 @@
-"""The inference worker: one thread, one model, the cameras in turn.
+"""The inference worker: one thread, one model, the cameras in turn (or together).
 
 It takes the next camera's latest frame (:class:`~depthvlm_ros.ros.flow.LatestSlots`, round robin),
 decodes it, runs the camera's plan (made once per camera, size and settings) through the model and
-hands the depth to that camera's outputs. Questions share the model through its lock and the
-question gate, which gives the depth stream a frame between two questions.
+hands the depth to that camera's outputs. With ``batch_cameras`` it takes every camera's waiting frame
+at once and the frames whose plans share a model-grid size go through the model in one forward
+(``DepthVLM.infer_batch``); each camera keeps its own stamps, outputs and counters. Questions share the
+model through its lock and the question gate, which gives the depth stream a turn between two questions.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -25,6 +29,7 @@ from depthvlm_ros.ros.outputs import DepthOutputs
 from depthvlm_ros.ros.params import depth_scale_for
 from depthvlm_ros.ros.settings import Settings
 
+Step = TypeVar("Step")
 #: Model stages that are the model's forward (the rest of a frame's time is the node's overhead).
 FORWARD_STAGES = ("vision", "llm", "head", "model")
 
@@ -60,47 +65,87 @@ class InferenceWorker:
                 traceback.print_exc()
 
     def next_frame(self) -> None:
-        """Take the next camera's latest frame (waiting at most 0.5 s) and process it; errors are counted
-        and logged on that camera."""
-        taken = self.slots.take(timeout=0.5)
-        if taken is None:
+        """Take the next camera's latest frame (with ``batch_cameras``, every camera's waiting frame; waiting at
+        most 0.5 s) and process it; errors are counted and logged on their camera."""
+        if self._settings().worker.batch_cameras:
+            taken = self.slots.take_all(timeout=0.5)
+        else:
+            taken = [one] if (one := self.slots.take(timeout=0.5)) is not None else []
+        if not taken:
             self.gate.depth_served()  # nothing to do: a depth turn owed to a dropped frame is over
             return
-        index, frame = taken
-        camera = self.cameras[index]
         try:
             if not self._running or not self._is_active() or not self._context_ok():
                 return  # deactivated or shutting down: nothing may be published
             s = self._settings()
-            rate = s.worker.max_rate_hz
-            if rate > 0 and time.monotonic() - camera.intake.last_inference < 1.0 / rate:
-                camera.intake.count("skipped_rate")
-                return
-            self.process(camera, frame, s)
-        except BackendError as exc:  # the frame is dropped and counted; the backend says why in problem()
-            camera.intake.count("backend_failed")
-            camera.intake.record_error(str(exc), "backend")
-        except InputError as exc:
-            camera.intake.record_error(str(exc), exc.kind)
-        except Exception as exc:  # a model or backend failure must not kill the stream
-            if self._running and self._context_ok():  # else a publish that raced with a stop: not the input's
-                camera.intake.record_error(f"{exc.__class__.__name__}: {exc}", exc.__class__.__name__)
+            rate, ready = s.worker.max_rate_hz, []
+            for index, frame in taken:
+                camera = self.cameras[index]
+                if rate > 0 and time.monotonic() - camera.intake.last_inference < 1.0 / rate:
+                    camera.intake.count("skipped_rate")
+                else:
+                    ready.append((camera, frame))
+            self.process_frames(ready, s)
         finally:
             self.slots.done()
             self.gate.depth_served()
 
+    def _counted(self, cameras: Sequence[Camera], step: Callable[[], Step]) -> Step | None:
+        """``step()``, or None when it raised: the error is counted and recorded on each of ``cameras``."""
+        try:
+            return step()
+        except BackendError as exc:  # the frame is dropped and counted; the backend says why in problem()
+            for camera in cameras:
+                camera.intake.count("backend_failed")
+                camera.intake.record_error(str(exc), "backend")
+        except InputError as exc:
+            for camera in cameras:
+                camera.intake.record_error(str(exc), exc.kind)
+        except Exception as exc:  # a model or backend failure must not kill the stream
+            if self._running and self._context_ok():  # else a publish that raced with a stop: not the input's
+                for camera in cameras:
+                    camera.intake.record_error(f"{exc.__class__.__name__}: {exc}", exc.__class__.__name__)
+        return None
+
     def process(self, camera: Camera, frame: Frame, s: Settings) -> None:
         """One frame's way: decode, the camera's plan (made once), infer, publish."""
+        self.process_frames([(camera, frame)], s)
+
+    def process_frames(self, frames: Sequence[tuple[Camera, Frame]], s: Settings) -> None:
+        """Frames of different cameras: each decoded and planned, all through the model at once (one forward per
+        model-grid size), each published by its camera; a frame's error is counted on its camera (the model's on
+        every camera of the call)."""
         start = time.perf_counter()
-        intake = camera.intake
-        intake.last_inference = time.monotonic()
+        prepared = []
+        for camera, frame in frames:
+            got = self._counted([camera], functools.partial(self._prepare, camera, frame, s))
+            if got is not None:
+                prepared.append((camera, frame, *got))
+        if not prepared:
+            return
+        results = self._counted([p[0] for p in prepared], functools.partial(
+            self.model.infer_batch, [(plan, decoded.rgb) for _, _, decoded, plan in prepared]))
+        keys = [plan.batch_key for *_, plan in prepared]
+        for (camera, frame, decoded, plan), result in zip(prepared, results or []):
+            if keys.count(plan.batch_key) > 1:  # it shared its forward with another camera's frame
+                with camera.intake.lock:
+                    camera.intake.counters.batched += 1
+            self._counted([camera], functools.partial(self._publish, camera, frame, decoded, result, s, start))
+
+    def _prepare(self, camera: Camera, frame: Frame, s: Settings) -> tuple[Decoded, Any]:
+        """Decode the frame (the camera's latest, for questions) and find its camera's plan."""
+        camera.intake.last_inference = time.monotonic()
         decoded = decode(frame, s.intake.fallback_fx)
         with self.frame_ready:
             camera.latest = decoded
             self.frame_ready.notify_all()
         # exact=False: torch's resize, within 2 grey levels of PIL's (model/preprocess.py)
-        plan = self.model.plan(decoded.intrinsics, model_route(s.model), exact=False)
-        result = self.model.infer(plan, [decoded.rgb])[0]
+        return decoded, self.model.plan(decoded.intrinsics, model_route(s.model), exact=False)
+
+    def _publish(self, camera: Camera, frame: Frame, decoded: Decoded, result: Any, s: Settings,
+                 start: float) -> None:
+        """The frame's depth to its camera's outputs, and its counters (``start``: when its call began)."""
+        intake = camera.intake
         if s.outputs.output_grid == "camera":
             depth, k = result.depth, result.intrinsics
         else:

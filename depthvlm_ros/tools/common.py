@@ -62,7 +62,10 @@ def add_backend_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--engine", type=Path, action="append", default=[], help="TensorRT engine (repeatable)")
     group.add_argument("--backend-fallback", action="store_true",
                        help="if the backend is refused, fall back to the next (tensorrt -> onnxruntime -> torch)")
-    group.add_argument("--compile", action="store_true", help="torch.compile the torch backend")
+    group.add_argument("--compile", nargs="?", const="default", default="none", choices=("none", "default", "graphs"),
+                       help="the torch backend's depth forward: none (eager, the default), default "
+                            "(torch.compile, fullgraph; --compile alone), graphs (that, replayed as CUDA graphs; CUDA "
+                            "only)")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -140,7 +143,8 @@ def backend_spec(args: argparse.Namespace, name: str):
     # backend's default: sizes exported on demand share 4 places, least recently used first.
     onnx, engines = tuple(getattr(args, "onnx", ())), tuple(getattr(args, "engine", ()))
     return BackendSpec(name=name, device=args.device, onnx=onnx, engines=engines,
-                       compile=getattr(args, "compile", False), fallback=getattr(args, "backend_fallback", False),
+                       compile=getattr(args, "compile", "none"), head_output=getattr(args, "head_output", "model_grid"),
+                       fallback=getattr(args, "backend_fallback", False),
                        max_sizes=max(len(onnx), len(engines)), triton=triton)
 
 
