@@ -2,8 +2,8 @@
 
 - ``patch``: the vision tower's patch embedding as the stock ``Conv3d`` (kernel = stride = temporal x patch x
   patch) against the same weights as one ``F.linear`` over each flattened patch;
-- ``head``: the DPT head's forward on contiguous (NCHW) tensors against ``torch.channels_last`` (the head's
-  weights and its input converted), the largest difference between the two.
+- ``head``: the DPT head's forward on contiguous (NCHW) tensors against its ``channels_last=True`` (the torch
+  backend's: activations and per-call weight copies in ``torch.channels_last`` memory), the largest difference.
 
 Two configurations: the built-in depthvlm-tiny (its own weights; model grid 320x224 = 10x7 tokens, its
 ``max_pixels``) and DepthVLM-4B's dimensions (random weights, :func:`~depthvlm_ros.model.factory.depthvlm_4b_config`;
@@ -83,18 +83,11 @@ def head_case(name: str, head: DPTDepthHead, grid: tuple[int, int], runs: int) -
     gh, gw = grid
     torch.manual_seed(0)
     feats = [torch.randn(1, gh * gw, head.norm.normalized_shape[0]) for _ in range(4)]
-    last = head.scratch.output_conv2[2]
     with torch.inference_mode():
         default = head(feats, gh, gw)
-        cl_head = DPTDepthHead(head.norm.normalized_shape[0], head.patch_size,
-                               features=head.scratch.refinenet1.out_conv.in_channels,
-                               out_channels=[p.out_channels for p in head.projects],
-                               last_channels=last.in_channels)
-        cl_head.load_state_dict(head.state_dict())
-        cl_head = cl_head.eval().to(memory_format=torch.channels_last)
-        cl = cl_head(feats, gh, gw)
+        cl = head(feats, gh, gw, channels_last=True)
         medians = side_by_side({"contiguous": lambda: head(feats, gh, gw),
-                                "channels_last": lambda: cl_head(feats, gh, gw)}, runs, warmup=1)
+                                "channels_last": lambda: head(feats, gh, gw, channels_last=True)}, runs, warmup=1)
     output = f"{gw * head.patch_size}x{gh * head.patch_size}"
     return {"part": "head", "model": name, "tokens": f"{gw}x{gh}", "output": output, "runs": runs, "ms": medians,
             "channels_last_vs_contiguous": round(medians["contiguous"] / medians["channels_last"], 2),
