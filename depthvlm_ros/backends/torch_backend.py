@@ -28,7 +28,7 @@ HEAD_OUTPUTS = ("model_grid", "camera_grid")
 #: and its memory pool).
 DEFAULT_COMPILED_PLANS = 2
 #: Devices where the depth head convolves in channels-last memory (``StaticPrompt.channels_last``): measured
-#: faster on the CPU (1.38x the head of depthvlm-tiny, 1.17x the 4B head; docs/benchmarks.md), and NHWC is the
+#: faster on the CPU (1.65x the head of depthvlm-tiny, 1.17x the 4B head; docs/benchmarks.md), and NHWC is the
 #: layout of cuDNN's tensor-core convolutions (unmeasured on a GPU here). The same depth within float rounding.
 CHANNELS_LAST_DEVICES = ("cpu", "cuda")
 #: SDPA kernels per tower on CUDA, by priority (``torch.nn.attention.sdpa_kernel``). The vision tower (non-causal,
