@@ -471,6 +471,32 @@ def test_torch_backend_keys_static_prompts_by_plan_and_refuses_cuda_graphs_off_c
         assert "\n" not in str(refused.value)
 
 
+def test_sdpa_kernels_are_chosen_on_cuda_only_and_the_cpu_depth_is_unchanged(tiny_model):
+    """On the CPU the torch backend leaves the attention kernels to torch (no choice, nothing logged) and its depth
+    is the plain forward's (the head's channels-last layout within 1e-5); on CUDA each tower gets its kernels by
+    priority, said in one line (the settings are host values: read here without a GPU; test_gpu.py runs them)."""
+    from depthvlm_ros.backends.torch_backend import (
+        LLM_SDPA_CUDA,
+        VISION_SDPA_CUDA,
+        describe_execution,
+        execution_settings,
+    )
+
+    logged: list[str] = []
+    model = tiny_model.model
+    backend = TorchBackend(model, log=logged.append)
+    inputs = tiny_model.plan(Intrinsics.from_fx(320, 240, 277.0)).prepare([scene_image(320, 240, 277.0)])
+    prompt = backend.static_prompt(inputs)
+    assert prompt.vision_attention == prompt.llm_attention == () and prompt.channels_last and logged == []
+    with torch.no_grad():
+        plain = model(pixel_values=inputs.pixel_values, static_prompt=model.static_prompt(inputs)).depth.numpy()
+    assert max_relative_error(backend.depth(inputs), plain) < 1e-5
+    cuda = execution_settings(model, torch.device("cuda"))
+    assert cuda == {"channels_last": True, "vision_attention": VISION_SDPA_CUDA, "llm_attention": LLM_SDPA_CUDA}
+    assert describe_execution(cuda) == ("SDPA vision tower cudnn > flash > efficient > math; "
+                                        "LLM flash > efficient > math; depth head channels-last")
+
+
 def test_host_syncs_and_sdpa_kernels_are_read_from_profiled_names():
     """The profile's reading (bench, scripts/gpu_bench_4b.py): blocking CUDA runtime calls count as host syncs, the
     asynchronous ones do not; SDPA kernels name their backend."""

@@ -25,6 +25,18 @@ def released_shapes() -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def varying_head(width: dict, seed: int = 0) -> DPTDepthHead:
+    """A head (dim_in 48) with weights whose output varies (the default init gives ~constant ln 2), in eval mode."""
+    torch.manual_seed(seed)
+    head = DPTDepthHead(dim_in=48, patch_size=32, **width).eval()
+    for m in head.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            if m.bias is not None:
+                torch.nn.init.normal_(m.bias, std=0.1)
+    return head
+
+
 def test_released_width_head_has_the_checkpoints_62_keys_and_shapes():
     with torch.device("meta"):
         head = DPTDepthHead(dim_in=2560, patch_size=32)
@@ -39,13 +51,7 @@ def test_released_width_head_has_the_checkpoints_62_keys_and_shapes():
     (dict(features=64, out_channels=(32, 64, 128, 128), last_channels=32), (4, 4)),
 ])
 def test_head_is_bit_identical_to_the_release_style_reference(width, grid):
-    torch.manual_seed(0)
-    head = DPTDepthHead(dim_in=48, patch_size=32, **width).eval()
-    for m in head.modules():  # weights whose output varies (default init gives ~constant ln 2)
-        if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
-            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-            if m.bias is not None:
-                torch.nn.init.normal_(m.bias, std=0.1)
+    head = varying_head(width)
     ref = RefDPTHead(48, width["features"], width["out_channels"], width["last_channels"]).eval()
     ref.load_state_dict(head.state_dict(), strict=True)  # identical key set and shapes
     gh, gw = grid
@@ -57,6 +63,22 @@ def test_head_is_bit_identical_to_the_release_style_reference(width, grid):
     assert torch.equal(ours, theirs)
     assert (ours > 0).all()  # Softplus: metres are positive
     assert ours.std() > 1e-2 * ours.mean()  # a test on varying output, not on a constant
+
+
+@pytest.mark.parametrize("output_size", [None, (150, 100)])
+def test_channels_last_head_equals_the_default_layout_and_leaves_the_weights_as_they_are(output_size):
+    """``channels_last=True`` (the torch backend's layout on the CPU and CUDA) gives the default layout's depth within
+    1e-5 relative, on the model grid and at a camera's grid; the module's parameters keep their layout (training,
+    saving and sharding see the usual tensors)."""
+    head = varying_head(dict(features=64, out_channels=(32, 64, 128, 128), last_channels=32))
+    feats = [torch.randn(2, 3 * 4, 48) for _ in range(4)]
+    with torch.no_grad():
+        default = head(feats, 3, 4, output_size)
+        fast = head(feats, 3, 4, output_size, channels_last=True)
+    assert fast.shape == default.shape == (2, 1, *(output_size or (96, 128)))
+    assert ((fast - default).abs() / default.abs()).max() < 1e-5
+    assert all(p.is_contiguous() for p in head.parameters())
+    assert default.std() > 1e-2 * default.mean()  # a test on varying output, not on a constant
 
 
 def test_residual_unit_adds_relu_of_its_input_like_the_release():

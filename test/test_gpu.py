@@ -256,3 +256,34 @@ def test_cuda_graphs_replay_the_eager_depth_with_one_host_sync_per_frame(cuda_mo
            host_syncs_per_frame=profile.host_syncs_per_frame, sdpa_backends=profile.sdpa_backends)
     assert max(errors) < 1e-4
     assert not np.allclose(replayed[0], replayed[1], rtol=1e-3)  # each replay computes its own frame
+
+
+@needs("cuda")
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_sdpa_kernels_per_tower_give_the_eager_math_depth(tiny_checkpoint, dtype):
+    """(h) The torch backend's SDPA kernels per tower on CUDA (vision: cuDNN > flash > efficient; LLM: flash >
+    efficient; math last) give the depth of the same forward with math attention only (fp32: TF32 off, 1e-4; bf16:
+    its 8-bit mantissa, 2e-2); the kernels that ran are recorded."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from depthvlm_ros.backends.torch_inspect import profile_frames
+    from depthvlm_ros.pipeline import DepthVLM
+
+    if dtype == "bf16" and torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("bf16 needs compute capability 8.0 (test (e) checks the refusal)")
+    vlm = DepthVLM.from_pretrained(tiny_checkpoint, device="cuda", dtype=dtype)
+    logged: list[str] = []
+    backend = TorchBackend(vlm.model, log=logged.append)
+    inputs = vlm.plan(CAMERA).prepare([scene_image(320, 240, 1000.0), scene_image(320, 240, 800.0)])
+    with exact_fp32():
+        chosen = backend.depth(inputs)
+        on_gpu = inputs.to("cuda")
+        with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):  # the plain prompt: no choice of its own inside
+            math_only = vlm.model(pixel_values=on_gpu.pixel_values.to(vlm.model.dtype),
+                                  static_prompt=vlm.model.static_prompt(on_gpu)).depth.float().cpu().numpy()
+        profile = profile_frames(lambda: backend.depth(inputs), frames=2)
+    error = max_relative_error(chosen, math_only)
+    record(f"sdpa_kernels_per_tower_{dtype}", max_rel_error=error, sdpa_backends=profile.sdpa_backends, log=logged)
+    assert len(logged) == 1 and "SDPA vision tower cudnn > flash > efficient > math" in logged[0]
+    assert error < (1e-4 if dtype == "fp32" else 2e-2)
+    assert np.isfinite(chosen).all()

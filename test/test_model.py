@@ -340,3 +340,24 @@ def test_cameras_batched_equal_cameras_in_turn_frame_by_frame(tiny_model):
         assert got.depth.shape == (plan.image.camera.height, plan.image.camera.width)
         np.testing.assert_allclose(got.depth, alone.depth, rtol=1e-5, atol=1e-6)
     assert not np.allclose(batched[0].depth_model, batched[1].depth_model, rtol=1e-3)
+
+
+def test_patch_embedding_as_a_matmul_equals_the_stock_conv3d(tiny_model):
+    """The vision tower's patch embedding runs as ``F.linear`` over each flattened patch (faster on the CPU,
+    docs/benchmarks.md); it equals the stock ``Conv3d`` (kernel = stride) with the same parameters, under the same
+    state-dict keys, on a camera frame's pixels (< 1e-5)."""
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionPatchEmbed
+
+    from depthvlm_ros.model.modeling import DepthVLMVisionPatchEmbed
+
+    ours = tiny_model.model.model.visual.patch_embed
+    assert type(ours) is DepthVLMVisionPatchEmbed
+    stock = Qwen3VLVisionPatchEmbed(tiny_model.model.config.vision_config)
+    stock.load_state_dict(ours.state_dict(), strict=True)  # same keys and shapes: checkpoints load unchanged
+    k = Intrinsics.from_fx(320, 240, 277.0)
+    pixels = tiny_model.plan(k).prepare([scene_image(320, 240, 277.0)]).pixel_values
+    with torch.no_grad():
+        got, want = ours(pixels), stock(pixels)
+    assert got.shape == want.shape == (pixels.shape[0], stock.embed_dim)
+    assert (got - want).abs().max() < 1e-5
+    assert want.std() > 0.1  # embeddings that vary: the comparison can fail

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from depthvlm_ros.backends.torch_backend import execution_settings
 from depthvlm_ros.geometry import Intrinsics
 from depthvlm_ros.model.factory import QWEN3_VL_PREPROCESSOR
 from depthvlm_ros.model.preprocess import MAX_GREY_LEVELS, PixelLayout, bicubic_resize_like_pil, preprocess_image
@@ -140,7 +143,10 @@ def test_static_depth_path_traces_as_one_graph_with_no_host_sync(tiny_model):
     inputs = tiny_model.plan(k).prepare([scene_image(256, 192, 1000.0), scene_image(256, 192, 700.0)])
     model = tiny_model.model
     for output_size in (None, (240, 320)):  # the model grid, and a camera's grid (head_output camera_grid)
-        prompt = model.static_prompt(inputs, output_size=output_size)
+        # the torch backend's prompt on this device (its execution settings: the head in channels-last memory)
+        prompt = dataclasses.replace(model.static_prompt(inputs, output_size=output_size),
+                                     **execution_settings(model, torch.device("cpu")))
+        assert prompt.channels_last
         with torch.no_grad():
             explained = torch._dynamo.explain(model.forward)(pixel_values=inputs.pixel_values, static_prompt=prompt)
         assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]

@@ -134,7 +134,7 @@ def create_backend(spec: BackendSpec, model: Any = None, fingerprint: str | None
                     raise BackendError("the torch backend needs the model's weights")
                 backend: DepthBackend = TorchBackend(model, compile=spec.compile,
                                                      max_compiled=spec.max_sizes or DEFAULT_COMPILED_PLANS,
-                                                     head_output=spec.head_output)
+                                                     head_output=spec.head_output, log=log)
             elif candidate == "onnxruntime":
                 backend = _onnxruntime(spec, [Path(p) for p in onnx], fingerprint, exporter, log)
             else:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend
 
 from depthvlm_ros.backends.base import BackendError, DepthBackend, Stage, _no_stage
 
@@ -25,6 +27,17 @@ HEAD_OUTPUTS = ("model_grid", "camera_grid")
 #: Plans (model-grid size and batch) compiled at once unless told (each a graph; with ``graphs``, a CUDA graph
 #: and its memory pool).
 DEFAULT_COMPILED_PLANS = 2
+#: Devices where the depth head convolves in channels-last memory (``StaticPrompt.channels_last``): measured
+#: faster on the CPU (1.65x the head of depthvlm-tiny, 1.17x the 4B head; docs/benchmarks.md), and NHWC is the
+#: layout of cuDNN's tensor-core convolutions (unmeasured on a GPU here). The same depth within float rounding.
+CHANNELS_LAST_DEVICES = ("cpu", "cuda")
+#: SDPA kernels per tower on CUDA, by priority (``torch.nn.attention.sdpa_kernel``). The vision tower (non-causal,
+#: one image per sequence): cuDNN's fused attention, then flash, then memory-efficient. The LLM (causal, grouped-query):
+#: flash, then memory-efficient. Math (the eager computation) last in both, for inputs none of them takes (flash and
+#: cuDNN need fp16/bf16). Elsewhere torch's own choice is kept.
+VISION_SDPA_CUDA = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                    SDPBackend.MATH)
+LLM_SDPA_CUDA = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
 #: The model's submodules timed as the stages of the depth path.
 STAGE_MODULES = (("vision", ("model", "visual")), ("llm", ("model", "language_model")), ("head", ("depth_head",)))
 
@@ -61,6 +74,29 @@ def timed_stages(model: torch.nn.Module, stage: Stage) -> Iterator[None]:
             handle.remove()
 
 
+def execution_settings(model: DepthVLMForConditionalGeneration, device: torch.device) -> dict[str, Any]:
+    """How the torch backend runs the depth path on ``device``: ``StaticPrompt``'s execution fields (a tower's
+    kernels are chosen only where it runs ``sdpa`` attention on CUDA)."""
+    config = model.config
+
+    def sdpa(tower: Any) -> bool:
+        return device.type == "cuda" and tower._attn_implementation == "sdpa"
+
+    return {"channels_last": device.type in CHANNELS_LAST_DEVICES,
+            "vision_attention": VISION_SDPA_CUDA if sdpa(config.vision_config) else (),
+            "llm_attention": LLM_SDPA_CUDA if sdpa(config.text_config) else ()}
+
+
+def describe_execution(settings: dict[str, Any]) -> str:
+    """One line: the SDPA kernels per tower by priority, and the head's memory format."""
+    def names(kernels: tuple[SDPBackend, ...]) -> str:
+        return " > ".join(k.name.lower().removesuffix("_attention") for k in kernels) or "torch's choice"
+
+    head = "channels-last" if settings["channels_last"] else "contiguous"
+    return (f"SDPA vision tower {names(settings['vision_attention'])}; LLM {names(settings['llm_attention'])}; "
+            f"depth head {head}")
+
+
 class TorchBackend(DepthBackend):
     """The model's forward with the depth prompt precomputed per plan (a :class:`StaticPrompt`).
 
@@ -75,12 +111,17 @@ class TorchBackend(DepthBackend):
     ``head_output`` (:data:`HEAD_OUTPUTS`): ``camera_grid`` has the head make the depth at the cameras' grid
     (the official head's ``output_size``) when all images of a call come from cameras of one size, instead of
     the model grid that the pipeline then resamples; not bit-equal (docs/model.md states the tolerance).
+
+    How it runs, by device: the head's convolutions in channels-last memory (:data:`CHANNELS_LAST_DEVICES`) and, on
+    CUDA under ``sdpa`` attention, the SDPA kernels of each tower (:data:`VISION_SDPA_CUDA`, :data:`LLM_SDPA_CUDA`),
+    said once through ``log``. On the CPU torch chooses the attention kernels as before.
     """
 
     name = "torch"
 
     def __init__(self, model: DepthVLMForConditionalGeneration, compile: str = "none",
-                 max_compiled: int = DEFAULT_COMPILED_PLANS, head_output: str = "model_grid") -> None:
+                 max_compiled: int = DEFAULT_COMPILED_PLANS, head_output: str = "model_grid",
+                 log: Callable[[str], None] | None = None) -> None:
         if compile not in COMPILE_MODES:
             raise BackendError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
         if head_output not in HEAD_OUTPUTS:
@@ -93,6 +134,10 @@ class TorchBackend(DepthBackend):
             raise BackendError(f"max_compiled must be at least 1, got {max_compiled}")
         self.model = model
         self.head_output = head_output
+        #: The static prompts' execution settings on this device (see the class docstring).
+        self.execution = execution_settings(model, device)
+        if log is not None and device.type == "cuda":
+            log(f"torch backend on {device}: " + describe_execution(self.execution))
         self.compile = compile
         self.max_compiled = max_compiled
         #: The model's forward, or its ``torch.compile`` wrapper (one for all plans; dynamo keeps a graph per plan).
@@ -140,7 +185,7 @@ class TorchBackend(DepthBackend):
         key = (*key, output_size)
         prompt = self._prompts.get(key)
         if prompt is None:
-            prompt = self.model.static_prompt(inputs, output_size=output_size)
+            prompt = dataclasses.replace(self.model.static_prompt(inputs, output_size=output_size), **self.execution)
             if len(self._prompts) >= MAX_PROMPTS:
                 self._prompts.popitem(last=False)
             self._prompts[key] = prompt

@@ -11,6 +11,12 @@ back to 16x, then ``output_conv1`` -> bilinear to P x -> ``output_conv2`` -> Sof
 ``output_size`` (the official head's argument), the bilinear step goes to that size instead (a camera's
 grid: depth there directly, not bit-equal to the P x grid resampled; docs/model.md states by how much).
 
+``channels_last=True`` runs the same convolutions with the activations and the weights in
+``torch.channels_last`` memory (copies of the weights made per call, :func:`conv`; the module's parameters stay
+as they are, so concurrent callers, training, saving and sharding see the usual layout): faster on the CPU
+(docs/benchmarks.md) and the layout of cuDNN's tensor-core convolutions. The torch backend's depth path asks for
+it; the depth is the same within float rounding (1e-5 relative, a test).
+
 Released quirk kept on purpose: the residual conv unit applies ReLU in place to its input, so the
 skip connection adds relu(x), not x. The released weights were trained with that behaviour.
 """
@@ -24,6 +30,18 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def conv(layer: nn.Module, x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """``layer(x)``; with ``channels_last``, a convolution runs over a channels-last copy of its weight (made for this
+    call: the parameter itself is never touched, so concurrent callers, training and saving see it as it is)."""
+    if not channels_last or not isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
+        return layer(x)
+    weight = layer.weight.contiguous(memory_format=torch.channels_last)
+    if isinstance(layer, nn.ConvTranspose2d):
+        return F.conv_transpose2d(x, weight, layer.bias, layer.stride, layer.padding, layer.output_padding,
+                                  layer.groups, layer.dilation)
+    return layer._conv_forward(x, weight, layer.bias)
+
+
 class ResidualConvUnit(nn.Module):
     """relu -> conv3x3 -> relu -> conv3x3, plus the skip. Skip adds relu(x) (released behaviour)."""
 
@@ -32,9 +50,9 @@ class ResidualConvUnit(nn.Module):
         self.conv1 = nn.Conv2d(features, features, kernel_size=3, padding=1, bias=True)
         self.conv2 = nn.Conv2d(features, features, kernel_size=3, padding=1, bias=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
         x = F.relu(x)  # the release's in-place ReLU rewrote x itself: the skip sees relu(x)
-        return self.conv2(F.relu(self.conv1(x))) + x
+        return conv(self.conv2, F.relu(conv(self.conv1, x, channels_last)), channels_last) + x
 
 
 class FeatureFusionBlock(nn.Module):
@@ -48,16 +66,17 @@ class FeatureFusionBlock(nn.Module):
         self.out_conv = nn.Conv2d(features, features, kernel_size=1, bias=True)
 
     def forward(
-        self, x: torch.Tensor, skip: torch.Tensor | None = None, size: Sequence[int] | None = None
+        self, x: torch.Tensor, skip: torch.Tensor | None = None, size: Sequence[int] | None = None,
+        channels_last: bool = False,
     ) -> torch.Tensor:
         if skip is not None:
-            x = x + self.resConfUnit1(skip)
-        x = self.resConfUnit2(x)
+            x = x + self.resConfUnit1(skip, channels_last)
+        x = self.resConfUnit2(x, channels_last)
         if size is None:
             x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=True)
         else:
             x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
-        return self.out_conv(x)
+        return conv(self.out_conv, x, channels_last)
 
 
 class DepthSoftplus(nn.Softplus):
@@ -124,24 +143,27 @@ class DPTDepthHead(nn.Module):
         self.scratch = DPTScratch(out_channels, features, last_channels)
 
     def forward(self, features: Sequence[torch.Tensor], grid_h: int, grid_w: int,
-                output_size: tuple[int, int] | None = None) -> torch.Tensor:
+                output_size: tuple[int, int] | None = None, channels_last: bool = False) -> torch.Tensor:
         """``features``: four (B, grid_h*grid_w, dim_in) tensors. Returns (B, 1, H, W) metres, H x W =
-        ``output_size`` (pixels, height first) or the model grid, grid x patch size."""
+        ``output_size`` (pixels, height first) or the model grid, grid x patch size. ``channels_last``: run
+        the convolutions in channels-last memory (see the module's docstring)."""
         levels = []
         for i, tokens in enumerate(features):
             x = self.norm(tokens)
             x = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], grid_h, grid_w)
-            x = self.projects[i](x)
+            x = conv(self.projects[i], x, channels_last)
             if i < len(self.resize_layers):
-                x = self.resize_layers[i](x)
+                x = conv(self.resize_layers[i], x, channels_last)
             levels.append(x)
         s = self.scratch
-        l1, l2, l3, l4 = (getattr(s, f"layer{i + 1}_rn")(x) for i, x in enumerate(levels))
-        path = s.refinenet4(l4, size=l3.shape[2:])
-        path = s.refinenet3(path, l3, size=l2.shape[2:])
-        path = s.refinenet2(path, l2, size=l1.shape[2:])
-        path = s.refinenet1(path, l1)
-        out = s.output_conv1(path)
+        l1, l2, l3, l4 = (conv(getattr(s, f"layer{i + 1}_rn"), x, channels_last) for i, x in enumerate(levels))
+        path = s.refinenet4(l4, size=l3.shape[2:], channels_last=channels_last)
+        path = s.refinenet3(path, l3, size=l2.shape[2:], channels_last=channels_last)
+        path = s.refinenet2(path, l2, size=l1.shape[2:], channels_last=channels_last)
+        path = s.refinenet1(path, l1, channels_last=channels_last)
+        out = conv(s.output_conv1, path, channels_last)
         size = output_size if output_size is not None else (grid_h * self.patch_size, grid_w * self.patch_size)
         out = F.interpolate(out, size=size, mode="bilinear", align_corners=True)
-        return s.output_conv2(out)
+        for layer in s.output_conv2:  # conv 3x3, ReLU, conv 1x1, Softplus
+            out = conv(layer, out, channels_last)
+        return out
