@@ -14,8 +14,10 @@ demo: setup
 # Python 3.10 (JetPack 6) is the oldest supported: ruff targets it, vermin checks syntax and stdlib.
 LINT_PATHS := depthvlm_ros test scripts launch setup.py
 
+# Two pytest-xdist workers, a test file each at a time (its module fixtures stay in one process; each worker
+# has its own ROS domain IDs): about 12 minutes instead of 21 on 2 cores (docs/benchmarks.md).
 test: lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 	bash scripts/test_min_versions.sh -q
 
 # The tier that needs no DDS processes, no demo/training/Triton runs and no GPU (docs/testing.md).
