@@ -8,6 +8,7 @@ change at run time and are validated by the node's on-set callback.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import textwrap
@@ -247,8 +248,13 @@ def camera_depth_scales(entries: Sequence[str], cameras: Sequence[str]) -> dict[
 
 def depth_scale_for(camera: str, depth_scale: float, entries: Sequence[str], cameras: Sequence[str]) -> float:
     """The depth scale of ``camera``: its ``camera_depth_scales`` entry, else ``depth_scale`` (the entries were
-    checked when set)."""
-    return camera_depth_scales(entries, cameras).get(camera, depth_scale) if entries else depth_scale
+    checked when set; parsed once per distinct setting, not per frame)."""
+    return _parsed_scales(tuple(entries), tuple(cameras)).get(camera, depth_scale) if entries else depth_scale
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed_scales(entries: tuple[str, ...], cameras: tuple[str, ...]) -> dict[str, float]:
+    return camera_depth_scales(entries, cameras)
 
 
 #: What each group of the parameter file is about (its heading).
