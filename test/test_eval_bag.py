@@ -60,8 +60,9 @@ def _image(depth: np.ndarray, stamp_ns: int, encoding: str):
     return depth_to_image(depth, header, encoding)
 
 
-def write_bag(path: Path, messages: list[tuple[str, object]]) -> None:
-    """A rosbag2 (MCAP) of rclpy messages, each written at its header stamp."""
+def write_bag(path: Path, messages: list[tuple[str, object]], log_delay_ns: dict[str, int] | None = None) -> None:
+    """A rosbag2 (MCAP) of rclpy messages (Image or CameraInfo), each written at its header stamp plus its topic's
+    ``log_delay_ns`` (a recorder receives each topic on its own)."""
     from rclpy.serialization import serialize_message
     from rosbags.rosbag2 import StoragePlugin, Writer
 
@@ -72,9 +73,10 @@ def write_bag(path: Path, messages: list[tuple[str, object]]) -> None:
         connections = {}
         for topic, msg in messages:
             if topic not in connections:
-                connections[topic] = writer.add_connection(topic, "sensor_msgs/msg/Image", typestore=store)
+                connections[topic] = writer.add_connection(topic, f"sensor_msgs/msg/{type(msg).__name__}",
+                                                           typestore=store)
             stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
-            writer.write(connections[topic], stamp, serialize_message(msg))
+            writer.write(connections[topic], stamp + (log_delay_ns or {}).get(topic, 0), serialize_message(msg))
 
 
 @pytest.mark.processes
@@ -106,6 +108,31 @@ def test_bag_of_a_depth_camera_gives_the_scale_that_corrects_the_prediction(tmp_
     assert scale["unpaired"] == {"reference": 1, "predicted": 0}
     assert set(report) == {"datasets", "groups", "overall", "run"}  # the layout of depthvlm eval
     assert "depth_scale 1.3" in run.stdout
+
+
+@pytest.mark.processes
+def test_model_run_on_a_bag_scores_the_first_image_even_when_its_camera_info_was_logged_after_it(tmp_path):
+    """The demo's recorder logs /image and /camera_info as each arrives: the first image can come before any
+    camera_info. Every frame is still scored, each with the camera_info of the bag (CI caught 15 of 16)."""
+    from depthvlm_ros.ros.messages import intrinsics_to_camera_info, rgb_to_image
+    from depthvlm_ros.scenes.dataset import FrameSpec, generate_frame
+
+    spec = FrameSpec("indoor", 96, 72, 60.0, 100.0)
+    messages = []
+    for i in range(3):
+        view = generate_frame(5, i, spec)[1]
+        header = _image(view.depth, 1_000_000_000 + i * 100_000_000, "32FC1").header
+        messages += [("/camera/image", rgb_to_image(view.rgb, header)),
+                     ("/camera/camera_info", intrinsics_to_camera_info(view.intrinsics, header)),
+                     ("/truth", _image(view.depth, 1_000_000_000 + i * 100_000_000, "32FC1"))]
+    bag = tmp_path / "late_info.mcap"
+    write_bag(bag, messages, log_delay_ns={"/camera/camera_info": 5_000_000})
+    out = tmp_path / "r.json"
+    run = depthvlm("eval", "--bag", str(bag), "--reference-depth", "/truth", "--json", str(out))
+    assert run.returncode == 0, run.stderr
+    camera = json.loads(out.read_text())["datasets"]["/truth"]
+    assert (camera["n_images"], camera["n_skipped"]) == (3, 0), camera
+    assert camera["scale"]["unpaired"] == {"reference": 0, "predicted": 0}
 
 
 @pytest.mark.processes

@@ -141,13 +141,13 @@ def score_camera(bag: Path, reference: str, source: str, depth_range: DepthRange
     """One pass over the bag for one camera: ``reference`` against ``source`` (a depth topic when ``predict`` is
     None, else the image topic the model runs on with the camera_info topic ``info``)."""
     from depthvlm_ros.ros.messages import camera_info_to_intrinsics, image_to_depth, image_to_rgb
-    from depthvlm_ros.tools.play import bag_messages
+    from depthvlm_ros.tools.play import bag_messages, first_message
 
     spec = DatasetSpec(reference, bag, bag, bag, depth_range,
                        "--min-depth/--max-depth" if depth_range.min_m is not None
                        else "none: gt > 0 and finite only", None)
     camera = CameraScore(spec, max_dt_ns)
-    latest_info = None
+    latest_info = first_message(bag, info) if info else None
     topics = [reference, source] + ([info] if info else [])
     for topic, msg in bag_messages(bag, topics):
         if topic == info:

@@ -254,6 +254,15 @@ def bag_messages(path: Path, topics: list[str]) -> Iterator[tuple[str, Any]]:
         raise InputError(f"{path}: cannot read message ({exc.__class__.__name__}: {str(exc)[:200]})") from None
 
 
+def first_message(path: Path, topic: str) -> Any | None:
+    """The first message on ``topic`` in a rosbag2, or None. A recorder logs each topic as it receives it, so an
+    image can precede the camera_info stamped with it; readers start with this one (a camera_info that changes
+    later takes over from where it was recorded)."""
+    for _, msg in bag_messages(path, [topic]):
+        return msg
+    return None
+
+
 class BagFile(Source):
     """A rosbag2 read with rosbags; messages are CDR and deserialized straight into rclpy types."""
 
@@ -265,11 +274,7 @@ class BagFile(Source):
         if counts[self.image_topic] == 0:
             raise InputError(f"{path}: no messages on {self.image_topic}")
         self.description = f"bag {path.name} ({self.image_topic}, {counts[self.image_topic]} images)"
-        self.first_info = None
-        if self.info_topic is not None:
-            for _, msg in self._messages([self.info_topic]):
-                self.first_info = msg
-                break
+        self.first_info = first_message(path, self.info_topic) if self.info_topic is not None else None
 
     def _messages(self, topics: list[str]) -> Iterator[tuple[str, Any]]:
         return bag_messages(self.path, topics)
