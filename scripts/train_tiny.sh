@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce the shipped depthvlm-tiny: generate data, teach the model to point (bind phase, then three readout
+# Reproduce the shipped depthvlm-tiny: generate data, teach the model to point (bind phase, then five readout
 # phases, all with the grounding losses of depthvlm_ros/training/grounding.py), finish with a short stage 1 for depth,
 # then store the result (float16 weights) in depthvlm_ros/models/depthvlm-tiny/; measure it with
 # scripts/eval_tiny.sh.
@@ -51,19 +51,30 @@ phase readout --stage 0 --init "$W/bind/final" --data "$W/train" --steps 3000 --
   --warmup-steps 50 --qa-fraction 0.875 --seed 4 --freeze model.visual.pos_embed --pointer-weight 0.3 \
   "${GROUND[@]}" --probe-every 1000 --eval-qa-data "$W/qa-val" --eval-qa-every 1000 --eval-qa-limit 200 \
   --eval-data "$W/val" --eval-every 1000 --eval-limit 32 --save-every 500
+readout_more() {  # NAME FROM STEPS SEED: the readout phase again, from FROM's end at lr 1e-4
+  phase "$1" --stage 0 --init "$W/$2/final" --data "$W/train" --steps "$3" --batch-size 8 --lr 1e-4 \
+    --warmup-steps 50 --qa-fraction 0.875 --seed "$4" --freeze model.visual.pos_embed --pointer-weight 0.3 \
+    "${GROUND[@]}" --probe-every 1000 --eval-qa-data "$W/qa-val" --eval-qa-every 1000 --eval-qa-limit 200 \
+    --eval-data "$W/val" --eval-every 1000 --eval-limit 32 --save-every 500
+}
 # Readout, continued (issue 26, second session): from readout's end at half its learning rate, another 3000
 # steps (eval-qa on the same 200 questions: 40 -> 55 -> 62 % grounded at steps 1000 / 2000 / 3000), then 2000
 # more from there (71 / 70 %).
-phase readout2 --stage 0 --init "$W/readout/final" --data "$W/train" --steps 3000 --batch-size 8 --lr 1e-4 \
-  --warmup-steps 50 --qa-fraction 0.875 --seed 6 --freeze model.visual.pos_embed --pointer-weight 0.3 \
-  "${GROUND[@]}" --probe-every 1000 --eval-qa-data "$W/qa-val" --eval-qa-every 1000 --eval-qa-limit 200 \
-  --eval-data "$W/val" --eval-every 1000 --eval-limit 32 --save-every 500
-phase readout3 --stage 0 --init "$W/readout2/final" --data "$W/train" --steps 2000 --batch-size 8 --lr 1e-4 \
-  --warmup-steps 50 --qa-fraction 0.875 --seed 7 --freeze model.visual.pos_embed --pointer-weight 0.3 \
-  "${GROUND[@]}" --probe-every 1000 --eval-qa-data "$W/qa-val" --eval-qa-every 1000 --eval-qa-limit 200 \
-  --eval-data "$W/val" --eval-every 1000 --eval-limit 32 --save-every 500
+readout_more readout2 readout 3000 6
+readout_more readout3 readout2 2000 7
+# Third session: readout4 = 3000 more steps from readout3 (eval-qa 70 -> 72 -> 79 %), then readout5 = 2000 steps
+# on questions that name only labels unique in the view (82 / 83 % on the regenerated held-out questions). In the
+# shipped run, the phases up to readout4 trained on questions generated before that fix (two grey buildings in
+# view could be asked about) and readout5 on the same frames regenerated with it (build/tiny/train-u); a fresh
+# run of this script generates the fixed questions once and uses them in every phase.
+readout_more readout4 readout3 3000 8
+readout_more readout5 readout4 2000 9
 # Finish: the depth head alone (stage 1), so that depth gets the last word.
-phase depth --stage 1 --init "$W/readout3/final" --data "$W/train" --steps 300 --batch-size 8 --lr 5e-4 \
+phase depth --stage 1 --init "$W/readout5/final" --data "$W/train" --steps 300 --batch-size 8 --lr 5e-4 \
   --warmup-steps 20 --seed 5 --eval-data "$W/val" --eval-every 300 --eval-limit 32 --save-every 300
-echo "trained: $W/depth/final"
-$PY -m depthvlm_ros.training.tiny package "$W/depth/final" depthvlm_ros/models/depthvlm-tiny
+# and 600 more head steps, which brought the measured distances up (eval-qa 73 / 72 -> 81 / 78 % indoor / outdoor).
+phase depth2 --stage 1 --init "$W/depth/final" --data "$W/train" --steps 600 --batch-size 8 --lr 3e-4 \
+  --warmup-steps 20 --seed 10 --eval-data "$W/val" --eval-every 600 --eval-limit 32 --save-every 600
+FINAL=depth2
+echo "trained: $W/$FINAL/final"
+$PY -m depthvlm_ros.training.tiny package "$W/$FINAL/final" depthvlm_ros/models/depthvlm-tiny

@@ -100,6 +100,24 @@ def test_qa_answers_point_inside_the_named_object(kind):
     assert checked > 10 and {"distance", "where"} <= kinds
 
 
+def test_questions_name_only_objects_whose_label_is_unique_in_the_view():
+    """Streets repeat building colours: a question about "the grey building" with two in view has two right
+    answers, so the generator does not ask it; every label a question names belongs to one visible object."""
+    from collections import Counter
+
+    spec = FrameSpec("outdoor", 320, 240, 140.0, 550.0)
+    repeated, asked = 0, 0
+    for index in range(12):
+        _, view = generate_frame(11, index, spec)
+        seen = Counter(lab.label for lab in view.labels)
+        repeated += any(n > 1 for n in seen.values())
+        for qa in make_qa(view, np.random.default_rng(index), n=6):
+            if qa["kind"] != "at_pixel":
+                asked += 1
+                assert all(seen[o["label"]] == 1 for o in qa["truth"]["objects"]), (qa["question"], seen)
+    assert repeated >= 3 and asked >= 30  # the streets did repeat labels, and questions were still asked
+
+
 @pytest.mark.processes
 def test_generate_cli_writes_a_benchmark_dataset(tmp_path):
     from depthvlm_ros.evaluation.benchmark_data import BadRecord, iter_records, load_ground_truth

@@ -1,7 +1,9 @@
 """Random scenes, cameras and smooth camera paths; deterministic given a numpy Generator.
 
 Sizes are metres, angles radians, focal lengths pixels. Object names and colours come from the
-catalogues below; within one scene every object has its own colour, so "the red chair" is unique.
+catalogues below; within one scene every object has its own colour, so "the red chair" is unique, except a
+street's buildings, which repeat their few colours (the question generator names only labels that are unique in
+the view: :func:`depthvlm_ros.scenes.qa.askable`).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -63,12 +64,17 @@ def _json(value: Any) -> str:
 
 
 def askable(labels: Sequence[ObjectLabel], width: int, height: int) -> list[ObjectLabel]:
-    """Objects big enough to ask about, whose rounded answer point still lies on the object."""
+    """Objects a question can name: big enough to ask about, and the only visible object with their label.
+
+    A street repeats building colours (:mod:`~depthvlm_ros.scenes.layouts`), so two grey buildings can be in
+    view; "where is the grey building?" then has two right answers and its truth would be one of them at random.
+    Such labels are not asked about (any visible pixel of another object with the label counts)."""
     least = max(MIN_QA_PIXELS, MIN_QA_FRACTION * width * height)
+    seen = Counter(lab.label for lab in labels)
     out = []
     for lab in labels:
         u0, v0, u1, v1 = lab.box_px
-        if lab.visible_px >= least and u1 - u0 >= 3 and v1 - v0 >= 3:
+        if lab.visible_px >= least and u1 - u0 >= 3 and v1 - v0 >= 3 and seen[lab.label] == 1:
             out.append(lab)
     return out
 
