@@ -113,7 +113,8 @@ def test_bag_of_a_depth_camera_gives_the_scale_that_corrects_the_prediction(tmp_
 @pytest.mark.processes
 def test_model_run_on_a_bag_scores_the_first_image_even_when_its_camera_info_was_logged_after_it(tmp_path):
     """The demo's recorder logs /image and /camera_info as each arrives: the first image can come before any
-    camera_info. Every frame is still scored, each with the camera_info of the bag (CI caught 15 of 16)."""
+    camera_info. Every frame is still scored, each with the camera_info of its stamp, paired as the node pairs them
+    (CI caught 15 of 16)."""
     from depthvlm_ros.ros.messages import intrinsics_to_camera_info, rgb_to_image
     from depthvlm_ros.scenes.dataset import FrameSpec, generate_frame
 

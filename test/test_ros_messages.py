@@ -135,6 +135,8 @@ def test_stamp_sync_pairs_either_order_and_stays_bounded():
         decided = sync.push_image(stamp, f"img{stamp}")
     assert decided == [("img20", None)]  # bounded: the oldest unpaired image is given up
     assert sync.push_info(22, "info22") == [("img21", None), ("img22", "info22")]
+    assert sync.push_image(30, "img30") == [] and sync.pending == 1
+    assert sync.flush() == [("img30", None)] and sync.pending == 0  # the stream ended: decided unpaired
     near: StampSync[str, str] = StampSync(tolerance_ns=5)
     near.push_info(100, "a")
     near.push_info(108, "b")

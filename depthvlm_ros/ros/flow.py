@@ -82,6 +82,12 @@ class StampSync(Generic[T, I]):
         """Images waiting for their camera_info."""
         return len(self._images)
 
+    def flush(self) -> list[tuple[T, None]]:
+        """The images still waiting, decided unpaired (the stream ended: no camera_info will come)."""
+        decided: list[tuple[T, None]] = [(image, None) for _, image in self._images]
+        self._images.clear()
+        return decided
+
     def clear(self) -> None:
         self._images.clear()
         self._infos.clear()

@@ -39,6 +39,8 @@ from depthvlm_ros.evaluation.report import DatasetResults, build_report, format_
 
 #: Cameras one run scores at most (each is one pass over the bag).
 MAX_CAMERAS = 16
+#: Images of the model's topic that wait for the camera_info with their stamp (older ones are skipped unpaired).
+INFO_WAIT = 8
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -95,10 +97,6 @@ def _topic(name: str) -> str:
     return name if name.startswith("/") else f"/{name}"
 
 
-def _stamp_ns(msg: Any) -> int:
-    return int(msg.header.stamp.sec) * 1_000_000_000 + int(msg.header.stamp.nanosec)
-
-
 class CameraScore:
     """One camera's pairs, scored as they complete (bounded memory: the pairer's window and one histogram)."""
 
@@ -140,44 +138,56 @@ def score_camera(bag: Path, reference: str, source: str, depth_range: DepthRange
                  predict: Callable[[np.ndarray, Any], np.ndarray] | None, info: str | None) -> tuple[CameraScore, dict]:
     """One pass over the bag for one camera: ``reference`` against ``source`` (a depth topic when ``predict`` is
     None, else the image topic the model runs on with the camera_info topic ``info``)."""
+    from depthvlm_ros.ros.flow import StampSync
+    from depthvlm_ros.ros.intake import stamp_ns
     from depthvlm_ros.ros.messages import camera_info_to_intrinsics, image_to_depth, image_to_rgb
-    from depthvlm_ros.tools.play import bag_messages, first_message
+    from depthvlm_ros.tools.play import bag_messages
 
     spec = DatasetSpec(reference, bag, bag, bag, depth_range,
                        "--min-depth/--max-depth" if depth_range.min_m is not None
                        else "none: gt > 0 and finite only", None)
     camera = CameraScore(spec, max_dt_ns)
-    latest_info = first_message(bag, info) if info else None
-    topics = [reference, source] + ([info] if info else [])
-    for topic, msg in bag_messages(bag, topics):
-        if topic == info:
-            latest_info = msg
-            continue
-        stamp = _stamp_ns(msg)
+    # The model's images meet their camera_info as in the node: equal stamps, in either order (a recorder logs
+    # each topic as it arrives, so an image can come before its camera_info); at most INFO_WAIT images wait.
+    sync: StampSync[Any, Any] = StampSync(0, max_pending_images=INFO_WAIT)
+
+    def offer(topic: str, msg: Any, info_msg: Any = None) -> None:
+        stamp = stamp_ns(msg.header)
         try:
             if topic == reference:
                 pair = camera.pairer.add(0, stamp, (stamp, image_to_depth(msg)))
             elif predict is None:
                 pair = camera.pairer.add(1, stamp, image_to_depth(msg))
+            elif info_msg is None:
+                raise InputError(f"no camera_info on {info} with this image's stamp")
             else:
-                if latest_info is None:
-                    raise InputError(f"no camera_info on {info} before this image")
                 rgb = image_to_rgb(msg)
-                k = camera_info_to_intrinsics(latest_info, rgb.shape[1], rgb.shape[0])
-                pair = camera.pairer.add(1, stamp, (rgb, k))
+                pair = camera.pairer.add(1, stamp, (rgb, camera_info_to_intrinsics(info_msg, rgb.shape[1],
+                                                                                   rgb.shape[0])))
         except InputError as exc:
             camera.skip(f"{topic}@{stamp}", str(exc))
-            continue
+            return
         if pair is None:
-            continue
+            return
         ref_item, pred_item = pair
         if predict is not None:
             try:
                 pred_item = predict(*pred_item)
             except InputError as exc:
                 camera.skip(f"{source}@{ref_item[0]}", f"prediction failed: {exc}")
-                continue
+                return
         camera.add_pair(ref_item, pred_item)
+
+    topics = [reference, source] + ([info] if info else [])
+    for topic, msg in bag_messages(bag, topics):
+        if predict is None or topic == reference:
+            offer(topic, msg)
+            continue
+        push = sync.push_info if topic == info else sync.push_image
+        for image_msg, info_msg in push(stamp_ns(msg.header), msg):
+            offer(source, image_msg, info_msg)
+    for image_msg, _ in sync.flush():
+        offer(source, image_msg)
     names = {"reference": reference, ("predicted" if predict is None else "image"): source}
     if info:
         names["camera_info"] = info

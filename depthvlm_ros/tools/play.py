@@ -256,8 +256,8 @@ def bag_messages(path: Path, topics: list[str]) -> Iterator[tuple[str, Any]]:
 
 def first_message(path: Path, topic: str) -> Any | None:
     """The first message on ``topic`` in a rosbag2, or None. A recorder logs each topic as it receives it, so an
-    image can precede the camera_info stamped with it; readers start with this one (a camera_info that changes
-    later takes over from where it was recorded)."""
+    image can precede the camera_info stamped with it; ``play`` starts with this one (a camera_info that changes
+    later takes over from where it was recorded; ``eval --bag`` pairs them by stamp instead, as the node does)."""
     for _, msg in bag_messages(path, [topic]):
         return msg
     return None
