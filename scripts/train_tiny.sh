@@ -47,16 +47,14 @@ phase bind --stage 0 --init "$START" --data "$W/train" --steps 3000 --batch-size
   --probe-every 500 --gate "pointer>=0.35@1500" --eval-data "$W/val" --eval-every 1000 --eval-limit 32 \
   --save-every 500
 # Readout: the pointer's weight lowered; the spatial answers scored on 200 held-out questions every 1000 steps.
-phase readout --stage 0 --init "$W/bind/final" --data "$W/train" --steps 3000 --batch-size 8 --lr 2e-4 \
-  --warmup-steps 50 --qa-fraction 0.875 --seed 4 --freeze model.visual.pos_embed --pointer-weight 0.3 \
-  "${GROUND[@]}" --probe-every 1000 --eval-qa-data "$W/qa-val" --eval-qa-every 1000 --eval-qa-limit 200 \
-  --eval-data "$W/val" --eval-every 1000 --eval-limit 32 --save-every 500
-readout_more() {  # NAME FROM STEPS SEED [QA_FRACTION]: the readout phase again, from FROM's end at lr 1e-4
-  phase "$1" --stage 0 --init "$W/$2/final" --data "$W/train" --steps "$3" --batch-size 8 --lr 1e-4 \
-    --warmup-steps 50 --qa-fraction "${5:-0.875}" --seed "$4" --freeze model.visual.pos_embed --pointer-weight 0.3 \
+readout() {  # NAME FROM STEPS SEED LR [QA_FRACTION]: a readout phase from FROM's end
+  phase "$1" --stage 0 --init "$W/$2/final" --data "$W/train" --steps "$3" --batch-size 8 --lr "$5" \
+    --warmup-steps 50 --qa-fraction "${6:-0.875}" --seed "$4" --freeze model.visual.pos_embed --pointer-weight 0.3 \
     "${GROUND[@]}" --probe-every 1000 --eval-qa-data "$W/qa-val" --eval-qa-every 1000 --eval-qa-limit 200 \
     --eval-data "$W/val" --eval-every 1000 --eval-limit 32 --save-every 500
 }
+readout readout bind 3000 4 2e-4
+readout_more() { readout "$1" "$2" "$3" "$4" 1e-4 "${5:-0.875}"; }  # NAME FROM STEPS SEED [QA_FRACTION], at lr 1e-4
 # Readout, continued (issue 26, second session): from readout's end at half its learning rate, another 3000
 # steps (eval-qa on the same 200 questions: 40 -> 55 -> 62 % grounded at steps 1000 / 2000 / 3000), then 2000
 # more from there (71 / 70 %).
