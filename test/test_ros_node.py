@@ -921,10 +921,10 @@ def test_a_grounded_answer_is_measured_on_the_depth_map(tiny_model):
 #: Held-out scenes of the grounded-answer tests: seed 4243 (training used seed 1), per scene kind.
 GROUNDED_SEED, GROUNDED_FRAMES = 4243, 16
 #: The bar for answers through the service: below what the shipped depthvlm-tiny meets on these 58 questions (issue
-#: 26, fourth session: 90 % grounded, 69 % distances within 25 %; third session 81 / 67 %), above a model answering
-#: one constant point (the image centre, even measured on the true depth: 16 % grounded, 36 % distances within 25 %
-#: here; the test below).
-MIN_GROUNDED, MIN_DISTANCE_OK = 0.75, 0.55
+#: 26, fifth session: 90 % grounded, 72 % distances within 25 %; fourth 90 / 69 %, third 81 / 67 %), above a model
+#: answering one constant point (the image centre, even measured on the true depth: 16 % grounded, 36 % distances
+#: within 25 % here; the test below).
+MIN_GROUNDED, MIN_DISTANCE_OK = 0.75, 0.6
 
 
 @pytest.fixture(scope="module")
