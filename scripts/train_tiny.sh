@@ -73,7 +73,7 @@ readout_more readout6 readout5 3000 12
 readout_more readout7 readout6 2000 13 0.75
 # Fifth session: new frames instead of more steps on the same ones (the seed-1 frames had been drawn about 17 times
 # each): readout8 = 2000 steps on 10,000 frames of seed 21, readout9 = 2000 steps on 10,000 of seed 22 (eval-qa
-# 87 / 85 % at steps 1000 / 2000), both as readout7.
+# 80 / 86 % and 87 / 85 % grounded at steps 1000 / 2000), both as readout7.
 for seed in 21 22; do
   [ -f "$W/train-$seed/info.json" ] || $D generate --out "$W/train-$seed" --n 10000 --seed "$seed" --kind mixed \
     --size 320x240 --fx-min 69.3 --fx-max 1108.5 --qa-mix binding --qa-per-frame 6 --workers 2

@@ -918,7 +918,7 @@ def test_a_grounded_answer_is_measured_on_the_depth_map(tiny_model):
         rclpy.shutdown(context=context)
 
 
-#: Held-out scenes of the grounded-answer tests: seed 4243 (training used seed 1), per scene kind.
+#: Held-out scenes of the grounded-answer tests: seed 4243 (training used seeds 1, 21 and 22), per scene kind.
 GROUNDED_SEED, GROUNDED_FRAMES = 4243, 16
 #: The bar for answers through the service: below what the shipped depthvlm-tiny meets on these 58 questions (issue
 #: 26, fifth session: 90 % grounded, 72 % distances within 25 %; fourth 90 / 69 %, third 81 / 67 %), above a model
