@@ -19,8 +19,11 @@ read -r -a EXTRA <<< "${DEVICE_ARGS:-}"
 mkdir -p "$W"
 # Focal lengths 0.25x-4x of a 60-degree lens at 320 px (277.1 px): 69.3-1108.5 px. Questions weighted toward
 # the kinds that must find the named object (--qa-mix binding), 6 per frame; every frame has its object mask.
-[ -f "$W/train/info.json" ] || $D generate --out "$W/train" --n 10000 --seed 1 --kind mixed --size 320x240 \
-  --fx-min 69.3 --fx-max 1108.5 --qa-mix binding --qa-per-frame 6 --workers 2
+training_frames() {  # NAME SEED: 10,000 training frames in W/NAME, unless there already
+  [ -f "$W/$1/info.json" ] || $D generate --out "$W/$1" --n 10000 --seed "$2" --kind mixed --size 320x240 \
+    --fx-min 69.3 --fx-max 1108.5 --qa-mix binding --qa-per-frame 6 --workers 2
+}
+training_frames train 1
 [ -f "$W/val/info.json" ] || $D generate --out "$W/val" --n 64 --seed 7 --kind mixed --size 320x240
 [ -f "$W/probe/info.json" ] || $D generate --out "$W/probe" --n 64 --seed 9 --kind mixed --size 320x240 \
   --qa-mix binding
@@ -54,7 +57,7 @@ readout() {  # NAME FROM STEPS SEED LR [QA_FRACTION [DATA]]: a readout phase fro
     --eval-data "$W/val" --eval-every 1000 --eval-limit 32 --save-every 500
 }
 readout readout bind 3000 4 2e-4
-readout_more() { readout "$1" "$2" "$3" "$4" 1e-4 "${5:-0.875}" "${6:-train}"; }  # NAME FROM STEPS SEED [QA_FRACTION [DATA]], lr 1e-4
+readout_more() { readout "$1" "$2" "$3" "$4" 1e-4 "${@:5}"; }  # NAME FROM STEPS SEED [QA_FRACTION [DATA]], lr 1e-4
 # Readout, continued (issue 26, second session): from readout's end at half its learning rate, another 3000
 # steps (eval-qa on the same 200 questions: 40 -> 55 -> 62 % grounded at steps 1000 / 2000 / 3000), then 2000
 # more from there (71 / 70 %).
@@ -74,10 +77,8 @@ readout_more readout7 readout6 2000 13 0.75
 # Fifth session: new frames instead of more steps on the same ones (the seed-1 frames had been drawn about 17 times
 # each): readout8 = 2000 steps on 10,000 frames of seed 21, readout9 = 2000 steps on 10,000 of seed 22 (eval-qa
 # 80 / 86 % and 87 / 85 % grounded at steps 1000 / 2000), both as readout7.
-for seed in 21 22; do
-  [ -f "$W/train-$seed/info.json" ] || $D generate --out "$W/train-$seed" --n 10000 --seed "$seed" --kind mixed \
-    --size 320x240 --fx-min 69.3 --fx-max 1108.5 --qa-mix binding --qa-per-frame 6 --workers 2
-done
+training_frames train-21 21
+training_frames train-22 22
 readout_more readout8 readout7 2000 15 0.75 train-21
 readout_more readout9 readout8 2000 16 0.75 train-22
 # Finish: the depth head alone (stage 1), so that depth gets the last word, on all 30,000 frames: 300 head steps,
