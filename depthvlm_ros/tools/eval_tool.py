@@ -198,6 +198,10 @@ def run(args: argparse.Namespace) -> int:
             note(f"eval: {spec.name}: {len(results.images)} image(s) scored ({results.cache_hits} from cache), "
                   f"{len(results.skipped)} skipped" + (f" by {world} processes" if world > 1 else ""))
         evaluators.append(evaluator)
+    if dist is not None:
+        # After the last collective, while the interpreter is whole: left to interpreter exit, gloo's worker
+        # threads may still need the GIL to free that collective's tensors when it is no longer to be had.
+        dist.destroy_process_group()
     if not main:
         return 0
     report = build_report([ev.results for ev in evaluators], source.source_id)

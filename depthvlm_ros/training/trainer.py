@@ -592,6 +592,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             _write_summary(out, cfg, state, running, world, history, accelerator)
             name, op, value, step = failed[0]
             got = record.get("probes", {}).get(name, math.nan) if record else math.nan
+            model = readout = optimizer = loader = None  # before the process group (end_distributed)
+            end_distributed(accelerator)
             raise EarlyStopError(f"gate {name}{op}{value:g}@{step} did not hold: {name} = {got:.3f} at step {step} "
                              f"(checkpoint-{step} saved; train_summary.json has the probes)")
     bar.close()
@@ -605,8 +607,21 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         (final / "trainer_state.json").unlink()
         _write_summary(out, cfg, state, running, world, history, accelerator)
     accelerator.wait_for_everyone()
-    accelerator.end_training()  # (ends the process group too: after the last collective)
+    model = readout = optimizer = loader = None  # before the process group (end_distributed)
+    end_distributed(accelerator)
     return final
+
+
+def end_distributed(accelerator: Any) -> None:
+    """End the trackers and the process group, after the caller dropped its prepared wrappers.
+
+    The order matters: DDP's reducer holds the process group, and when the reducer (freed with the GIL held)
+    drops the group's last reference, gloo's destructor joins worker threads that may still need the GIL to
+    free the last collective's tensors: a deadlock (pytorch/pytorch#56297) that hung 4 of 105 two-process runs
+    on a loaded 2-core machine, after the final weights were written (0 of 100 in this order). With the wrappers freed first, the
+    group's last reference is the Python one ``end_training`` drops, and that destructor releases the GIL."""
+    accelerator.free_memory()  # its own references to the prepared model, optimizer and loader (then gc)
+    accelerator.end_training()
 
 
 def _write_summary(out: Path, cfg: TrainConfig, state: TrainState, running: dict[str, float], world: int,
