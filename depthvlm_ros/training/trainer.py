@@ -618,8 +618,9 @@ def end_distributed(accelerator: Any) -> None:
     The order matters: DDP's reducer holds the process group, and when the reducer (freed with the GIL held)
     drops the group's last reference, gloo's destructor joins worker threads that may still need the GIL to
     free the last collective's tensors: a deadlock (pytorch/pytorch#56297) that hung 4 of 105 two-process runs
-    on a loaded 2-core machine, after the final weights were written (0 of 100 in this order). With the wrappers freed first, the
-    group's last reference is the Python one ``end_training`` drops, and that destructor releases the GIL."""
+    on a loaded 2-core machine, after the final weights were written (0 of 100 in this order). With the
+    wrappers freed first, the group's last reference is the Python one ``end_training`` drops, and that
+    destructor releases the GIL."""
     accelerator.free_memory()  # its own references to the prepared model, optimizer and loader (then gc)
     accelerator.end_training()
 
