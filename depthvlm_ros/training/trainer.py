@@ -510,6 +510,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     began = time.perf_counter() - state.seconds
     running: dict[str, float] = {}
     history: list[dict[str, Any]] = []  # probes and QA evaluations, by step (train_summary.json)
+    failed: list[tuple[str, str, float, int]] = []  # the gates that did not hold: the run stops (EarlyStopError)
+    record: dict[str, Any] | None = None
     for batches in loader:
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * _lr_factor(state.step, cfg)
@@ -590,25 +592,26 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             accelerator.wait_for_everyone()
         if failed:
             _write_summary(out, cfg, state, running, world, history, accelerator)
-            name, op, value, step = failed[0]
-            got = record.get("probes", {}).get(name, math.nan) if record else math.nan
-            model = readout = optimizer = loader = None  # before the process group (end_distributed)
-            end_distributed(accelerator)
-            raise EarlyStopError(f"gate {name}{op}{value:g}@{step} did not hold: {name} = {got:.3f} at step {step} "
-                             f"(checkpoint-{step} saved; train_summary.json has the probes)")
+            break
     bar.close()
     if grounding is not None:
         grounding.taps.remove()
     final = out / "final"
-    weights = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
-        core.eval()
-        save_checkpoint(final, core, processor, None, cfg, state, weights)
-        (final / "trainer_state.json").unlink()
-        _write_summary(out, cfg, state, running, world, history, accelerator)
-    accelerator.wait_for_everyone()
+    if not failed:
+        weights = accelerator.get_state_dict(model)
+        if accelerator.is_main_process:
+            core.eval()
+            save_checkpoint(final, core, processor, None, cfg, state, weights)
+            (final / "trainer_state.json").unlink()
+            _write_summary(out, cfg, state, running, world, history, accelerator)
+        accelerator.wait_for_everyone()
     model = readout = optimizer = loader = None  # before the process group (end_distributed)
     end_distributed(accelerator)
+    if failed:
+        name, op, value, step = failed[0]
+        got = record.get("probes", {}).get(name, math.nan) if record else math.nan
+        raise EarlyStopError(f"gate {name}{op}{value:g}@{step} did not hold: {name} = {got:.3f} at step {step} "
+                             f"(checkpoint-{step} saved; train_summary.json has the probes)")
     return final
 
 
