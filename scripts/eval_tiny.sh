@@ -9,7 +9,8 @@ W=${2:-build/tiny-eval}
 D=${DEPTHVLM:-.venv/bin/depthvlm}
 mkdir -p "$W"
 # Nominal fx of a 60-degree lens at 320 px is 277.1. The lens sets: wide 0.35x-0.5x, tele 2x-3x;
-# training used 0.25x-4x (69.3-1108.5 px), so "xtele" (4x-5x) is the set outside the training range.
+# training used 0.25x-4x (69.3-1108.5 px) up to depth3, so "xtele" (4x-5x) was outside it; readout10 and
+# later phases of scripts/train_tiny.sh also train on 4x-5x (up to 1385.5 px).
 gen() { [ -f "$W/$1/info.json" ] || $D generate --out "$W/$1" --seed "$2" --kind "$3" --n "$4" --size 320x240 ${5:-}; }
 gen indoor 2001 indoor 100
 gen outdoor 2002 outdoor 100

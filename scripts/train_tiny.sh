@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce the shipped depthvlm-tiny: generate data, teach the model to point (bind phase, then nine readout
+# Reproduce the shipped depthvlm-tiny: generate data, teach the model to point (bind phase, then eleven readout
 # phases, all with the grounding losses of depthvlm_ros/training/grounding.py), finish with a short stage 1 for depth,
 # then store the result (float16 weights) in depthvlm_ros/models/depthvlm-tiny/; measure it with
 # scripts/eval_tiny.sh.
@@ -19,9 +19,9 @@ read -r -a EXTRA <<< "${DEVICE_ARGS:-}"
 mkdir -p "$W"
 # Focal lengths 0.25x-4x of a 60-degree lens at 320 px (277.1 px): 69.3-1108.5 px. Questions weighted toward
 # the kinds that must find the named object (--qa-mix binding), 6 per frame; every frame has its object mask.
-training_frames() {  # NAME SEED: 10,000 training frames in W/NAME, unless there already
-  [ -f "$W/$1/info.json" ] || $D generate --out "$W/$1" --n 10000 --seed "$2" --kind mixed --size 320x240 \
-    --fx-min 69.3 --fx-max 1108.5 --qa-mix binding --qa-per-frame 6 --workers 2
+training_frames() {  # NAME SEED [N FX_MIN FX_MAX]: N training frames (10,000, 0.25x-4x) in W/NAME, unless there
+  [ -f "$W/$1/info.json" ] || $D generate --out "$W/$1" --n "${3:-10000}" --seed "$2" --kind mixed --size 320x240 \
+    --fx-min "${4:-69.3}" --fx-max "${5:-1108.5}" --qa-mix binding --qa-per-frame 6 --workers 2
 }
 training_frames train 1
 [ -f "$W/val/info.json" ] || $D generate --out "$W/val" --n 64 --seed 7 --kind mixed --size 320x240
@@ -50,8 +50,11 @@ phase bind --stage 0 --init "$START" --data "$W/train" --steps 3000 --batch-size
   --probe-every 500 --gate "pointer>=0.35@1500" --eval-data "$W/val" --eval-every 1000 --eval-limit 32 \
   --save-every 500
 # Readout: the pointer's weight lowered; the spatial answers scored on 200 held-out questions every 1000 steps.
-readout() {  # NAME FROM STEPS SEED LR [QA_FRACTION [DATA]]: a readout phase from FROM's end, on W/DATA (train)
-  phase "$1" --stage 0 --init "$W/$2/final" --data "$W/${7:-train}" --steps "$3" --batch-size 8 --lr "$5" \
+readout() {  # NAME FROM STEPS SEED LR [QA_FRACTION [DATA...]]: a readout phase from FROM's end, on W/DATA (train)
+  local data=()
+  for d in "${@:7}"; do data+=(--data "$W/$d"); done
+  [ ${#data[@]} -gt 0 ] || data=(--data "$W/train")
+  phase "$1" --stage 0 --init "$W/$2/final" "${data[@]}" --steps "$3" --batch-size 8 --lr "$5" \
     --warmup-steps 50 --qa-fraction "${6:-0.875}" --seed "$4" --freeze model.visual.pos_embed --pointer-weight 0.3 \
     "${GROUND[@]}" --probe-every 1000 --eval-qa-data "$W/qa-val" --eval-qa-every 1000 --eval-qa-limit 200 \
     --eval-data "$W/val" --eval-every 1000 --eval-limit 32 --save-every 500
@@ -83,14 +86,30 @@ readout_more readout8 readout7 2000 15 0.75 train-21
 readout_more readout9 readout8 2000 16 0.75 train-22
 # Finish: the depth head alone (stage 1), so that depth gets the last word, on all 30,000 frames: 300 head steps,
 # 1200 more at a lower rate, and a 300-step tail at 1e-4 (val δ1 0.855 -> 0.865 -> 0.865).
-ALL=(--data "$W/train" --data "$W/train-21" --data "$W/train-22")
-finish() {  # NAME FROM STEPS LR SEED: a stage-1 phase on every training frame
-  phase "$1" --stage 1 --init "$W/$2/final" "${ALL[@]}" --steps "$3" --batch-size 8 --lr "$4" --warmup-steps 20 \
+finish() {  # NAME FROM STEPS LR SEED [DATA...]: a stage-1 phase on W/DATA (train, train-21, train-22)
+  local data=()
+  for d in "${@:6}"; do data+=(--data "$W/$d"); done
+  [ ${#data[@]} -gt 0 ] || data=(--data "$W/train" --data "$W/train-21" --data "$W/train-22")
+  phase "$1" --stage 1 --init "$W/$2/final" "${data[@]}" --steps "$3" --batch-size 8 --lr "$4" --warmup-steps 20 \
     --seed "$5" --eval-data "$W/val" --eval-every 300 --eval-limit 32 --save-every 300
 }
 finish depth readout9 300 5e-4 5
 finish depth2 depth 1200 3e-4 10
 finish depth3 depth2 300 1e-4 11
-FINAL=depth3
+# Seventh session: long lenses in the readout too. depth3 still measured indoor-xtele (4x-5x, outside the
+# 0.25x-4x above) under the starting model, and head-only finishes on long lenses traded it against indoor δ1.
+# train-24: 10,000 frames at 0.25x-5x; train-23: 5,000 at 2x-5x only. Two readout phases on them, the finish
+# on all five sets, then a 300-step tail on the three ordinary-lens sets. The shipped run started readout10 from
+# the file shipped at commit 400c885 (depth3 stored in float16), placed at W/depth3/final.
+training_frames train-24 24 10000 69.3 1385.5
+training_frames train-23 23 5000 554.2 1385.5
+readout_more readout10 depth3 2000 25 0.75 train-24 train-23
+readout_more readout11 readout10 2000 26 0.75 train-24 train-23
+FIVE=(train train-21 train-22 train-23 train-24)
+finish depth4 readout11 300 5e-4 5 "${FIVE[@]}"
+finish depth5 depth4 1200 3e-4 10 "${FIVE[@]}"
+finish depth6 depth5 300 1e-4 11 "${FIVE[@]}"
+finish depth7 depth6 300 1e-4 12 train train-21 train-22
+FINAL=depth7
 echo "trained: $W/$FINAL/final"
 $PY -m depthvlm_ros.training.tiny package "$W/$FINAL/final" depthvlm_ros/models/depthvlm-tiny
