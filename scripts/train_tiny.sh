@@ -49,12 +49,15 @@ phase bind --stage 0 --init "$START" --data "$W/train" --steps 3000 --batch-size
   --qa-fraction 0.875 --seed 3 --freeze model.visual.pos_embed --pointer-weight 1 "${GROUND[@]}" \
   --probe-every 500 --gate "pointer>=0.35@1500" --eval-data "$W/val" --eval-every 1000 --eval-limit 32 \
   --save-every 500
+folders() {  # NAME...: DATA=(--data W/NAME ...), the training sets a phase reads
+  DATA=()
+  for d in "$@"; do DATA+=(--data "$W/$d"); done
+}
 # Readout: the pointer's weight lowered; the spatial answers scored on 200 held-out questions every 1000 steps.
 readout() {  # NAME FROM STEPS SEED LR [QA_FRACTION [DATA...]]: a readout phase from FROM's end, on W/DATA (train)
-  local data=()
-  for d in "${@:7}"; do data+=(--data "$W/$d"); done
-  [ ${#data[@]} -gt 0 ] || data=(--data "$W/train")
-  phase "$1" --stage 0 --init "$W/$2/final" "${data[@]}" --steps "$3" --batch-size 8 --lr "$5" \
+  folders "${@:7}"
+  [ ${#DATA[@]} -gt 0 ] || folders train
+  phase "$1" --stage 0 --init "$W/$2/final" "${DATA[@]}" --steps "$3" --batch-size 8 --lr "$5" \
     --warmup-steps 50 --qa-fraction "${6:-0.875}" --seed "$4" --freeze model.visual.pos_embed --pointer-weight 0.3 \
     "${GROUND[@]}" --probe-every 1000 --eval-qa-data "$W/qa-val" --eval-qa-every 1000 --eval-qa-limit 200 \
     --eval-data "$W/val" --eval-every 1000 --eval-limit 32 --save-every 500
@@ -87,10 +90,9 @@ readout_more readout9 readout8 2000 16 0.75 train-22
 # Finish: the depth head alone (stage 1), so that depth gets the last word, on all 30,000 frames: 300 head steps,
 # 1200 more at a lower rate, and a 300-step tail at 1e-4 (val δ1 0.855 -> 0.865 -> 0.865).
 finish() {  # NAME FROM STEPS LR SEED [DATA...]: a stage-1 phase on W/DATA (train, train-21, train-22)
-  local data=()
-  for d in "${@:6}"; do data+=(--data "$W/$d"); done
-  [ ${#data[@]} -gt 0 ] || data=(--data "$W/train" --data "$W/train-21" --data "$W/train-22")
-  phase "$1" --stage 1 --init "$W/$2/final" "${data[@]}" --steps "$3" --batch-size 8 --lr "$4" --warmup-steps 20 \
+  folders "${@:6}"
+  [ ${#DATA[@]} -gt 0 ] || folders train train-21 train-22
+  phase "$1" --stage 1 --init "$W/$2/final" "${DATA[@]}" --steps "$3" --batch-size 8 --lr "$4" --warmup-steps 20 \
     --seed "$5" --eval-data "$W/val" --eval-every 300 --eval-limit 32 --save-every 300
 }
 finish depth readout9 300 5e-4 5

@@ -591,20 +591,19 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                     shutil.rmtree(old, ignore_errors=True)  # keep the newest two
             accelerator.wait_for_everyone()
         if failed:
-            _write_summary(out, cfg, state, running, world, history, accelerator)
             break
     bar.close()
     if grounding is not None:
         grounding.taps.remove()
     final = out / "final"
-    if not failed:
+    if not failed:  # (a failed gate's checkpoint is saved above)
         weights = accelerator.get_state_dict(model)
         if accelerator.is_main_process:
             core.eval()
             save_checkpoint(final, core, processor, None, cfg, state, weights)
             (final / "trainer_state.json").unlink()
-            _write_summary(out, cfg, state, running, world, history, accelerator)
-        accelerator.wait_for_everyone()
+    _write_summary(out, cfg, state, running, world, history, accelerator)  # (main process)
+    accelerator.wait_for_everyone()
     model = readout = optimizer = loader = None  # before the process group (end_distributed)
     end_distributed(accelerator)
     if failed:
